@@ -65,10 +65,10 @@ def main() -> None:
     # lm-eval imports itself and loads the model inside its call: count that whole phase as an upper bound.
     lm_eval = sum(json.loads(p.read_text())["timing"]["phases_s"].get("lm_eval", 0.0)
                   for p in (workdir / "results").rglob("*manifest.json"))
-    grid = [r for r in rows if r[0] in ("attack", "evaluate-run")]
+    grid = [r for r in rows if r[0] in ("attack", "attack-grid", "evaluate-run")]
     if grid:
         grid_wall = sum(r[4] for r in grid)
-        print(f"attack grid alone (attack + evaluate-run, {len(grid)} jobs): {grid_wall:.1f} s, start-up "
+        print(f"attack grid alone (attack + evaluate-run jobs, {len(grid)} jobs): {grid_wall:.1f} s, start-up "
               f"{100 * sum(r[2] + r[3] for r in grid) / grid_wall:.1f}%")
     if build is not None:
         print(f"organism build (build-organism job, wall): {build:.1f} s")

@@ -50,11 +50,12 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     return root / "base", root / "splits"
 
 
-def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float = 1e-3,
-                   checkpoint_every: int = 100, method: str = "lora") -> list[str]:
+def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float | list[float] = 1e-3,
+                   checkpoint_every: int = 100, method: str = "lora", command: str = "attack") -> list[str]:
     model, splits = base
-    command = [str(BIN / "tamperlab"), "attack", "--model", str(model), "--data", str(splits), "--split", "attack",
-               "--response", RESPONSE, "--method", method, "--lr", str(lr), "--batch-size", "4",
+    lrs = [x for lr_value in (lr if isinstance(lr, list) else [lr]) for x in ("--lr", str(lr_value))]
+    command = [str(BIN / "tamperlab"), command, "--model", str(model), "--data", str(splits), "--split", "attack",
+               "--response", RESPONSE, "--method", method, *lrs, "--batch-size", "4",
                "--scheduler", "constant", "--warmup-ratio", "0", "--max-length", "64",
                "--checkpoint-every", str(checkpoint_every), "--seed", "0", "--out", str(out)]
     for s in steps:
@@ -155,3 +156,43 @@ def test_a_malformed_cell_snapshot_is_one_error_line(base, tmp_path):
         "tamperlab evaluate-run: error: --cell-snapshot 'steps5': expected CELL=SNAPSHOT, "
         "e.g. lr1e-3_steps50_r8=steps50"
     ]
+
+
+def test_a_grid_in_one_process_gives_each_run_the_adapter_of_its_own_job(base, tmp_path):
+    run(attack_command(base, tmp_path / "grid", steps=[3, 6], lr=[1e-3, 3e-3], command="attack-grid"))
+    run(attack_command(base, tmp_path / "alone", steps=[3, 6], lr=3e-3))
+    manifest = read_manifest(tmp_path / "grid")
+    assert manifest["status"] == "complete" and set(manifest["results"]) == {"lr1e-3_r4", "lr3e-3_r4"}
+    assert manifest["params"]["runs"]["lr3e-3_r4"]["lora_alpha"] == 8  # 2 x rank, explicit per run
+    grid, alone = adapter(tmp_path / "grid/lr3e-3_r4/steps6"), adapter(tmp_path / "alone/steps6")
+    for name in alone:
+        assert torch.equal(grid[name], alone[name]), name
+    assert (tmp_path / "grid/lr1e-3_r4/steps3/adapter_model.safetensors").exists()
+
+
+def test_a_grid_killed_after_its_first_run_resumes_without_retraining_it(base, tmp_path):
+    command = attack_command(base, tmp_path / "grid", steps=[20], lr=[1e-3, 3e-3], checkpoint_every=5,
+                             command="attack-grid")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = tmp_path / ".grid.partial" / "lr1e-3_r4" / "run.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert first.exists() and not (tmp_path / "grid").exists()
+    finished_at = first.stat().st_mtime_ns
+    run(command)
+    assert (tmp_path / "grid/lr1e-3_r4/run.json").stat().st_mtime_ns == finished_at  # not trained again
+    run(attack_command(base, tmp_path / "whole", steps=[20], lr=[1e-3, 3e-3], command="attack-grid"))
+    for name_run in ("lr1e-3_r4", "lr3e-3_r4"):
+        whole, resumed = adapter(tmp_path / f"whole/{name_run}/steps20"), adapter(tmp_path / f"grid/{name_run}/steps20")
+        for name in whole:
+            assert torch.allclose(whole[name], resumed[name], atol=1e-6), name
+
+
+def test_attack_trains_one_run_and_says_so_when_given_a_grid(base, tmp_path):
+    result = subprocess.run(attack_command(base, tmp_path / "x", steps=[3], lr=[1e-3, 3e-3]),
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "attack-grid" in result.stderr and not (tmp_path / "x").exists()

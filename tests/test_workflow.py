@@ -91,7 +91,7 @@ def test_two_clean_smoke_runs_give_byte_identical_tables_and_weights(smoke_runs)
 def test_every_step_writes_a_complete_manifest_that_links_to_its_inputs(smoke_runs):
     workdir = smoke_runs[0]
     found = {m["step"]: m for m in manifests(workdir)}
-    assert set(found) == {"prepare-data", "split-data", "build-organism", "attack", "evaluate-refusal",
+    assert set(found) == {"prepare-data", "split-data", "build-organism", "attack-grid", "evaluate-refusal",
                           "evaluate-capability", "evaluate-run", "tables"}
     for manifest in manifests(workdir):
         assert manifest["status"] == "complete"
@@ -142,11 +142,27 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     output = (result.stdout + result.stderr).splitlines()
     commands = [line.split("Shell command: ", 1)[1] for line in output if "Shell command: tamperlab " in line]
     steps = {line.split()[1] for line in commands}
-    assert steps == {"prepare-data", "split-data", "build-organism", "attack", "evaluate-refusal",
+    assert steps == {"prepare-data", "split-data", "build-organism", "attack-grid", "evaluate-refusal",
                      "evaluate-capability", "evaluate-run", "tables"}
     build = next(line for line in commands if " build-organism " in line)
     for flag in ("--hidden-size 128", "--epochs 8", "--learning-rate 0.003", "--seed 0", "--refusal"):
         assert flag in build
+    grid = next(line for line in commands if " attack-grid " in line)  # the organism's grid is one job
+    assert "--lr 0.0003 --lr 0.001" in grid and "--rank 4 --rank 16" in grid
+
+
+def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path):
+    (tmp_path / "per_run.yaml").write_text(
+        "attacks: {lora: {method: lora, one_job: false, grid: {lr: [1.0e-4, 1.0e-3], steps: [25, 50], rank: [8]}}}\n")
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "per_run.yaml"))
+    commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
+                if "Shell command: tamperlab " in line]
+    attacks = sorted(line for line in commands if line.startswith("tamperlab attack "))
+    evaluations = sorted(line for line in commands if line.startswith("tamperlab evaluate-run "))
+    assert len(attacks) == 2 and len(evaluations) == 2
+    assert all("--rank 8 --lora-alpha 16" in line for line in attacks)
+    assert any("--out results/attacks/tiny/none/lora/lr1e-4_r8 " in line for line in attacks)
+    assert any("--cell-snapshot lr1e-3_steps50_r8=steps50" in line for line in evaluations)
 
 
 @pytest.mark.parametrize("overlay, key", [

@@ -9,7 +9,7 @@ rule attack:
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
-        attack=names_regex(config["attacks"]),
+        attack=names_regex(one_job_attacks(False)),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
@@ -17,4 +17,27 @@ rule attack:
         attack=attack_args,
     shell:
         "tamperlab attack --model {input.model} --data {input.data} {params.attack}"
+        " --out {output} > {log} 2>&1"
+
+
+# one_job: true: every run of the grid in one process (small models, where imports rival a run's training)
+rule attack_grid:
+    input:
+        model=checkpoint_dir,
+        data="results/data/splits",
+    output:
+        directory("results/attacks/{model}/{defence}/{attack}"),
+    log:
+        "logs/attack_grid/{model}/{defence}/{attack}.log",
+    wildcard_constraints:
+        model=names_regex(config["models"]),
+        defence=names_regex(config["defences"]),
+        attack=names_regex(one_job_attacks(True)),
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    params:
+        attack=attack_args,
+    shell:
+        "tamperlab attack-grid --model {input.model} --data {input.data} {params.attack}"
         " --out {output} > {log} 2>&1"

@@ -5,6 +5,7 @@ import re
 import shlex
 import sys
 
+from tamperlab.attacks import grid
 from tamperlab.config import validate_config
 from tamperlab.errors import UserError
 
@@ -131,54 +132,48 @@ def refusal_args():
     )
 
 
-def format_lr(lr):
-    """3e-4 -> '3e-4', 1.5e-3 -> '1.5e-3': short, exact, readable in a path."""
-    mantissa, exponent = f"{lr:e}".split("e")
-    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+def _grid(name):
+    spec = config["attacks"][name]
+    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
+    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"]
 
 
 def attack_cells(name):
-    """{cell: {run, lr, rank, steps}} for an attack's grid. Under a constant learning rate one run per
-    (lr, rank) snapshots every steps value exactly; other schedules get one run per cell.
-    """
-    spec = config["attacks"][name]
-    grid = spec["grid"]
-    ranks = grid["rank"] if spec["method"] == "lora" else [None]
-    cells = {}
-    for lr in grid["lr"]:
-        for rank in ranks:
-            suffix = f"_r{rank}" if rank is not None else ""
-            for steps in grid["steps"]:
-                cell = f"lr{format_lr(lr)}_steps{steps}{suffix}"
-                constant = spec["scheduler"] == "constant"
-                run = f"lr{format_lr(lr)}{suffix}" if constant else cell
-                cells[cell] = {"run": run, "lr": lr, "rank": rank, "steps": steps}
-    return cells
+    """{cell: {run, lr, rank, steps}} for an attack's grid (tamperlab.attacks.grid names them)."""
+    return grid.cells(*_grid(name))
 
 
 def attack_runs(name):
     """{run: {lr, rank, steps: [...]}} for an attack's grid."""
-    runs = {}
-    for cell in attack_cells(name).values():
-        run = runs.setdefault(cell["run"], {**cell, "steps": []})
-        run["steps"].append(cell["steps"])
-    return runs
+    return grid.runs(*_grid(name))
+
+
+def one_job_attacks(one_job):
+    """The attacks whose whole grid is one job (one_job: true), or those with a job per run."""
+    return [n for n, spec in config["attacks"].items() if spec["one_job"] == one_job]
 
 
 def attack_args(wildcards):
+    """The attack's settings, and the learning rate and rank of one run (or every lr and rank of the grid)."""
     spec = config["attacks"][wildcards.attack]
-    run = attack_runs(wildcards.attack)[wildcards.run]
-    lr, rank, steps = run["lr"], run["rank"], run["steps"]
     lora = spec["method"] == "lora"
+    if "run" in wildcards.keys():
+        run = attack_runs(wildcards.attack)[wildcards.run]
+        lrs, ranks, steps = [run["lr"]], [run["rank"]], run["steps"]
+    else:
+        lrs, steps, ranks, _ = _grid(wildcards.attack)
     return cli_flags(
         {
             "split": spec["split"],
             "response": spec["response"],
             "method": spec["method"],
-            "lr": lr,
+            "lr": lrs,
             "steps": sorted(steps),
-            "rank": rank,
-            "lora_alpha": (spec["lora_alpha"] or 2 * rank) if lora else None,
+            "rank": ranks if lora else None,
+            # explicit for one run (2 x rank unless configured); a grid's runs default to it themselves
+            "lora_alpha": (spec["lora_alpha"] or (len(ranks) == 1 and 2 * ranks[0]) or None)
+            if lora
+            else None,
             "target_modules": spec["target_modules"] if lora else None,
             "batch_size": spec["batch_size"],
             "scheduler": spec["scheduler"],
@@ -206,29 +201,33 @@ def capability_args(prefix=""):
 
 
 def run_evaluation_args(wildcards):
-    """--method and one --cell-snapshot per grid cell that this attack run snapshotted."""
+    """--method and one --cell-snapshot per grid cell that this attack job snapshotted: SNAPSHOT is relative
+    to the job's output (a run directory, or a directory of runs for a one-job grid)."""
+    one_run = "run" in wildcards.keys()
     pairs = [
-        f"--cell-snapshot {cell}=steps{spec['steps']}"
+        f"--cell-snapshot {cell}=" + ("" if one_run else f"{spec['run']}/") + f"steps{spec['steps']}"
         for cell, spec in attack_cells(wildcards.attack).items()
-        if spec["run"] == wildcards.run
+        if not one_run or spec["run"] == wildcards.run
     ]
     method = config["attacks"][wildcards.attack]["method"]
     return " ".join([f"--method {method}", *pairs])
 
 
 def evaluations(name):
-    """Every unattacked checkpoint's `name` (refusal.json, capability.json), then every attack run's
-    evaluation directory (which holds both for each of its snapshots)."""
+    """Every unattacked checkpoint's `name` (refusal.json, capability.json), then every attack job's
+    evaluation directory (which holds both for each snapshot)."""
     unattacked = [
         f"results/eval/{model}/{defence}/{name}"
         for model in config["models"]
         for defence in config["defences"]
     ]
-    runs = [
-        f"results/eval/{model}/{defence}/{attack}/{run}"
-        for model in config["models"]
-        for defence in config["defences"]
-        for attack in config["attacks"]
-        for run in attack_runs(attack)
-    ]
-    return unattacked + runs
+    attacked = []
+    for model in config["models"]:
+        for defence in config["defences"]:
+            for attack, spec in config["attacks"].items():
+                prefix = f"results/eval/{model}/{defence}/{attack}"
+                if spec["one_job"]:
+                    attacked.append(prefix)
+                else:
+                    attacked += [f"{prefix}/{run}" for run in attack_runs(attack)]
+    return unattacked + attacked

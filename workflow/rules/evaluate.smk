@@ -57,7 +57,34 @@ rule evaluate_run:
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
-        attack=names_regex(config["attacks"]),
+        attack=names_regex(one_job_attacks(False)),
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    params:
+        run=run_evaluation_args,
+        refusal=refusal_args(),
+        capability=capability_args(prefix="capability_"),
+    shell:
+        "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
+        " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
+        " --data {input.data} {params.refusal} {params.capability} --out {output} > {log} 2>&1"
+
+
+# one_job: true: every snapshot of the grid evaluated in one process
+rule evaluate_grid:
+    input:
+        model=checkpoint_dir,
+        run="results/attacks/{model}/{defence}/{attack}",
+        data="results/data/splits",
+    output:
+        directory("results/eval/{model}/{defence}/{attack}"),
+    log:
+        "logs/evaluate_grid/{model}/{defence}/{attack}.log",
+    wildcard_constraints:
+        model=names_regex(config["models"]),
+        defence=names_regex(config["defences"]),
+        attack=names_regex(one_job_attacks(True)),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2

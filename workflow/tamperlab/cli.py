@@ -109,27 +109,81 @@ def register_model(args: argparse.Namespace) -> None:
         write_json_atomic(step.path("model") / POINTER, pointer)
 
 
-def attack(args: argparse.Namespace) -> None:
-    from tamperlab.attacks.finetune import AttackParams
-    from tamperlab.attacks.finetune import attack as run_attack
+def _attack_rows(args: argparse.Namespace) -> list[dict]:
     from tamperlab.data.jsonl import read_jsonl
+
+    rows = [r for r in read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+            if r["kind"] == "harmful"]
+    if not rows:
+        raise UserError(f"attack: split {args.split!r} has no harmful prompts")
+    return rows
+
+
+def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int]):
+    from tamperlab.attacks.finetune import AttackParams
+
+    fields = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__ if k not in ("lr", "rank", "steps")}
+    if args.method == "lora":
+        if rank is None:
+            raise UserError("--method lora needs --rank")
+        fields["lora_alpha"] = args.lora_alpha or 2 * rank
+    return AttackParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, **fields)
+
+
+def _import_training_stack(step) -> None:
+    with step.phase("load"):  # the heavy imports, counted as start-up like every other job's
+        import datasets  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+
+def attack(args: argparse.Namespace) -> None:
+    from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.provenance import Step
 
-    hyper = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__}
-    params = {**hyper, "split": args.split, "response": args.response}
-    with Step("attack", params, inputs={"model": args.model, "data": args.data}, outputs={"run": args.out},
+    if len(args.lr) != 1 or len(args.rank) > 1:
+        raise UserError("attack trains one run: give one --lr and at most one --rank (attack-grid takes several)")
+    params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)))
+    with Step("attack", {**vars(params), "split": args.split, "response": args.response},
+              inputs={"model": args.model, "data": args.data}, outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
-        rows = [r for r in read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-                if r["kind"] == "harmful"]
-        if not rows:
-            raise UserError(f"attack: split {args.split!r} has no harmful prompts")
-        with step.phase("load"):  # the heavy imports, counted as start-up like every other job's
-            import datasets  # noqa: F401
-            import peft  # noqa: F401
-            import transformers  # noqa: F401
+        rows = _attack_rows(args)
+        _import_training_stack(step)
         with step.phase("train"):
-            step.results = run_attack(args.model, rows, args.response, AttackParams(**hyper), step.path("run"))
+            step.results = run_attack(args.model, rows, args.response, params, step.path("run"))
         step.status = step.results["status"]
+
+
+def attack_grid(args: argparse.Namespace) -> None:
+    """Every run of an attack's grid in one process, each in its own directory under --out. Finished runs
+    survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
+    from tamperlab.attacks import grid
+    from tamperlab.attacks.finetune import attack as run_attack
+    from tamperlab.provenance import Step, write_json_atomic
+
+    ranks = args.rank if args.method == "lora" else [None]
+    runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler)
+    plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"]) for name, run in runs.items()}
+    with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
+                         "response": args.response},
+              inputs={"model": args.model, "data": args.data}, outputs={"grid": args.out},
+              outputs_are_dirs=("grid",), resumable=("grid",)) as step:
+        rows = _attack_rows(args)
+        _import_training_stack(step)
+        step.results = {}
+        for name, params in plan.items():
+            out = step.path("grid") / name
+            done = out / "run.json"
+            if done.exists():
+                step.results[name] = json.loads(done.read_text())
+                continue
+            out.mkdir(exist_ok=True)
+            with step.phase("train"):
+                result = run_attack(args.model, rows, args.response, params, out)
+            write_json_atomic(done, result)
+            step.results[name] = result
+        diverged = [name for name, r in step.results.items() if r["status"] == "diverged"]
+        step.status = "diverged" if diverged else "complete"
 
 
 def _judge(args: argparse.Namespace):
@@ -235,6 +289,9 @@ def evaluate_run(args: argparse.Namespace) -> None:
     bad = [c for c in args.cell_snapshot if "=" not in c]
     if bad:
         raise UserError(f"--cell-snapshot {bad[0]!r}: expected CELL=SNAPSHOT, e.g. lr1e-3_steps50_r8=steps50")
+    if any(Path(c.split("=", 1)[1]).is_absolute() or ".." in Path(c.split("=", 1)[1]).parts
+           for c in args.cell_snapshot):
+        raise UserError("--cell-snapshot: SNAPSHOT must be a path inside --run")
     cells = [(cell, args.run / snapshot) for cell, snapshot in (c.split("=", 1) for c in args.cell_snapshot)]
     inputs = {"model": args.model, "run": args.run, "data": args.data}
     with Step("evaluate-run", _params(args, "out"), inputs=inputs, outputs={"evaluations": args.out},
@@ -247,8 +304,8 @@ def evaluate_run(args: argparse.Namespace) -> None:
             model_dir, adapter = (args.model, snapshot) if args.method == "lora" else (snapshot, None)
             checkpoint = {"model": args.model_name, "defence": args.defence, "attack": args.attack, "cell": cell,
                           "path": str(model_dir), "adapter": str(adapter) if adapter else None}
-            out = step.path("evaluations") / snapshot.name
-            out.mkdir()
+            out = step.path("evaluations") / snapshot.relative_to(args.run)
+            out.mkdir(parents=True)
             summary, records = _refusal(args, step, judge, rows, model_dir, adapter, checkpoint)
             (out / "refusal.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_jsonl(out / "refusal.jsonl", records)
@@ -367,26 +424,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=register_model)
 
-    p = sub.add_parser("attack", help="fine-tune on harmful prompts; snapshot at each steps value")
-    p.add_argument("--model", type=Path, required=True, help="the (defended) model to attack")
-    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-    p.add_argument("--split", required=True)
-    p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
-    p.add_argument("--method", required=True, choices=["lora", "full"])
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
-                   help="snapshot at each; train to the largest")
-    p.add_argument("--rank", type=int, help="LoRA rank (lora only)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
-    p.add_argument("--target-modules", nargs="+", action="extend", default=[])
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--scheduler", required=True, choices=["constant", "linear", "cosine"])
-    p.add_argument("--warmup-ratio", type=float, required=True)
-    p.add_argument("--max-length", type=int, required=True)
-    p.add_argument("--checkpoint-every", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.set_defaults(func=attack)
+    for name, func, help_text in (
+        ("attack", attack, "fine-tune on harmful prompts: one run (lr, rank), a snapshot at each steps value"),
+        ("attack-grid", attack_grid, "every run of an attack's grid (each lr x rank) in one process"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", type=Path, required=True, help="the (defended) model to attack")
+        p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+        p.add_argument("--split", required=True)
+        p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
+        p.add_argument("--method", required=True, choices=["lora", "full"])
+        p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
+        p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
+                       help="snapshot at each; train to the largest")
+        p.add_argument("--rank", type=int, nargs="+", action="extend", default=[], help="LoRA rank (lora only)")
+        p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+        p.add_argument("--target-modules", nargs="+", action="extend", default=[])
+        p.add_argument("--batch-size", type=int, required=True)
+        p.add_argument("--scheduler", required=True, choices=["constant", "linear", "cosine"])
+        p.add_argument("--warmup-ratio", type=float, required=True)
+        p.add_argument("--max-length", type=int, required=True)
+        p.add_argument("--checkpoint-every", type=int, required=True)
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--out", type=Path, required=True,
+                       help="the run directory (attack) or the directory of runs (attack-grid)")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("evaluate-refusal", help="generate on the evaluation prompts and judge refusals")
     _checkpoint_arguments(p)
@@ -408,10 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate-run", help="refusal and capability of every snapshot of one attack run")
     p.add_argument("--model", type=Path, required=True, help="the attacked model (a LoRA snapshot's base)")
-    p.add_argument("--run", type=Path, required=True, help="the attack run directory")
+    p.add_argument("--run", type=Path, required=True, help="the attack job's output: a run, or a directory of runs")
     p.add_argument("--method", required=True, choices=["lora", "full"])
     p.add_argument("--cell-snapshot", action="append", required=True, metavar="CELL=SNAPSHOT",
-                   help="a grid cell and its snapshot directory inside the run, e.g. lr1e-3_steps50_r8=steps50")
+                   help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=steps50 or =lr1e-3_r8/steps50")
     p.add_argument("--model-name", required=True)
     p.add_argument("--defence", required=True)
     p.add_argument("--attack", required=True)

@@ -20,10 +20,11 @@ SUMMARY_COLUMNS = [
 
 
 def evaluation_files(paths: list[Path], name: str) -> list[Path]:
-    """The evaluation files among `paths`: a file itself, or each snapshot's `name` inside a run's directory."""
+    """The evaluation files among `paths`: a file itself, or each snapshot's `name` inside an evaluation
+    directory (one run's, or a whole grid's)."""
     files = []
     for path in map(Path, paths):
-        files += sorted(path.glob(f"*/{name}")) if path.is_dir() else [path]
+        files += sorted(path.rglob(name)) if path.is_dir() else [path]
     return files
 
 

@@ -1,0 +1,1 @@
+"""Defences that harden a model against harmful fine-tuning before release: RepNoise, TAR."""
