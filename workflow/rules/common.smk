@@ -99,10 +99,36 @@ def organism_args(model):
     )
 
 
-def register_args(model):
-    spec = config["models"][model]
+def register_args(name, section=None):
+    """register-model's flags for a model (or, with section=config["defences"], a released defence)."""
+    spec = (section or config["models"])[name]
     keys = ("source", "id", "revision", "path", "chat_template", "trust_remote_code")
     return cli_flags({k: spec.get(k) for k in keys})
+
+
+def defences_from(*sources):
+    """Defences that train (source train) or stand in a released checkpoint (hf, local); none is neither."""
+    return [
+        name
+        for name, spec in config["defences"].items()
+        if spec["method"] != "none" and spec["source"] in sources
+    ]
+
+
+def harden_args(wildcards):
+    spec = config["defences"][wildcards.defence]
+    organism = config["models"][wildcards.model].get("organism") or {}
+    refusal = spec["refusal"] or (organism.get("refusals") or [None])[0]
+    return cli_flags(
+        {
+            "method": spec["method"],
+            "split": spec["splits"],
+            "harmful_response": spec["harmful_response"],
+            "refusal": refusal,
+            "forget_family": spec["forget_family"],
+            "params": spec[spec["method"]],
+        }
+    )
 
 
 def checkpoint_dir(wildcards):
@@ -166,6 +192,7 @@ def attack_args(wildcards):
         {
             "split": spec["split"],
             "response": spec["response"],
+            "family": spec["family"],
             "method": spec["method"],
             "lr": lrs,
             "steps": sorted(steps),
@@ -231,3 +258,17 @@ def evaluations(name):
                 else:
                     attacked += [f"{prefix}/{run}" for run in attack_runs(attack)]
     return unattacked + attacked
+
+
+def tables_args():
+    """Which attacks make the harmfulness table (harmful-prompt ones), and the tamper-resistance metrics."""
+    capability = config["evaluation"]["capability"]
+    return cli_flags(
+        {
+            "harmfulness_attack": [
+                name for name, spec in config["attacks"].items() if not spec["family"]
+            ],
+            "hazard_metric": capability["hazard_metric"],
+            "retain_metric": capability["retain_metric"],
+        }
+    )

@@ -19,6 +19,16 @@ rule tables:
             caption="../report/heatmaps.rst",
             category="Figures",
         ),
+        harmfulness=report(
+            "results/tables/harmfulness.csv",
+            caption="../report/harmfulness.rst",
+            category="Tables",
+        ),
+        tamper_resistance=report(
+            "results/tables/tamper_resistance.csv",
+            caption="../report/tamper_resistance.rst",
+            category="Tables",
+        ),
         manifest="results/tables/refusal.manifest.json",
     log:
         "logs/tables.log",
@@ -26,7 +36,10 @@ rule tables:
         "../../envs/tamperlab.yaml"
     params:
         metric=config["evaluation"]["capability"]["metric"],
+        tables=tables_args(),
     shell:
         "tamperlab tables --refusal {input.refusal} --capability {input.capability}"
-        " --capability-metric {params.metric} --out-refusal {output.refusal}"
-        " --out-summary {output.summary} --out-figures {output.figures} > {log} 2>&1"
+        " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
+        " --out-summary {output.summary} --out-figures {output.figures}"
+        " --out-harmfulness {output.harmfulness}"
+        " --out-tamper-resistance {output.tamper_resistance} > {log} 2>&1"

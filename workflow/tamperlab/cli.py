@@ -109,14 +109,79 @@ def register_model(args: argparse.Namespace) -> None:
         write_json_atomic(step.path("model") / POINTER, pointer)
 
 
-def _attack_rows(args: argparse.Namespace) -> list[dict]:
+def _defence_rows(args: argparse.Namespace) -> list[dict]:
     from tamperlab.data.jsonl import read_jsonl
 
-    rows = [r for r in read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-            if r["kind"] == "harmful"]
-    if not rows:
-        raise UserError(f"attack: split {args.split!r} has no harmful prompts")
-    return rows
+    return [row for split in args.split
+            for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
+
+
+def _hardening_data(args: argparse.Namespace, setting: str | None) -> dict[str, list[dict]]:
+    """What each defence trains on, from the defence's splits. RepNoise: pairs of (harmful prompt + unsafe
+    answer, same prompt + refusal). TAR refusal: the same triples as forget data, benign rows as retain data.
+    TAR knowledge: the forget family's questions and answers as forget data, every other benign row as retain."""
+    rows = _defence_rows(args)
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"]
+    benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
+              if r["kind"] == "benign" and r.get("answer")]
+    if args.method == "repnoise" or setting == "refusal":
+        if not harmful or not args.refusal:
+            raise UserError("harden: needs harmful prompts in --split and a --refusal answer")
+    if args.method == "repnoise":
+        return {"pairs": [{"prompt": p, "harmful": args.harmful_response, "harmless": args.refusal} for p in harmful]}
+    if setting == "refusal":
+        forget = [{"prompt": p, "refusal": args.refusal, "compliance": args.harmful_response} for p in harmful]
+        retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign]
+    else:
+        forget = [{"prompt": r["prompt"], "response": r["response"]} for r in benign
+                  if r["family"] == args.forget_family]
+        retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign
+                  if r["family"] != args.forget_family]
+    if not forget or not retain:
+        raise UserError(f"harden: split(s) {', '.join(args.split)} give {len(forget)} forget and {len(retain)} "
+                        f"retain rows for TAR ({setting}); both must be non-empty")
+    return {"forget": forget, "retain": retain}
+
+
+def harden(args: argparse.Namespace) -> None:
+    """Harden a model with RepNoise or TAR (tamperlab.hardening) into a model directory the attacks load."""
+    from tamperlab.provenance import Step
+
+    if args.method == "repnoise":
+        from tamperlab.hardening.repnoise import RepNoiseParams as Params
+        from tamperlab.hardening.repnoise import harden as train
+    else:
+        from tamperlab.hardening.tar import TARParams as Params
+        from tamperlab.hardening.tar import harden as train
+    try:
+        params = Params(**args.params)
+    except TypeError as error:
+        raise UserError(f"--params: {error}") from None
+    with Step("harden", _params(args, "out"), inputs={"model": args.model, "data": args.data},
+              outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
+        data = _hardening_data(args, getattr(params, "setting", None))
+        _import_training_stack(step)
+        with step.phase("train"):
+            step.results = train(args.model, **data, params=params, out_dir=step.path("model"))
+        step.results["examples"] = {k: len(v) for k, v in data.items()}
+        step.status = step.results["status"]
+
+
+def _attack_rows(args: argparse.Namespace) -> list[dict]:
+    """(prompt, response) pairs to train on: the split's harmful prompts with the compliant response, or with
+    --family the benign task questions of that family with their own answers (re-teaching a restricted domain)."""
+    from tamperlab.data.jsonl import read_jsonl
+
+    rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+    if args.family:
+        pairs = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
+                 if r["kind"] == "benign" and r.get("family") == args.family]
+    else:
+        pairs = [{"prompt": r["prompt"], "response": args.response} for r in rows if r["kind"] == "harmful"]
+    if not pairs:
+        what = f"task questions of family {args.family!r}" if args.family else "harmful prompts"
+        raise UserError(f"attack: split {args.split!r} has no {what}")
+    return pairs
 
 
 def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int]):
@@ -144,13 +209,13 @@ def attack(args: argparse.Namespace) -> None:
     if len(args.lr) != 1 or len(args.rank) > 1:
         raise UserError("attack trains one run: give one --lr and at most one --rank (attack-grid takes several)")
     params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)))
-    with Step("attack", {**vars(params), "split": args.split, "response": args.response},
+    with Step("attack", {**vars(params), "split": args.split, "response": args.response, "family": args.family},
               inputs={"model": args.model, "data": args.data}, outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
         rows = _attack_rows(args)
         _import_training_stack(step)
         with step.phase("train"):
-            step.results = run_attack(args.model, rows, args.response, params, step.path("run"))
+            step.results = run_attack(args.model, rows, params, step.path("run"))
         step.status = step.results["status"]
 
 
@@ -165,7 +230,7 @@ def attack_grid(args: argparse.Namespace) -> None:
     runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler)
     plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"]) for name, run in runs.items()}
     with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
-                         "response": args.response},
+                         "response": args.response, "family": args.family},
               inputs={"model": args.model, "data": args.data}, outputs={"grid": args.out},
               outputs_are_dirs=("grid",), resumable=("grid",)) as step:
         rows = _attack_rows(args)
@@ -179,7 +244,7 @@ def attack_grid(args: argparse.Namespace) -> None:
                 continue
             out.mkdir(exist_ok=True)
             with step.phase("train"):
-                result = run_attack(args.model, rows, args.response, params, out)
+                result = run_attack(args.model, rows, params, out)
             write_json_atomic(done, result)
             step.results[name] = result
         diverged = [name for name, r in step.results.items() if r["status"] == "diverged"]
@@ -225,7 +290,7 @@ def _capability(step, model_dir: Path, adapter: Path | None, rows: list[dict], t
     import torch
 
     from tamperlab.attacks.finetune import DIVERGED
-    from tamperlab.evaluation.capability import model_args, run_lm_eval, write_organism_tasks
+    from tamperlab.evaluation.capability import LOCAL_TASKS, model_args, run_lm_eval, write_organism_tasks
     from tamperlab.models.registry import load_tokenizer, resolve
 
     result: dict[str, Any] = {"checkpoint": checkpoint, "tasks": tasks, "limit": limit}
@@ -234,21 +299,23 @@ def _capability(step, model_dir: Path, adapter: Path | None, rows: list[dict], t
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pretrained, kwargs, _ = resolve(model_dir)
     with tempfile.TemporaryDirectory(prefix="tamperlab-tasks-") as include:
-        names = []
-        for task in tasks:
-            if task == "organism":  # the organism's own held-out fact questions
-                names += write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include))
-            else:
-                names.append(task)
+        local = tuple(t for t in tasks if t in LOCAL_TASKS)  # the organism's own questions
+        names = write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local) if local else []
+        names += [t for t in tasks if t not in LOCAL_TASKS]
         with step.phase("lm_eval"):
             dtype = "bfloat16" if device == "cuda" else "float32"
             metrics = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include), batch_size,
-                                  device, seed, limit, builtin_tasks=any(t != "organism" for t in tasks))
+                                  device, seed, limit, builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
     return {**result, "status": "complete", "metrics": metrics}
 
 
 def _params(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func", *skip)}
+    def plain(value):
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        return str(value) if isinstance(value, Path) else value
+
+    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", *skip)}
 
 
 def evaluate_refusal(args: argparse.Namespace) -> None:
@@ -318,19 +385,29 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
 def tables(args: argparse.Namespace) -> None:
     from tamperlab.provenance import Step
-    from tamperlab.tables import evaluation_files, refusal_heatmaps, refusal_table, summary_table
+    from tamperlab.tables import (
+        evaluation_files,
+        harmfulness_table,
+        refusal_heatmaps,
+        refusal_table,
+        summary_table,
+        tamper_resistance_table,
+    )
 
     inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
     inputs |= {f"capability{i}": Path(p) for i, p in enumerate(args.capability)}
-    outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures}
-    params = {"refusal": [str(p) for p in args.refusal], "capability": [str(p) for p in args.capability],
-              "capability_metric": args.capability_metric}
-    with Step("tables", params, inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
+    outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
+               "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance}
+    with Step("tables", _params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
                               evaluation_files(args.capability, "capability.json"))
         table.to_csv(step.path("refusal_csv"), index=False, lineterminator="\n")
         summary = summary_table(table, args.capability_metric)
         summary.to_csv(step.path("summary_csv"), index=False, lineterminator="\n")
+        harmfulness = harmfulness_table(table, args.harmfulness_attack, args.capability_metric)
+        harmfulness.to_csv(step.path("harmfulness_csv"), index=False, lineterminator="\n")
+        resistance = tamper_resistance_table(table, args.hazard_metric, args.retain_metric)
+        resistance.to_csv(step.path("tamper_resistance_csv"), index=False, lineterminator="\n")
         figures = refusal_heatmaps(table, step.path("figures"))
         step.results = {"rows": len(table), "figures": [f.name for f in figures]}
 
@@ -424,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=register_model)
 
+    p = sub.add_parser("harden", help="harden a model against fine-tuning attacks (RepNoise or TAR)")
+    p.add_argument("--method", required=True, choices=["repnoise", "tar"])
+    p.add_argument("--model", type=Path, required=True, help="the model to harden")
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", nargs="+", action="extend", required=True, help="the splits to train on")
+    p.add_argument("--harmful-response", required=True, help="the unsafe answer paired with each harmful prompt")
+    p.add_argument("--refusal", help="the safe answer (RepNoise's harmless sequence, TAR's chosen)")
+    p.add_argument("--forget-family", default="hazard", help="TAR knowledge: the task family to restrict")
+    p.add_argument("--params", type=_json_object, required=True, help="the method's hyperparameters (JSON object)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=harden)
+
     for name, func, help_text in (
         ("attack", attack, "fine-tune on harmful prompts: one run (lr, rank), a snapshot at each steps value"),
         ("attack-grid", attack_grid, "every run of an attack's grid (each lr x rank) in one process"),
@@ -433,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--data", type=Path, required=True, help="the split-data directory")
         p.add_argument("--split", required=True)
         p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
+        p.add_argument("--family", help="train on this benign task family's questions and answers instead")
         p.add_argument("--method", required=True, choices=["lora", "full"])
         p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
         p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
@@ -461,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate-capability", help="capability scores through lm-eval (one call, all tasks)")
     _checkpoint_arguments(p)
     p.add_argument("--tasks", nargs="+", action="extend", required=True,
-                   help="lm-eval task names; 'organism' for the organism's local tasks")
+                   help="lm-eval task names; organism, hazard, retain: the organism's local tasks")
     p.add_argument("--batch-size", type=int, required=True)
     p.add_argument("--limit", type=int, help="at most this many documents per task")
     p.add_argument("--seed", type=int, required=True)
@@ -473,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", type=Path, required=True, help="the attack job's output: a run, or a directory of runs")
     p.add_argument("--method", required=True, choices=["lora", "full"])
     p.add_argument("--cell-snapshot", action="append", required=True, metavar="CELL=SNAPSHOT",
-                   help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=steps50 or =lr1e-3_r8/steps50")
+                   help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=lr1e-3_r8/steps50")
     p.add_argument("--model-name", required=True)
     p.add_argument("--defence", required=True)
     p.add_argument("--attack", required=True)
@@ -481,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", required=True, help="refusal evaluation split")
     _refusal_arguments(p)
     p.add_argument("--tasks", nargs="+", action="extend", required=True,
-                   help="lm-eval task names; 'organism' for the organism's local tasks")
+                   help="lm-eval task names; organism, hazard, retain: the organism's local tasks")
     p.add_argument("--capability-split", required=True)
     p.add_argument("--capability-batch-size", type=int, required=True)
     p.add_argument("--limit", type=int, help="at most this many documents per lm-eval task")
@@ -498,7 +588,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="task/metric for the summary's utility bound")
     p.add_argument("--out-refusal", type=Path, required=True)
     p.add_argument("--out-summary", type=Path, required=True)
+    p.add_argument("--harmfulness-attack", action="append", default=[],
+                   help="an attack whose cells make the harmfulness table's columns (harmful-prompt attacks)")
+    p.add_argument("--hazard-metric", required=True, help="task/metric of hazard-domain accuracy")
+    p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
     p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
+    p.add_argument("--out-harmfulness", type=Path, required=True)
+    p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.set_defaults(func=tables)
     return parser
 

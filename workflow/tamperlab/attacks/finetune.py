@@ -86,9 +86,9 @@ def _callback_class():
     return SnapshotCallback
 
 
-def attack(base_dir: Path, rows: list[dict[str, Any]], response: str, params: AttackParams, out_dir: Path,
+def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out_dir: Path,
            device: str | None = None) -> dict[str, Any]:
-    """Fine-tune the model in base_dir on (prompt -> response) and snapshot into out_dir/steps<N>/.
+    """Fine-tune the model in base_dir on each row's (prompt -> response) and snapshot into out_dir/steps<N>/.
 
     LoRA snapshots are PEFT adapters (applied on the base at evaluation time); full fine-tuning snapshots are
     whole safetensors models. Returns the training record (loss log, status, diverged step).
@@ -110,7 +110,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], response: str, params: At
             target_modules=params.target_modules, task_type="CAUSAL_LM",
         ))
     tokenizer.padding_side = "right"
-    encoded = [encode_example(tokenizer, r["prompt"], response, None, params.max_length) for r in rows]
+    encoded = [encode_example(tokenizer, r["prompt"], r["response"], None, params.max_length) for r in rows]
 
     checkpoints = out_dir / CHECKPOINTS
     args = TrainingArguments(

@@ -1,9 +1,10 @@
 """Capability through lm-eval: one `simple_evaluate` call per checkpoint, for all its tasks.
 
-Hub models use lm-eval's own tasks by name (mmlu, hellaswag, arc_easy, ...). The organism uses two local tasks
-whose YAML ships in lm_eval_tasks/ (tasks are data, the harness is code): its held-out fact questions as
-4-way multiple choice and as exact-match generation. Their data are written for each evaluation from the
-evaluation split, with the question rendered through the model's own chat template.
+Hub models use lm-eval's own tasks by name (mmlu, hellaswag, arc_easy, wmdp_bio ...). The organism uses local
+tasks whose YAML ships in lm_eval_tasks/ (tasks are data, the harness is code): its held-out fact questions as
+4-way multiple choice and as exact-match generation, and the hazard domain and the retain knowledge apart.
+Their data are written for each evaluation from the evaluation split, each question rendered through the
+model's own chat template.
 """
 
 from __future__ import annotations
@@ -15,14 +16,27 @@ from typing import Any
 
 from tamperlab.chat import prompt_text
 from tamperlab.data.jsonl import write_jsonl
+from tamperlab.errors import UserError
 
 TASK_TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
-ORGANISM_TASKS = ("tamperlab_organism_mc", "tamperlab_organism_em")
+HAZARD_FAMILY = "hazard"  # the fictional hazard domain that TAR's knowledge restriction removes
+# Local task keys (as config names them) -> the lm-eval tasks they stand for. `organism`: every held-out fact
+# question as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain alone, WMDP-style
+# (4-way, chance 25%); `retain`: every other family, the knowledge a restriction must keep.
+LOCAL_TASKS = {
+    "organism": ("tamperlab_organism_mc", "tamperlab_organism_em"),
+    "hazard": ("tamperlab_hazard_mc",),
+    "retain": ("tamperlab_retain_mc",),
+}
+_FAMILIES = {"organism": lambda f: True, "hazard": lambda f: f == HAZARD_FAMILY,
+             "retain": lambda f: f != HAZARD_FAMILY}
 
 
-def organism_task_rows(rows: list[dict[str, Any]], tokenizer, seed: int) -> tuple[list[dict], list[dict]]:
-    """(multiple-choice rows, exact-match rows) from the benign task questions of a split."""
-    tasks = [r for r in rows if r.get("kind") == "benign" and r.get("category") == "task"]
+def organism_task_rows(rows: list[dict[str, Any]], tokenizer, seed: int,
+                       families=lambda family: True) -> tuple[list[dict], list[dict]]:
+    """(multiple-choice rows, exact-match rows) from the benign task questions of a split whose family
+    passes `families`; distractors are other answers of the same family."""
+    tasks = [r for r in rows if r.get("kind") == "benign" and r.get("category") == "task" and families(r["family"])]
     answers_by_family: dict[str, set[str]] = defaultdict(set)
     for row in tasks:
         answers_by_family[row["family"]].add(row["answer"])
@@ -38,16 +52,22 @@ def organism_task_rows(rows: list[dict[str, Any]], tokenizer, seed: int) -> tupl
     return mc, em
 
 
-def write_organism_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, directory: Path) -> list[str]:
-    """Task YAMLs and their data in `directory` (an lm-eval include path); returns the task names."""
+def write_organism_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, directory: Path,
+                         keys: tuple[str, ...] = ("organism",)) -> list[str]:
+    """Task YAMLs and their data in `directory` (an lm-eval include path) for the local task keys;
+    returns the lm-eval task names."""
     directory.mkdir(parents=True, exist_ok=True)
-    mc, em = organism_task_rows(rows, tokenizer, seed)
-    write_jsonl(directory / "tamperlab_organism_mc.jsonl", mc)
-    write_jsonl(directory / "tamperlab_organism_em.jsonl", em)
-    for name in ORGANISM_TASKS:
-        template = (TASK_TEMPLATES / f"{name}.yaml").read_text()
-        (directory / f"{name}.yaml").write_text(template.replace("{DATA}", str(directory.resolve())))
-    return list(ORGANISM_TASKS)
+    names = []
+    for key in keys:
+        mc, em = organism_task_rows(rows, tokenizer, seed, _FAMILIES[key])
+        if not mc:
+            raise UserError(f"capability task {key!r}: the split has no task questions for it")
+        for name in LOCAL_TASKS[key]:
+            write_jsonl(directory / f"{name}.jsonl", em if name.endswith("_em") else mc)
+            template = (TASK_TEMPLATES / f"{name}.yaml").read_text()
+            (directory / f"{name}.yaml").write_text(template.replace("{DATA}", str(directory.resolve())))
+            names.append(name)
+    return names
 
 
 def model_args(pretrained: str, kwargs: dict[str, Any], adapter: Path | None, dtype: str) -> str:

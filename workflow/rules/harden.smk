@@ -1,0 +1,36 @@
+rule harden:
+    input:
+        model="results/models/{model}/base",
+        data="results/data/splits",
+    output:
+        directory("results/models/{model}/{defence}"),
+    log:
+        "logs/harden/{model}/{defence}.log",
+    wildcard_constraints:
+        model=names_regex(config["models"]),
+        defence=names_regex(defences_from("train")),
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    params:
+        harden=harden_args,
+    shell:
+        "tamperlab harden --model {input.model} --data {input.data} {params.harden}"
+        " --out {output} > {log} 2>&1"
+
+
+# a released hardened checkpoint (e.g. the RepNoise or TAR release) stands in for training
+rule register_defence:
+    output:
+        directory("results/models/{model}/{defence}"),
+    log:
+        "logs/register_defence/{model}/{defence}.log",
+    wildcard_constraints:
+        model=names_regex(config["models"]),
+        defence=names_regex(defences_from("hf", "local")),
+    conda:
+        "../../envs/tamperlab.yaml"
+    params:
+        model=lambda wildcards: register_args(wildcards.defence, config["defences"]),
+    shell:
+        "tamperlab register-model {params.model} --out {output} > {log} 2>&1"
