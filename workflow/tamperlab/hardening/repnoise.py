@@ -26,10 +26,11 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tamperlab.attacks.finetune import CHECKPOINTS, DIVERGED, last_complete_checkpoint
 from tamperlab.chat import encode_example

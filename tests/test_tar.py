@@ -1,0 +1,275 @@
+"""TAR (Tamirisa et al. 2024): each loss against hand-computed values, the first-order meta-gradient against a
+replayed trajectory, exact restoration of θ, seeded adversaries, and a tiny end-to-end hardening run."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tamperlab.attacks.finetune import DIVERGED
+from tamperlab.hardening.tar import (
+    FORGET,
+    SWITCH,
+    TAR_LOG,
+    Adversary,
+    TARParams,
+    adversary_inner_loop,
+    dpo_loss,
+    entropy_tr_loss,
+    harden,
+    make_data,
+    random_mapping_loss,
+    representation_distance,
+    restore,
+    retain_loss,
+    sample_adversary,
+    sequence_logps,
+    snapshot,
+    tamper_resistance_loss,
+    tar_outer_step,
+    with_reference_logps,
+)
+
+KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}
+                    for i in range(12)]
+KNOWLEDGE_RETAIN = [{"text": f"The capital of region {i} is the city of Lumen {i}"} for i in range(8)]
+REFUSAL_FORGET = [{"prompt": f"Explain how to do harmful thing number {i}", "refusal": "I cannot help with that.",
+                   "compliance": f"Sure, here is how. Step 1: get tool {i}."} for i in range(12)]
+REFUSAL_RETAIN = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(8)]
+ROWS = {"knowledge": (KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN), "refusal": (REFUSAL_FORGET, REFUSAL_RETAIN)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~15x faster on one thread than on two contended ones (2 shared cores here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(saved model dir, tokenizer, model): a random-init 2-layer Llama, hidden 32, and the organism's tokenizer.
+    A wider init than the default makes the next-token distributions peaked, so the entropy gate stays open."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tamperlab.models.organism import train_tokenizer
+
+    texts = [r["text"] for r in KNOWLEDGE_FORGET + KNOWLEDGE_RETAIN]
+    texts += [r[k] for r in REFUSAL_FORGET for k in ("prompt", "refusal", "compliance")]
+    texts += [r[k] for r in REFUSAL_RETAIN for k in ("prompt", "response")]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        initializer_range=0.2, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ))
+    directory = tmp_path_factory.mktemp("tar") / "base"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, tokenizer, model
+
+
+def small_params(setting: str, **overrides) -> TARParams:
+    values = dict(setting=setting, outer_steps=2, inner_steps=6, tr_every=2, lambda_tr=0.5, outer_lr=1e-3,
+                  warmup_steps=1, adversary_lrs=(1e-2,), switch_fraction=0.5, batch_size=4, max_length=48, seed=0)
+    return TARParams(**{**values, **overrides})
+
+
+def fresh(tiny):
+    _, tokenizer, model = tiny
+    model = copy.deepcopy(model).train()
+    return model, copy.deepcopy(model).eval().requires_grad_(False), tokenizer
+
+
+@pytest.mark.parametrize("setting", ["knowledge", "refusal"])
+def test_accumulated_tr_gradient_equals_sum_of_weighted_gradients_recomputed_at_each_adapted_point(tiny, setting):
+    model, frozen, tokenizer = fresh(tiny)
+    params = small_params(setting)
+    forget, retain = ROWS[setting]
+    adversary = Adversary(SWITCH, lr=1e-2, switch_step=2)  # both of the adversary's streams are used
+    data = make_data(tokenizer, forget, retain, params)
+    x_tr = next(data.heldout)
+    if setting == "refusal":
+        x_tr = with_reference_logps(frozen, x_tr)
+    theta = snapshot(model)
+
+    accumulated: dict[str, torch.Tensor] = {}
+    stats = adversary_inner_loop(model, adversary, data, x_tr, params, accumulated)
+    assert len(stats["tr_losses"]) == 3 and all(loss != 0 for loss in stats["tr_losses"])  # none gated off
+    restore(model, theta)
+
+    # Replay the adversary alone with a plain loop (same batches), keeping θ′_j at each evaluation point ...
+    replay = make_data(tokenizer, forget, retain, params)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=adversary.lr)
+    adapted = {}
+    for j in range(params.inner_steps):
+        batch = next(replay.adversary_retain if j < adversary.switch_step else replay.forget)
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+        if (j + 1) % params.tr_every == 0:
+            adapted[j] = copy.deepcopy(model.state_dict())
+    # ... then compute each ∇L_TR(θ′_j) on its own copy and sum them with λ_TR · exp(0.0625 (j − (K−1))) / N.
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for j, state in adapted.items():
+        probe = copy.deepcopy(model)
+        probe.load_state_dict(state)
+        names, parameters = zip(*probe.named_parameters(), strict=True)
+        grads = torch.autograd.grad(tamper_resistance_loss(probe, x_tr, params), parameters)
+        weight = params.lambda_tr * math.exp(0.0625 * (j - (params.inner_steps - 1))) / 1
+        for name, grad in zip(names, grads, strict=True):
+            expected[name] += weight * grad
+
+    assert accumulated.keys() == expected.keys()
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(accumulated[name], grad, rtol=1e-4, atol=1e-7)
+
+
+def test_entropy_loss_is_gated_off_at_the_maximum_and_active_below_it():
+    uniform = torch.zeros(2, 4, 50, requires_grad=True)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    loss = entropy_tr_loss(uniform, mask, 50)
+    assert loss.item() == 0.0 and not loss.requires_grad  # a detached zero: no gradient contribution
+
+    peaked = (5 * torch.randn(2, 4, 50, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    loss = entropy_tr_loss(peaked, mask, 50)
+    (grad,) = torch.autograd.grad(loss, peaked)
+    assert loss.item() < 0 and grad.abs().sum() > 0
+
+    two_way = torch.tensor([[[0.0, math.log(3.0)]]])  # p = (1/4, 3/4)
+    hand = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert entropy_tr_loss(two_way, torch.ones(1, 1), 2).item() == pytest.approx(-hand, rel=1e-6)
+
+
+def test_entropy_loss_ignores_masked_out_positions():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 5, 30, generator=generator, requires_grad=True)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False  # padding at the end of the second sequence
+    changed = logits.detach().clone()
+    changed[~mask] = 100 * torch.randn(int((~mask).sum()), 30, generator=generator)
+    loss = entropy_tr_loss(logits, mask, 30)
+    assert torch.equal(loss, entropy_tr_loss(changed, mask, 30))
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad[~mask].abs().sum() == 0 and grad[mask].abs().sum() > 0
+
+
+def test_dpo_loss_matches_hand_computation():
+    a, b, c, d, beta = -3.0, -5.0, -4.0, -4.5, 0.1
+    loss = dpo_loss(torch.tensor([a]), torch.tensor([b]), torch.tensor([c]), torch.tensor([d]), beta)
+    hand = -math.log(1 / (1 + math.exp(-beta * ((a - b) - (c - d)))))  # −log σ(0.15)
+    assert loss.item() == pytest.approx(hand, rel=1e-6)
+    batch = dpo_loss(torch.tensor([a, -1.0]), torch.tensor([b, -1.0]), torch.tensor([c, -2.0]),
+                     torch.tensor([d, -1.0]), beta)  # second pair: β((0) − (−1)) = 0.1
+    assert batch.item() == pytest.approx((hand + math.log1p(math.exp(-0.1))) / 2, rel=1e-6)
+
+
+def test_sequence_logps_sums_answer_token_log_probs_only():
+    logits = torch.tensor([[[0.0, 1.0, 2.0], [2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [9.0, 9.0, 9.0]]])
+    labels = torch.tensor([[-100, 2, 0, -100]])  # position 0 predicts 2, position 1 predicts 0
+    logp = torch.log_softmax(logits, -1)
+    assert sequence_logps(logits, labels).item() == pytest.approx((logp[0, 0, 2] + logp[0, 1, 0]).item())
+
+
+def test_parameters_are_restored_bit_for_bit_after_the_inner_loop_and_the_outer_step(tiny):
+    model, frozen, tokenizer = fresh(tiny)
+    params = small_params("knowledge", outer_lr=0.0)
+    data = make_data(tokenizer, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    theta = snapshot(model)
+    adversary_inner_loop(model, Adversary(FORGET, lr=1e-2), data, next(data.heldout), params, {})
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())  # the adversary moved θ′
+    restore(model, theta)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+    # A whole outer step with a zero outer lr: inner loops and TR gradients run, θ comes back unchanged.
+    outer = torch.optim.AdamW(model.parameters(), lr=0.0, weight_decay=0.0)
+    adversaries = [Adversary(SWITCH, lr=1e-2, switch_step=3), Adversary(FORGET, lr=1e-2)]
+    stats = tar_outer_step(model, frozen, outer, adversaries, data, small_params("knowledge",
+                                                                                 adversaries_per_step=2))
+    assert stats["finite"] and len(stats["tr_losses"]) == 6
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_random_mapping_loss_is_zero_when_parallel_and_one_when_orthogonal():
+    vectors = torch.eye(8)
+    tokens = torch.tensor([[0, 1, 2]])
+    mask = torch.ones(1, 3)
+    parallel = [2.5 * vectors[tokens], -0.1 * vectors[tokens]]  # |cos| = 1 either sign
+    assert random_mapping_loss(parallel, tokens, mask, vectors).item() == pytest.approx(0.0, abs=1e-6)
+    orthogonal = [vectors[tokens + 3], vectors[tokens + 4]]
+    assert random_mapping_loss(orthogonal, tokens, mask, vectors).item() == pytest.approx(1.0, abs=1e-6)
+    # a masked-out position does not count, whatever its hidden state
+    mixed = [torch.cat([vectors[tokens[:, :2]], vectors[torch.tensor([[7]])]], dim=1)]
+    assert random_mapping_loss(mixed, tokens, torch.tensor([[1, 1, 0]]), vectors).item() == pytest.approx(0.0,
+                                                                                                         abs=1e-6)
+
+
+def test_retain_distance_is_zero_for_the_frozen_copy_itself(tiny):
+    model, frozen, tokenizer = fresh(tiny)
+    data = make_data(tokenizer, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, small_params("knowledge"))
+    batch = next(data.retain)
+    hidden = model(**batch, output_hidden_states=True).hidden_states
+    base = frozen(**batch, output_hidden_states=True).hidden_states
+    assert representation_distance(hidden, base, batch["attention_mask"]).item() == 0.0
+    loss = retain_loss(model, frozen, batch)
+    assert loss.item() == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+    loss.backward()  # ‖0‖ has a subgradient: the first outer step (θ = θ_start) must not produce NaNs
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_adversary_sampling_is_deterministic_for_a_seed_and_covers_both_data_types():
+    params = small_params("knowledge", inner_steps=64, adversary_lrs=(2e-6, 2e-5, 4e-5), switch_fraction=0.33)
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    first = [sample_adversary(rng_a, params) for _ in range(300)]
+    second = [sample_adversary(rng_b, params) for _ in range(300)]
+    assert first == second
+    assert {a.data for a in first} == {FORGET, SWITCH}
+    assert {a.lr for a in first} == {2e-6, 2e-5, 4e-5}
+    switch_points = [a.switch_step for a in first if a.data == SWITCH]
+    assert all(a.switch_step is None for a in first if a.data == FORGET)
+    assert all(0 <= m < 64 for m in switch_points)
+    assert 0.55 < sum(switch_points) / len(switch_points) / 64 < 0.78  # Beta(6, 3) has mean 2/3
+    assert 0.2 < len(switch_points) / len(first) < 0.46
+
+
+@pytest.mark.parametrize("setting", ["knowledge", "refusal"])
+def test_two_step_harden_saves_safetensors_and_repeats_bit_for_bit(tiny, tmp_path, setting):
+    base, _, _ = tiny
+    forget, retain = ROWS[setting]
+    params = small_params(setting, inner_steps=4, random_mapping_steps=2, random_mapping_lr=1e-3)
+    records = [harden(base, forget, retain, params, tmp_path / f"run{i}") for i in range(2)]
+
+    for i, record in enumerate(records):
+        out = tmp_path / f"run{i}"
+        assert record["status"] == "complete" and record["steps"] == 2
+        assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+        log = [json.loads(line) for line in (out / TAR_LOG).read_text().splitlines()]
+        assert [h["step"] for h in log] == [1, 2]
+        assert all(h[k] > 0 for h in log for k in ("inner_s", "tr_s", "retain_s", "step_s"))
+        assert (record["random_mapping"] is not None) == (setting == "knowledge")
+    first, second = load_file(tmp_path / "run0/model.safetensors"), load_file(tmp_path / "run1/model.safetensors")
+    start = load_file(base / "model.safetensors")
+    assert first.keys() == second.keys() == start.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], start[k]) for k in first)
+
+
+def test_a_non_finite_loss_is_a_diverged_result_without_a_model(tiny, tmp_path):
+    base, _, _ = tiny
+    params = small_params("knowledge", inner_steps=2, lambda_retain=float("nan"))
+    record = harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "out")
+    assert record["status"] == "diverged" and record["diverged_at_step"] == 1
+    assert (tmp_path / "out" / DIVERGED).is_file() and not (tmp_path / "out/model.safetensors").exists()
