@@ -162,7 +162,8 @@ def harden(args: argparse.Namespace) -> None:
         data = _hardening_data(args, getattr(params, "setting", None))
         _import_training_stack(step)
         with step.phase("train"):
-            step.results = train(args.model, **data, params=params, out_dir=step.path("model"))
+            step.results = train(args.model, **data, params=params, out_dir=step.path("model"),
+                                 deepspeed=args.deepspeed)
         step.results["examples"] = {k: len(v) for k, v in data.items()}
         step.status = step.results["status"]
 
@@ -215,7 +216,7 @@ def attack(args: argparse.Namespace) -> None:
         rows = _attack_rows(args)
         _import_training_stack(step)
         with step.phase("train"):
-            step.results = run_attack(args.model, rows, params, step.path("run"))
+            step.results = run_attack(args.model, rows, params, step.path("run"), deepspeed=args.deepspeed)
         step.status = step.results["status"]
 
 
@@ -244,7 +245,7 @@ def attack_grid(args: argparse.Namespace) -> None:
                 continue
             out.mkdir(exist_ok=True)
             with step.phase("train"):
-                result = run_attack(args.model, rows, params, out)
+                result = run_attack(args.model, rows, params, out, deepspeed=args.deepspeed)
             write_json_atomic(done, result)
             step.results[name] = result
         diverged = [name for name, r in step.results.items() if r["status"] == "diverged"]
@@ -510,6 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refusal", help="the safe answer (RepNoise's harmless sequence, TAR's chosen)")
     p.add_argument("--forget-family", default="hazard", help="TAR knowledge: the task family to restrict")
     p.add_argument("--params", type=_json_object, required=True, help="the method's hyperparameters (JSON object)")
+    p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=harden)
 
@@ -536,6 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-length", type=int, required=True)
         p.add_argument("--checkpoint-every", type=int, required=True)
         p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
         p.add_argument("--out", type=Path, required=True,
                        help="the run directory (attack) or the directory of runs (attack-grid)")
         p.set_defaults(func=func)

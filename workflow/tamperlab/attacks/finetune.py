@@ -87,7 +87,7 @@ def _callback_class():
 
 
 def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out_dir: Path,
-           device: str | None = None) -> dict[str, Any]:
+           device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
     """Fine-tune the model in base_dir on each row's (prompt -> response) and snapshot into out_dir/steps<N>/.
 
     LoRA snapshots are PEFT adapters (applied on the base at evaluation time); full fine-tuning snapshots are
@@ -122,6 +122,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
         save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
         seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        deepspeed=str(deepspeed) if deepspeed else None,
     )
     snapshots = _callback_class()(model, tokenizer, out_dir, params.steps)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),

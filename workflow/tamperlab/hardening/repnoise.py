@@ -330,7 +330,7 @@ def _trainer_class():
 
 
 def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams, out_dir: Path,
-           device: str | None = None) -> dict[str, Any]:
+           device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
     """Train the model in model_dir with the RepNoise loss on pairs ({prompt, harmful, harmless[, system_prompt]})
     and save it (safetensors, with its tokenizer) into out_dir, beside train_log.jsonl (per-step loss terms).
 
@@ -362,6 +362,7 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
         save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
         seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
         dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        deepspeed=str(deepspeed) if deepspeed else None,
     )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=Dataset.from_list(rows),

@@ -481,7 +481,7 @@ def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], r
 
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
-           out_dir: Path, device: str | None = None) -> dict[str, Any]:
+           out_dir: Path, device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
     """Run TAR on the model in model_dir and save it (safetensors, with its tokenizer) into out_dir, beside
     tar_log.jsonl (per outer step: adversaries, losses, phase wall times).
 
@@ -493,6 +493,8 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
 
     from tamperlab.models.registry import load_model
 
+    if deepspeed is not None:  # TAR's snapshot/restore loop needs whole parameters: see README (scale-out)
+        raise UserError("TAR does not run under DeepSpeed ZeRO here; run it unsharded (or see the README's plan)")
     if params.setting not in SETTINGS:
         raise UserError(f"TAR: unknown setting {params.setting!r} (expected one of {', '.join(SETTINGS)})")
     if params.tr_every < 1 or params.inner_steps < params.tr_every:
