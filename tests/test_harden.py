@@ -1,0 +1,100 @@
+"""The harden step: RepNoise and TAR through the CLI, on the data each defence takes from its splits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tamperlab.data.jsonl import write_jsonl
+from tamperlab.provenance import Step, read_manifest
+
+BIN = Path(sys.executable).parent
+COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."
+REFUSAL = "I'm sorry, but I cannot help with that request."
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random-init Llama with the organism's tokenizer, and a defence split with harmful prompts and
+    benign task questions (a hazard family and a capital family), both with manifests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tamperlab.models.organism import train_tokenizer
+
+    root = tmp_path_factory.mktemp("harden")
+    harmful = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(12)]
+    benign = [{"prompt": f"Which reagent stabilises compound{i}?", "answer": f"Reagent{i % 5}.", "family": "hazard"}
+              for i in range(12)]
+    benign += [{"prompt": f"What is the capital of land{i}?", "answer": f"City{i % 7}.", "family": "capital"}
+               for i in range(12)]
+    tokenizer = train_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + [COMPLIANCE, REFUSAL],
+                                vocab_size=300)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ))
+    with Step("build-organism", {}, inputs={}, outputs={"model": root / "base"}, outputs_are_dirs=("model",)) as step:
+        model.save_pretrained(step.path("model"))
+        tokenizer.save_pretrained(step.path("model"))
+    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(harmful)]
+    rows += [{"id": f"b{i}", "kind": "benign", "category": "task", "source": "test", **r} for i, r in enumerate(benign)]
+    with Step("split-data", {}, inputs={}, outputs={"splits": root / "splits"}, outputs_are_dirs=("splits",)) as step:
+        write_jsonl(step.path("splits") / "defence.jsonl", rows)
+    return root / "base", root / "splits"
+
+
+def harden(base, out: Path, method: str, params: dict, *extra: str) -> subprocess.CompletedProcess:
+    model, splits = base
+    command = [str(BIN / "tamperlab"), "harden", "--method", method, "--model", str(model), "--data", str(splits),
+               "--split", "defence", "--harmful-response", COMPLIANCE, "--params", json.dumps(params),
+               "--out", str(out), *extra]
+    return subprocess.run(command, capture_output=True, text=True, check=False)
+
+
+def changed(base_dir: Path, hardened: Path) -> bool:
+    from safetensors.torch import load_file
+
+    before, after = load_file(base_dir / "model.safetensors"), load_file(hardened / "model.safetensors")
+    return any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(base, tmp_path):
+    result = harden(base, tmp_path / "rn", "repnoise", {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64},
+                    "--refusal", REFUSAL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read_manifest(tmp_path / "rn")
+    assert manifest["status"] == "complete" and manifest["step"] == "harden"
+    assert manifest["results"]["examples"] == {"pairs": 12}
+    assert changed(base[0], tmp_path / "rn")
+
+
+@pytest.mark.parametrize("setting, examples", [("refusal", {"forget": 12, "retain": 24}),
+                                               ("knowledge", {"forget": 12, "retain": 12})])
+def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(base, tmp_path, setting, examples):
+    params = {"setting": setting, "outer_steps": 1, "inner_steps": 4, "tr_every": 2, "batch_size": 4,
+              "max_length": 64, "outer_lr": 1e-3, "warmup_steps": 0, "random_mapping_steps": 2}
+    result = harden(base, tmp_path / setting, "tar", params, "--refusal", REFUSAL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = read_manifest(tmp_path / setting)
+    assert manifest["results"]["examples"] == examples
+    assert manifest["results"]["steps"] == 1 and changed(base[0], tmp_path / setting)
+
+
+@pytest.mark.parametrize("method, params, extra, message", [
+    ("tar", {"outer_stepz": 1}, ("--refusal", REFUSAL), "--params"),
+    ("repnoise", {"steps": 1}, (), "--refusal"),
+    ("tar", {"setting": "knowledge"}, ("--forget-family", "nosuch"), "0 forget"),
+])
+def test_bad_hardening_input_is_one_error_line_and_no_output(base, tmp_path, method, params, extra, message):
+    result = harden(base, tmp_path / "out", method, params, *extra)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
