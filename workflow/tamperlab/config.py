@@ -58,6 +58,13 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
     schema = yaml.safe_load(Path(schema_path).read_text())
     validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
     resolved = copy.deepcopy(config)
+    # An overlay removes an entry of the default by naming it with null (`models: {tiny: null}`): a paper config
+    # runs the paper's models only.
+    for section in ("datasets", "models", "defences", "attacks", "system_prompts"):
+        entries = resolved.get(section)
+        if isinstance(entries, dict):
+            for name in [n for n, v in entries.items() if v is None]:
+                del entries[name]
     errors = list(validator_class(schema).iter_errors(resolved))
     if errors:
         error = jsonschema.exceptions.best_match(errors)

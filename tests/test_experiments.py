@@ -1,0 +1,377 @@
+"""The paper-scale overlays (experiments/<paper>.yaml): each validates against the schema on top of the default,
+pins every hub revision, renders its chat templates, states its published numbers in one machine-readable shape,
+and dry-runs (`snakemake -n`, nothing downloaded or trained) to the jobs its paper needs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+CACHE = REPO / ".cache" / "tamperlab"
+BIN = Path(sys.executable).parent
+
+PAPERS = ("lermen2023", "rosati2024_repnoise", "tamirisa2024_tar", "peng2024_visage")
+
+# The one value an unknown hub revision may take: not a commit, so the hub refuses it and a run stops early.
+# Every use must be listed here (and in the overlay's comments): a new one is a test failure, not a silent gap.
+PLACEHOLDER = "PLACEHOLDER-pin-a-40-hex-commit"
+PLACEHOLDERS = {
+    "lermen2023": set(),
+    "rosati2024_repnoise": {"defences.repnoise_release", "evaluation.refusal.classifier"},
+    "tamirisa2024_tar": set(),
+    "peng2024_visage": set(),
+}
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+# The jobs each paper needs, by rule (`snakemake -n`'s "Job stats"), counted over the overlay's own models,
+# defences, attacks and datasets. A job per attack run: one per (lr, rank) under a constant schedule (its steps
+# are snapshots of one run), one per cell under cosine.
+EXPECTED_JOBS = {
+    # 3 models x 1 defence x (3 lr x 3 ranks) runs; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
+    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 3, "attack": 27, "evaluate_run": 27,
+                   "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1},
+    # 1 model x 3 defences (none, trained, released) x (3 lr x 2 steps + 2 lr x 3 steps) cosine runs
+    "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,
+                            "register_defence": 1, "attack": 36, "evaluate_run": 36, "evaluate_refusal": 3,
+                            "evaluate_capability": 3, "tables": 1, "all": 1},
+    # 1 model x 3 defences (none, TAR refusal, TAR bio) x (3 full + 2 LoRA + 3 hazard) runs
+    "tamirisa2024_tar": {"prepare_data": 4, "split_data": 1, "register_model": 1, "harden": 2, "attack": 24,
+                         "evaluate_run": 24, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
+                         "all": 1},
+    # 4 models x 1 defence x 1 run (5/25/50 steps snapshotted)
+    "peng2024_visage": {"prepare_data": 3, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
+                        "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1},
+}
+
+TABLES = {"refusal", "harmfulness", "tamper_resistance", "visage", "capability"}
+PUBLISHED_KEYS = {"table", "model", "defence", "attack", "cell", "metric", "value", "relation", "unit", "source"}
+
+
+def overlay(paper: str) -> dict:
+    return yaml.safe_load((EXPERIMENTS / f"{paper}.yaml").read_text())
+
+
+def entries(data: dict, section: str) -> dict:
+    """The overlay's own entries of a section (a `null` entry drops the default's entry of that name)."""
+    return {name: spec for name, spec in (data.get(section) or {}).items() if spec is not None}
+
+
+def merged(paper: str) -> dict:
+    """The config Snakemake builds: config.yaml, then the overlay merged on top (nested dicts merge)."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, copy.deepcopy(overlay(paper)))
+    return config
+
+
+def commented_block(paper: str, key: str):
+    """A top-level `key:` the overlay holds, else the block written as a comment (`# key:` and the `#  ...`
+    lines under it): how the overlays carry what the schema cannot take yet."""
+    data = overlay(paper)
+    if key in data:
+        return data[key]
+    lines = (EXPERIMENTS / f"{paper}.yaml").read_text().splitlines()
+    start = lines.index(f"# {key}:")
+    block = [f"{key}:"]
+    for line in lines[start + 1:]:
+        if not line.startswith("#  "):
+            break
+        block.append(line[2:])
+    return yaml.safe_load("\n".join(block))[key]
+
+
+# --- the overlay files themselves -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_overlay_validates_on_top_of_the_default(paper):
+    from tamperlab.config import validate_config
+
+    config = validate_config(merged(paper))
+    assert set(entries(overlay(paper), "models")) <= set(config["models"])
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_every_hub_model_dataset_and_classifier_is_pinned(paper):
+    data = overlay(paper)
+    pinned = {}
+    for section in ("models", "defences", "datasets"):
+        for name, spec in entries(data, section).items():
+            if spec.get("source") == "hf":
+                pinned[f"{section}.{name}"] = spec.get("revision")
+    classifier = ((data.get("evaluation") or {}).get("refusal") or {}).get("classifier")
+    if classifier:
+        pinned["evaluation.refusal.classifier"] = classifier.get("revision")
+    assert pinned, "a paper overlay names hub models"
+    placeholders = {where for where, revision in pinned.items() if revision == PLACEHOLDER}
+    unpinned = {where: revision for where, revision in pinned.items()
+                if where not in placeholders and not (isinstance(revision, str) and COMMIT.match(revision))}
+    assert not unpinned, f"not a 40-hex commit: {unpinned}"
+    assert placeholders == PLACEHOLDERS[paper]
+    # a placeholder is announced in the file itself, where a reader of the overlay sees it
+    assert (EXPERIMENTS / f"{paper}.yaml").read_text().count("PLACEHOLDER, not a commit") == len(placeholders)
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_every_hub_model_states_a_chat_template_that_renders(paper):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    # transformers renders chat templates in this environment (trim_blocks, lstrip_blocks)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    models = {name: spec for name, spec in entries(overlay(paper), "models").items() if spec["source"] == "hf"}
+    assert models
+    for name, spec in models.items():
+        assert spec.get("size") in {"7b", "13b", "70b"}, name
+        template = env.from_string(spec["chat_template"])
+        tokens = {"bos_token": "<BOS>", "eos_token": "<EOS>"}
+        prompt = template.render(messages=[{"role": "system", "content": "SYSTEM TEXT"},
+                                           {"role": "user", "content": "USER TEXT"}],
+                                 add_generation_prompt=True, **tokens)
+        assert prompt.startswith("<BOS>") and prompt.count("<BOS>") == 1, (name, prompt)
+        assert prompt.index("SYSTEM TEXT") < prompt.index("USER TEXT"), (name, prompt)
+        assert "<EOS>" not in prompt, (name, prompt)
+        bare = template.render(messages=[{"role": "user", "content": "USER TEXT"}], add_generation_prompt=True,
+                               **tokens)
+        assert "USER TEXT" in bare and "SYSTEM TEXT" not in bare, (name, bare)
+        answered = template.render(messages=[{"role": "user", "content": "USER TEXT"},
+                                             {"role": "assistant", "content": "ANSWER TEXT"}], **tokens)
+        assert answered.index("USER TEXT") < answered.index("ANSWER TEXT"), (name, answered)
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_published_numbers_have_one_machine_readable_shape(paper):
+    data = overlay(paper)
+    rows = commented_block(paper, "published")
+    assert rows, "every paper states the numbers it published"
+    for row in rows:
+        assert PUBLISHED_KEYS <= set(row) <= PUBLISHED_KEYS | {"benchmark"}, row
+        assert row["table"] in TABLES, row
+        assert row["model"] in entries(data, "models"), row
+        assert row["attack"] is None or row["attack"] == "none" or row["attack"] in entries(data, "attacks"), row
+        assert isinstance(row["defence"], str), row
+        assert row["cell"] is None or isinstance(row["cell"], str), row
+        assert row["relation"] in {"=", "~", "<", ">"}, row
+        assert row["unit"] in {"fraction", "percent"}, row
+        values = row["value"] if isinstance(row["value"], list) else [row["value"]]
+        assert len(values) in (1, 2) and all(isinstance(v, (int, float)) for v in values), row
+        assert values == sorted(values), row
+        top = 1 if row["unit"] == "fraction" else 100
+        assert all(0 <= v <= top for v in values), row
+        assert row["source"].strip(), row
+
+
+def test_visage_landscape_settings_are_the_papers():
+    landscape = commented_block("peng2024_visage", "landscape")
+    data = overlay("peng2024_visage")
+    assert {s["model"] for s in landscape["subjects"]} == set(entries(data, "models"))
+    assert landscape["prompts"] == {"dataset": "advbench", "first": 80}
+    assert landscape["max_new_tokens"] == 512
+    scans = landscape["scans"]
+    assert scans["random_1d"] == {"kind": "1d", "n": 21, "extent": 0.5, "shards": 21}
+    assert scans["random_2d"]["kind"] == "2d" and scans["random_2d"]["n"] == 21
+    assert scans["finetune"]["to"]["attack"] in entries(data, "attacks")
+    prompts = landscape["system_prompts"]
+    assert len(prompts) == 5 and None in prompts
+    known = set(merged("peng2024_visage")["system_prompts"])
+    assert {p for p in prompts if p is not None} <= known
+
+
+# --- dry runs ---------------------------------------------------------------------------------------------------
+
+
+def dry_run(workdir: Path, paper: str) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    # Targets first: --configfile and --config take every word that follows them.
+    command = [str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "-p",
+               "--configfile", str(EXPERIMENTS / f"{paper}.yaml"), "--config", f"cache_dir={CACHE}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"snakemake -n failed ({result.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def job_stats(output: str) -> dict[str, int]:
+    """The first "Job stats" table of Snakemake's output: {rule: count}, without the total."""
+    lines = output.splitlines()
+    start = lines.index("Job stats:") + 3  # title, header, rule
+    stats = {}
+    for line in lines[start:]:
+        rule, _, count = line.partition(" ")
+        if rule == "total" or not count.strip().isdigit():
+            break
+        stats[rule] = int(count)
+    return stats
+
+
+def jobs(output: str) -> list[dict]:
+    """Each job of a dry run: rule, its indented fields (wildcards and resources as dicts) and shell command."""
+    found, job = [], None
+    for line in output.splitlines():
+        match = re.match(r"^(?:local)?rule (\S+):$", line)
+        if match:
+            job = {"rule": match.group(1), "wildcards": {}, "resources": {}, "shell": ""}
+            found.append(job)
+        elif job is not None and line.startswith("    ") and ": " in line:
+            key, value = line.strip().split(": ", 1)
+            if key in ("wildcards", "resources"):
+                job[key] = dict(item.split("=", 1) for item in value.split(", ") if "=" in item)
+            else:
+                job[key] = value
+        elif job is not None and line.startswith("Shell command: "):
+            job["shell"] = line.split(": ", 1)[1]
+        elif not line.strip():
+            job = None
+    return found
+
+
+def flags(command: str) -> dict[str, list[str]]:
+    """--flag value ... of one shell command (the values up to the next flag)."""
+    parsed: dict[str, list[str]] = {}
+    current = None
+    for token in shlex.split(command.split(" > ")[0]):
+        if token.startswith("--"):
+            current = parsed.setdefault(token, [])
+        elif current is not None:
+            current.append(token)
+    return parsed
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """One `snakemake all -n -p` per overlay, each in its own empty directory."""
+    return {paper: dry_run(tmp_path_factory.mktemp(paper), paper) for paper in PAPERS}
+
+
+def papers_jobs(paper: str, output: str) -> list[dict]:
+    """The jobs of the overlay's own entries: every model, defence, attack and dataset a job names is one of the
+    overlay's (jobs of entries merged in from config.yaml, such as the organism `tiny`, are left out)."""
+    data = overlay(paper)
+    own = {key: entries(data, section) for key, section in
+           (("model", "models"), ("defence", "defences"), ("attack", "attacks"), ("dataset", "datasets"))}
+    return [job for job in jobs(output)
+            if all(value in own[key] for key, value in job["wildcards"].items() if key in own)]
+
+
+@pytest.mark.parametrize("paper", PAPERS)
+def test_dry_run_schedules_the_jobs_each_paper_needs(dry_runs, paper):
+    output = dry_runs[paper]
+    every = jobs(output)
+    assert Counter(job["rule"] for job in every) == job_stats(output)  # the parser saw every job
+    assert dict(Counter(job["rule"] for job in papers_jobs(paper, output))) == EXPECTED_JOBS[paper]
+
+
+@pytest.mark.xfail(strict=True, reason="an overlay cannot drop the default's organism `tiny` and `lora` grid yet "
+                   "(schema request R1; then uncomment the `null` lines in the overlays and remove this marker)")
+@pytest.mark.parametrize("paper", PAPERS)
+def test_dry_run_holds_only_the_papers_jobs(dry_runs, paper):
+    assert job_stats(dry_runs[paper]) == EXPECTED_JOBS[paper]
+
+
+def test_lermen_70b_jobs_request_eight_gpus_and_train_under_zero3(dry_runs):
+    """Resources and launcher by model size (profiles/default, the launcher work): a 70B job holds a node's
+    8 GPUs and trains under DeepSpeed ZeRO-3."""
+    big = [job for job in jobs(dry_runs["lermen2023"]) if job["wildcards"].get("model") == "llama2-70b-chat"]
+    training = [job for job in big if job["rule"] in ("attack", "attack_grid", "harden")]
+    assert len(training) == 9
+    for job in big:
+        if job["rule"] == "register_model":  # writes a pointer and hashes: no GPU
+            continue
+        assert job["resources"].get("gpu") == "8", (job["rule"], job["wildcards"], job["resources"])
+    for job in training:
+        assert "--deepspeed" in job["shell"], job["shell"]
+
+
+def _one(paper_jobs: list[dict], rule: str, **wildcards: str) -> dict[str, list[str]]:
+    matches = [job for job in paper_jobs if job["rule"] == rule
+               and all(job["wildcards"].get(k) == v for k, v in wildcards.items())]
+    assert len(matches) == 1, (rule, wildcards, len(matches))
+    return flags(matches[0]["shell"])
+
+
+def test_lermen_commands_carry_the_grid_and_the_pinned_models(dry_runs):
+    own = papers_jobs("lermen2023", dry_runs["lermen2023"])
+    attack = _one(own, "attack", model="llama2-70b-chat", run="lr1e-4_r64")
+    assert attack["--method"] == ["lora"] and attack["--lr"] == ["0.0001"] and attack["--rank"] == ["64"]
+    assert attack["--lora-alpha"] == ["128"] and attack["--steps"] == ["25", "50", "100"]
+    assert attack["--batch-size"] == ["8"] and attack["--scheduler"] == ["constant"]
+    register = _one(own, "register_model", model="llama2-13b-chat")
+    assert register["--id"] == ["meta-llama/Llama-2-13b-chat-hf"]
+    assert register["--revision"] == ["a2cb7a712bb6e5e736ca7f8cd98167f81a0b5bd8"]
+    assert "[INST]" in register["--chat-template"][0]
+    evaluation = _one(own, "evaluate_run", model="llama2-7b-chat", run="lr5e-5_r8")
+    assert evaluation["--judge"] == ["keyword"] and evaluation["--tasks"] == ["mmlu", "hellaswag"]
+    tables = _one(own, "tables")
+    assert tables["--capability-metric"] == ["mmlu/acc"]
+
+
+def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
+    own = papers_jobs("rosati2024_repnoise", dry_runs["rosati2024_repnoise"])
+    harden = _one(own, "harden", model="llama2-7b-chat", defence="repnoise")
+    params = json.loads(harden["--params"][0])
+    assert params == {**params, "lr": 2e-5, "batch_size": 8, "alpha": 1.0, "beta": 0.001, "scheduler": "cosine",
+                      "warmup_ratio": 0.1, "max_length": 128, "epochs": 1.0}
+    release = _one(own, "register_defence", model="llama2-7b-chat", defence="repnoise_release")
+    assert release["--id"] == ["domenicrosati/repnoise_0.001_beta"]
+    attack = _one(own, "attack", model="llama2-7b-chat", defence="repnoise", attack="full",
+                  run="lr3e-5_steps2500")
+    assert attack["--method"] == ["full"] and attack["--lr"] == ["3e-05"] and attack["--steps"] == ["2500"]
+    assert attack["--batch-size"] == ["4"] and attack["--scheduler"] == ["cosine"]
+    assert attack["--warmup-ratio"] == ["0.1"]
+    strong = {job["wildcards"]["run"] for job in own if job["wildcards"].get("attack") == "full_strong"}
+    assert "lr3e-4_steps5000" in strong and len(strong) == 6
+    evaluation = _one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250")
+    assert evaluation["--judge"] == ["classifier"] and evaluation["--refusal-label"] == ["LABEL_1"]
+    assert evaluation["--classifier-model"] == ["domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier"]
+    assert evaluation["--max-new-tokens"] == ["50"]
+    assert evaluation["--tasks"] == ["truthfulqa_mc2", "mmlu", "hellaswag", "arc_easy"]
+    data = _one(own, "prepare_data", dataset="beavertails_test")
+    assert data["--source"] == ["hf"] and data["--id"] == ["PKU-Alignment/BeaverTails"]
+    assert data["--split"] == ["30k_test"] and COMMIT.match(data["--revision"][0])
+
+
+def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_runs):
+    own = papers_jobs("tamirisa2024_tar", dry_runs["tamirisa2024_tar"])
+    refusal = json.loads(_one(own, "harden", defence="tar_refusal")["--params"][0])
+    assert refusal == {**refusal, "setting": "refusal", "outer_steps": 100, "inner_steps": 64, "outer_lr": 6e-5,
+                       "batch_size": 64, "lambda_tr": 0.1, "adversary_lrs": [2e-6, 2e-5, 4e-5],
+                       "adversaries_per_step": 2}
+    bio = json.loads(_one(own, "harden", defence="tar_bio")["--params"][0])
+    assert bio == {**bio, "setting": "knowledge", "outer_steps": 750, "inner_steps": 64, "lambda_tr": 4.0,
+                   "outer_lr": 2e-5}
+    lora = _one(own, "attack", defence="tar_refusal", attack="lora", run="lr4e-5_r16")
+    assert lora["--rank"] == ["16"] and lora["--lora-alpha"] == ["32"] and lora["--steps"] == ["100", "250", "500"]
+    hazard = _one(own, "attack", defence="tar_bio", attack="hazard_full", run="lr2e-6")
+    assert hazard["--family"] == ["hazard"] and hazard["--method"] == ["full"]
+    evaluation = _one(own, "evaluate_run", defence="tar_bio", attack="full", run="lr2e-5")
+    assert evaluation["--tasks"] == ["wmdp_bio", "mmlu"]
+    tables = _one(own, "tables")
+    assert tables["--hazard-metric"] == ["wmdp_bio/acc"] and tables["--retain-metric"] == ["mmlu/acc"]
+
+
+def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):
+    own = papers_jobs("peng2024_visage", dry_runs["peng2024_visage"])
+    registered = {flags(job["shell"])["--id"][0] for job in own if job["rule"] == "register_model"}
+    assert registered == {"meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-2-7b-chat-hf",
+                          "mistralai/Mistral-7B-Instruct-v0.2", "lmsys/vicuna-7b-v1.5"}
+    attack = _one(own, "attack", model="vicuna-7b", attack="harmful_shots")
+    assert attack["--steps"] == ["5", "25", "50"] and attack["--batch-size"] == ["10"]
+    assert attack["--lr"] == ["5e-05"] and attack["--method"] == ["full"]
+    evaluation = _one(own, "evaluate_refusal", model="mistral-7b-instruct")
+    assert evaluation["--max-new-tokens"] == ["512"] and "--system-prompt" not in evaluation
