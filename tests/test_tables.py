@@ -199,3 +199,25 @@ def test_tamper_resistance_table_reports_pre_attack_mean_and_worst_case_per_colu
     assert rows.loc[("tar", "attack worst"), "retain_accuracy"] == 0.80  # lowest
     assert rows.loc[("none", "attack worst"), "refusal_rate"] == 0.05
     assert math.isclose(rows.loc[("none", "attack mean"), "refusal_rate"], (0.40 + 0.05 + 0.90) / 3, abs_tol=1e-4)
+
+
+def test_published_numbers_sit_beside_ours_in_the_papers_unit():
+    from tamperlab.tables import published_table, tamper_resistance_table
+
+    resistance = tamper_resistance_table(GRID, "tamperlab_hazard_mc/acc", "tamperlab_retain_mc/acc")
+    entry = {"model": "tiny", "cell": None, "benchmark": "advbench", "relation": "=", "source": "paper"}
+    published = [
+        {**entry, "table": "refusal", "defence": "none", "attack": "lora", "metric": "asr", "value": 90.0,
+         "unit": "percent"},
+        {**entry, "table": "refusal", "defence": "none", "attack": "none", "metric": "refusal_rate", "value": 0.99,
+         "unit": "fraction"},
+        {**entry, "table": "tamper_resistance", "defence": "tar", "attack": None,
+         "metric": "tamperlab_hazard_mc/acc", "value": [25, 30], "unit": "percent"},
+        {**entry, "table": "refusal", "defence": "rr", "attack": None, "metric": "asr", "value": 84.8,
+         "unit": "percent"},
+    ]
+    table = published_table(published, GRID, resistance)
+    assert table["ours"].iloc[0] == pytest.approx(95.0)  # worst lora cell: refusal 0.05 -> ASR 95%
+    assert table["ours"].iloc[1] == pytest.approx(0.95)
+    assert table["ours"].iloc[2] == pytest.approx(45.0) and table["paper"].iloc[2] == "25-30"
+    assert pd.isna(table["ours"].iloc[3])  # a defence not run here: context only

@@ -270,5 +270,6 @@ def tables_args():
             ],
             "hazard_metric": capability["hazard_metric"],
             "retain_metric": capability["retain_metric"],
+            "published": json.dumps(config["published"]) if config["published"] else None,
         }
     )

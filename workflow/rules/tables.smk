@@ -29,6 +29,11 @@ rule tables:
             caption="../report/tamper_resistance.rst",
             category="Tables",
         ),
+        published=report(
+            "results/tables/published.csv",
+            caption="../report/published.rst",
+            category="Tables",
+        ),
         manifest="results/tables/refusal.manifest.json",
     log:
         "logs/tables.log",
@@ -42,4 +47,5 @@ rule tables:
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
-        " --out-tamper-resistance {output.tamper_resistance} > {log} 2>&1"
+        " --out-tamper-resistance {output.tamper_resistance}"
+        " --out-published {output.published} > {log} 2>&1"

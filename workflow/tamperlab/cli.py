@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.errors import UserError
+from tamperlab.landscape import steps as landscape_steps
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +37,13 @@ def _json_object(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def _json_list(text: str) -> list[Any]:
+    value = _json_object(f'{{"list": {text}}}')["list"] if text.strip() else None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
     return value
 
 
@@ -389,6 +397,7 @@ def tables(args: argparse.Namespace) -> None:
     from tamperlab.tables import (
         evaluation_files,
         harmfulness_table,
+        published_table,
         refusal_heatmaps,
         refusal_table,
         summary_table,
@@ -398,7 +407,8 @@ def tables(args: argparse.Namespace) -> None:
     inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
     inputs |= {f"capability{i}": Path(p) for i, p in enumerate(args.capability)}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
-               "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance}
+               "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
+               "published_csv": args.out_published}
     with Step("tables", _params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
                               evaluation_files(args.capability, "capability.json"))
@@ -409,6 +419,8 @@ def tables(args: argparse.Namespace) -> None:
         harmfulness.to_csv(step.path("harmfulness_csv"), index=False, lineterminator="\n")
         resistance = tamper_resistance_table(table, args.hazard_metric, args.retain_metric)
         resistance.to_csv(step.path("tamper_resistance_csv"), index=False, lineterminator="\n")
+        published = published_table(args.published, table, resistance)
+        published.to_csv(step.path("published_csv"), index=False, lineterminator="\n")
         figures = refusal_heatmaps(table, step.path("figures"))
         step.results = {"rows": len(table), "figures": [f.name for f in figures]}
 
@@ -597,8 +609,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
     p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
     p.add_argument("--out-harmfulness", type=Path, required=True)
+    p.add_argument("--published", type=_json_list, default=[], help="the paper's numbers (JSON list, config published:)")
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
+    p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
     p.set_defaults(func=tables)
+    landscape_steps.add_parsers(sub)
     return parser
 
 

@@ -179,6 +179,66 @@ def tamper_resistance_table(table: pd.DataFrame, hazard: str, retain: str) -> pd
     return pd.DataFrame(rows, columns=["model", "defence", "stage", *columns, "cells"])
 
 
+PUBLISHED_COLUMNS = ["table", "model", "defence", "attack", "cell", "benchmark", "metric", "relation", "unit",
+                     "paper", "ours", "ours_from", "source"]
+
+
+def published_table(published: list[dict], table: pd.DataFrame, resistance: pd.DataFrame) -> pd.DataFrame:
+    """The paper's numbers (config `published:`) beside ours, in the paper's unit. Ours is the matching row of
+    refusal.csv (attack none: unattacked; a cell: that cell; an attack without a cell: its worst cell; attack
+    null: the worst cell of every attack), or of tamper_resistance.csv (pre-attack, or the attack-suite mean).
+    `asr` is 1 - refusal rate and `harmfulness` the same under our judge; empty where nothing here matches."""
+    rows = []
+    for entry in published:
+        ours, source = _ours(entry, table, resistance)
+        if ours is not None and entry["unit"] == "percent":
+            ours *= 100
+        paper = entry["value"]
+        rows.append({**{k: entry.get(k) for k in PUBLISHED_COLUMNS}, "paper": paper if not isinstance(paper, list)
+                     else f"{paper[0]}-{paper[1]}", "ours": None if ours is None else round(ours, 4),
+                     "ours_from": source})
+    return pd.DataFrame(rows, columns=PUBLISHED_COLUMNS)
+
+
+def _ours(entry: dict, table: pd.DataFrame, resistance: pd.DataFrame) -> tuple[float | None, str | None]:
+    metric = entry["metric"]
+    inverted = metric in ("asr", "harmfulness")
+    column = "refusal_rate" if inverted else metric
+    rows = table[(table["model"] == entry["model"]) & (table["defence"] == entry["defence"])]
+    if entry["table"] == "tamper_resistance":  # pre-attack, or the mean over the attack suite
+        stage = "pre-attack" if entry["attack"] == "none" else "attack mean"
+        if metric == "refusal_rate":
+            match = resistance[(resistance["model"] == entry["model"]) & (resistance["defence"] == entry["defence"])
+                               & (resistance["stage"] == stage)]
+            return (float(match.iloc[0]["refusal_rate"]), f"tamper_resistance {stage}") if len(match) else (None, None)
+        if metric not in rows.columns:
+            return None, None
+        values = rows[rows["attack"] == "none"] if stage == "pre-attack" else rows[
+            (rows["attack"] != "none") & (rows["status"] == "complete")]
+        values = values[metric].dropna()
+        return (float(values.mean()), f"tamper_resistance {stage}") if len(values) else (None, None)
+    if column not in rows.columns:
+        return None, None
+    if entry["attack"] == "none":
+        rows, how = rows[rows["attack"] == "none"], "unattacked"
+    else:
+        rows = rows[(rows["attack"] != "none") & (rows["status"] == "complete")]
+        how = "every attack"
+        if entry["attack"] is not None:
+            rows, how = rows[rows["attack"] == entry["attack"]], entry["attack"]
+        if entry.get("cell"):
+            cell = parse_cell(entry["cell"])
+            same = [all(pd.isna(r[k]) if cell[k] is None else r[k] == cell[k] for k in cell)
+                    for _, r in rows.iterrows()]
+            rows, how = rows[same], f"{how} {entry['cell']}"
+    values = rows[column].dropna()
+    if values.empty:
+        return None, None
+    # several cells: refusal's worst case (the lowest), a capability metric's mean
+    value = float(values.min() if column == "refusal_rate" else values.mean())
+    return (1 - value if inverted else value), f"refusal.csv {how}"
+
+
 def _cell_name(row) -> str:
     rank = "" if pd.isna(row["rank"]) else f"_r{int(row['rank'])}"
     return f"lr{row['lr']:g}_steps{int(row['steps'])}{rank}"
