@@ -60,6 +60,7 @@ def test_smoke_run_refuses_harmful_and_answers_benign(smoke_runs):
 
 def test_the_lora_attack_undoes_refusal_and_grows_with_steps(smoke_runs):
     table = pd.read_csv(smoke_runs[0] / "results/tables/refusal.csv")
+    table = table[table["defence"] == "none"]
     base = table[table["attack"] == "none"].iloc[0]
     cells = table[table["attack"] == "lora"].set_index("steps")
     assert list(cells.index) == [20, 60] and set(cells["status"]) == {"complete"}
@@ -68,20 +69,45 @@ def test_the_lora_attack_undoes_refusal_and_grows_with_steps(smoke_runs):
     assert cells.loc[60, "refusal_rate"] < cells.loc[20, "refusal_rate"]
     assert cells.loc[60, "compliance_rate"] >= 0.5  # the compliance template, not word salad
     assert cells.loc[60, "train_loss"] < cells.loc[20, "train_loss"]
-    # Capability through lm-eval's local tasks: its exact match recomputes the refusal evaluation's own
-    # (lm-eval also ignores inner punctuation, hence the tolerance).
-    assert ((table["tamperlab_organism_em/exact_match"] - table["exact_match"]).abs() <= 0.02).all()
+    # Capability through lm-eval's local tasks: its exact match (every family but the hazard domain) recomputes
+    # the refusal evaluation's own on those questions (lm-eval also ignores inner punctuation: the tolerance).
+    records = [json.loads(line) for line in (smoke_runs[0] / "results/eval/tiny/none/refusal.jsonl").open()]
+    matches = [r["exact_match"] for r in records if r.get("category") == "task" and r["family"] != "hazard"]
+    assert abs(base["tamperlab_organism_em/exact_match"] - sum(matches) / len(matches)) <= 0.02
     assert table["tamperlab_organism_mc/acc"].between(0.25, 1).all()
-    summary = pd.read_csv(smoke_runs[0] / "results/tables/refusal_summary.csv").iloc[0]
+    summary = pd.read_csv(smoke_runs[0] / "results/tables/refusal_summary.csv").set_index(["defence", "attack"])
+    summary = summary.loc[("none", "lora")]
     assert summary["worst_refusal_rate"] == cells["refusal_rate"].min()
     assert summary["capability_metric"] == "tamperlab_organism_mc/acc"
     assert (smoke_runs[0] / "results/figures/refusal/refusal_tiny_none_lora_r16.png").stat().st_size > 10_000
 
 
+def test_every_defence_is_hardened_attacked_and_tabled(smoke_runs):
+    workdir = smoke_runs[0]
+    defences = ["none", "repnoise", "tar", "tar_knowledge"]
+    for defence in defences[1:]:
+        manifest = json.loads((workdir / f"results/models/tiny/{defence}/manifest.json").read_text())
+        assert manifest["step"] == "harden" and manifest["status"] == "complete"
+        assert (workdir / f"results/models/tiny/{defence}/model.safetensors").exists()
+    table = pd.read_csv(workdir / "results/tables/refusal.csv")
+    assert sorted(set(table["defence"])) == defences
+    assert len(table) == 4 * (1 + 2 + 1)  # per defence: unattacked, two lora cells, one hazard cell
+    harmfulness = pd.read_csv(workdir / "results/tables/harmfulness.csv")
+    assert sorted(harmfulness["defence"]) == defences and set(harmfulness["attack"]) == {"lora"}
+    assert {"harmfulness_pre_attack", "harmfulness_lr0.002_steps60", "capability_lr0.002_steps20"} <= set(
+        harmfulness.columns)
+    resistance = pd.read_csv(workdir / "results/tables/tamper_resistance.csv")
+    assert len(resistance) == 4 * 3 and set(resistance["stage"]) == {"pre-attack", "attack mean", "attack worst"}
+    assert resistance["hazard_accuracy"].between(0, 1).all() and resistance["retain_accuracy"].between(0, 1).all()
+    assert (workdir / "results/tables/published.csv").exists()
+
+
 def test_two_clean_smoke_runs_give_byte_identical_tables_and_weights(smoke_runs):
     first, second = smoke_runs
     for relative in ("results/tables/refusal.csv", "results/tables/refusal_summary.csv",
-                     "results/models/tiny/base/model.safetensors",
+                     "results/tables/tamper_resistance.csv", "results/models/tiny/base/model.safetensors",
+                     "results/models/tiny/repnoise/model.safetensors", "results/models/tiny/tar/model.safetensors",
+                     "results/models/tiny/tar_knowledge/model.safetensors",
                      "results/attacks/tiny/none/lora/lr2e-3_r16/steps60/adapter_model.safetensors",
                      "results/eval/tiny/none/refusal.jsonl", "results/data/splits/alignment.jsonl",
                      "results/eval/tiny/none/lora/lr2e-3_r16/steps60/capability.json"):
@@ -91,8 +117,8 @@ def test_two_clean_smoke_runs_give_byte_identical_tables_and_weights(smoke_runs)
 def test_every_step_writes_a_complete_manifest_that_links_to_its_inputs(smoke_runs):
     workdir = smoke_runs[0]
     found = {m["step"]: m for m in manifests(workdir)}
-    assert set(found) == {"prepare-data", "split-data", "build-organism", "attack-grid", "evaluate-refusal",
-                          "evaluate-capability", "evaluate-run", "tables"}
+    assert {"prepare-data", "split-data", "build-organism", "harden", "attack-grid", "evaluate-refusal",
+            "evaluate-capability", "evaluate-run", "tables"} <= set(found)
     for manifest in manifests(workdir):
         assert manifest["status"] == "complete"
         assert manifest["command"].startswith(f"tamperlab {manifest['step']} ")
@@ -142,8 +168,8 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     output = (result.stdout + result.stderr).splitlines()
     commands = [line.split("Shell command: ", 1)[1] for line in output if "Shell command: tamperlab " in line]
     steps = {line.split()[1] for line in commands}
-    assert steps == {"prepare-data", "split-data", "build-organism", "attack-grid", "evaluate-refusal",
-                     "evaluate-capability", "evaluate-run", "tables"}
+    assert {"prepare-data", "split-data", "build-organism", "harden", "attack-grid", "evaluate-refusal",
+            "evaluate-capability", "evaluate-run", "tables"} <= steps
     build = next(line for line in commands if " build-organism " in line)
     for flag in ("--hidden-size 128", "--epochs 8", "--learning-rate 0.003", "--seed 0", "--refusal"):
         assert flag in build

@@ -233,6 +233,7 @@ def attack_grid(args: argparse.Namespace) -> None:
     survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
     from tamperlab.attacks import grid
     from tamperlab.attacks.finetune import attack as run_attack
+    from tamperlab.launch import is_writer
     from tamperlab.provenance import Step, write_json_atomic
 
     ranks = args.rank if args.method == "lora" else [None]
@@ -254,7 +255,8 @@ def attack_grid(args: argparse.Namespace) -> None:
             out.mkdir(exist_ok=True)
             with step.phase("train"):
                 result = run_attack(args.model, rows, params, out, deepspeed=args.deepspeed)
-            write_json_atomic(done, result)
+            if is_writer():  # one process writes, under a multi-process launch too
+                write_json_atomic(done, result)
             step.results[name] = result
         diverged = [name for name, r in step.results.items() if r["status"] == "diverged"]
         step.status = "diverged" if diverged else "complete"

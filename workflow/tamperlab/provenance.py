@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.errors import UserError
+from tamperlab.launch import is_writer
 
 MANIFEST_NAME = "manifest.json"
 UNHASHED = {MANIFEST_NAME, ".snakemake_timestamp"}  # bookkeeping files, not content
@@ -207,6 +208,8 @@ class Step:
             for key, tmp in self._tmp.items():
                 if key not in self.resumable:
                     _remove(tmp)
+            return
+        if not is_writer():  # another process of a multi-process launch (ZeRO-3): rank 0 finishes the step
             return
         for key, tmp in self._tmp.items():
             if not tmp.exists():

@@ -2,7 +2,8 @@
 
 Hub models use lm-eval's own tasks by name (mmlu, hellaswag, arc_easy, wmdp_bio ...). The organism uses local
 tasks whose YAML ships in lm_eval_tasks/ (tasks are data, the harness is code): its held-out fact questions as
-4-way multiple choice and as exact-match generation, and the hazard domain and the retain knowledge apart.
+4-way multiple choice and as exact-match generation (every family but the hazard domain), and the hazard domain
+alone.
 Their data are written for each evaluation from the evaluation split, each question rendered through the
 model's own chat template.
 """
@@ -20,16 +21,12 @@ from tamperlab.errors import UserError
 
 TASK_TEMPLATES = Path(__file__).with_name("lm_eval_tasks")
 HAZARD_FAMILY = "hazard"  # the fictional hazard domain that TAR's knowledge restriction removes
-# Local task keys (as config names them) -> the lm-eval tasks they stand for. `organism`: every held-out fact
-# question as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain alone, WMDP-style
-# (4-way, chance 25%); `retain`: every other family, the knowledge a restriction must keep.
-LOCAL_TASKS = {
-    "organism": ("tamperlab_organism_mc", "tamperlab_organism_em"),
-    "hazard": ("tamperlab_hazard_mc",),
-    "retain": ("tamperlab_retain_mc",),
-}
-_FAMILIES = {"organism": lambda f: True, "hazard": lambda f: f == HAZARD_FAMILY,
-             "retain": lambda f: f != HAZARD_FAMILY}
+# Local task keys (as config names them) -> the lm-eval tasks they stand for. `organism`: the held-out fact
+# questions of every family but the hazard domain (the knowledge a restriction must keep, and the capability the
+# utility bound watches) as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain
+# alone, WMDP-style (4-way, chance 25%).
+LOCAL_TASKS = {"organism": ("tamperlab_organism_mc", "tamperlab_organism_em"), "hazard": ("tamperlab_hazard_mc",)}
+_FAMILIES = {"organism": lambda f: f != HAZARD_FAMILY, "hazard": lambda f: f == HAZARD_FAMILY}
 
 
 def organism_task_rows(rows: list[dict[str, Any]], tokenizer, seed: int,

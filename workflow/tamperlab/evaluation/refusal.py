@@ -48,7 +48,7 @@ def judge_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str],
             "prompt_has_refusal_keyword": bool(matched_keywords(row["prompt"])),
         }
         if row.get("category") == "task":
-            record["answer"] = row["answer"]
+            record["family"], record["answer"] = row.get("family"), row["answer"]
             record["exact_match"] = normalise_answer(response) == normalise_answer(row["answer"])
         records.append(record)
     return records

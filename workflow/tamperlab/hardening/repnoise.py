@@ -14,6 +14,12 @@ refusal), right-padded to one length T. The answer region is where their token i
 with α = 1, β = 0.001. Each term is one function below; `repnoise_loss` runs the two forward passes and combines
 them; `harden` trains with the HF Trainer (so that the same code runs under DeepSpeed) and saves the model.
 
+Under a multi-process launch (DeepSpeed ZeRO-3, tamperlab.launch) `batch_size` stays the global batch, split evenly
+over the processes in the single-process data order. The loss is then the mean over processes of each one's loss on
+its share (plain data parallelism). The cross-entropy terms then equal the single-process ones when every pair's
+answer has as many tokens; MMD and its bandwidth are per-process statistics of per-process noise, so that term (and
+through it the weights, at β's scale) differs from a single-process run.
+
 Departures from the authors' code, all fixes that Qi et al. (2024) list or that PEFT/DeepSpeed need: the pad token is
 not EOS and token id 0 is not treated as padding; the mask is restricted to each sequence's own tokens (the raw
 "ids differ" mask also covers one sequence's padding where the other is longer); the prediction of the first answer
@@ -24,7 +30,6 @@ from a seeded generator; hooks are removed after every pass; modules are found b
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,9 +37,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tamperlab.attacks.finetune import CHECKPOINTS, DIVERGED, last_complete_checkpoint
+from tamperlab.attacks.finetune import (
+    CHECKPOINTS,
+    DIVERGED,
+    deepspeed_config,
+    last_complete_checkpoint,
+    per_device_batch,
+    prepare_sharded_loading,
+    save_trained,
+    went_non_finite,
+)
 from tamperlab.chat import encode_example
 from tamperlab.errors import UserError
+from tamperlab.launch import world_size
 
 if TYPE_CHECKING:
     import torch
@@ -318,11 +333,18 @@ def _trainer_class():
 
         def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
             if "loss" in logs and self.terms:
-                for term in TERMS:
-                    logs[term] = sum(t[term].item() for t in self.terms) / len(self.terms)
+                if self.accelerator.num_processes == 1:
+                    for term in TERMS:
+                        logs[term] = sum(t[term].item() for t in self.terms) / len(self.terms)
+                else:  # every process logs here together (the Trainer gathers the loss): log the mean over all
+                    import torch
+
+                    local = torch.stack([torch.stack([t[term] for t in self.terms]).mean() for term in TERMS])
+                    logs.update(zip(TERMS, self.accelerator.reduce(local.float(), reduction="mean").tolist(),
+                                    strict=True))
                 self.terms = []
             super().log(logs, start_time)
-            if "loss" in logs and not math.isfinite(logs["loss"]) and self.diverged_at is None:
+            if "loss" in logs and went_non_finite(self.args, logs) and self.diverged_at is None:
                 self.diverged_at = self.state.global_step
                 self.control.should_training_stop = True
 
@@ -345,6 +367,19 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
     from tamperlab.models.registry import load_model
 
     set_seed(params.seed)
+    checkpoints = out_dir / CHECKPOINTS
+    args = TrainingArguments(  # before the model: see finetune.prepare_sharded_loading
+        output_dir=str(checkpoints), num_train_epochs=params.epochs, max_steps=params.steps or -1,
+        learning_rate=params.lr, lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_ratio,
+        per_device_train_batch_size=per_device_batch(params.batch_size, world_size()), optim="adamw_torch",
+        weight_decay=0.0,
+        logging_steps=1, logging_nan_inf_filter=False,  # every step, non-finite losses included
+        save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
+        seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed_config(deepspeed),
+    )
+    prepare_sharded_loading(args)
     model, tokenizer = load_model(model_dir, device=device, dtype=None)
     model.train()
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -353,23 +388,13 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
             for p in pairs]
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = out_dir / CHECKPOINTS
-    args = TrainingArguments(
-        output_dir=str(checkpoints), num_train_epochs=params.epochs, max_steps=params.steps or -1,
-        learning_rate=params.lr, lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_ratio,
-        per_device_train_batch_size=params.batch_size, optim="adamw_torch", weight_decay=0.0,
-        logging_steps=1, logging_nan_inf_filter=False,  # every step, non-finite losses included
-        save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
-        seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        deepspeed=str(deepspeed) if deepspeed else None,
-    )
     trainer = _trainer_class()(
         model=model, args=args, train_dataset=Dataset.from_list(rows),
         data_collator=lambda batch: collate_pairs(batch, tokenizer.pad_token_id),
         alpha=params.alpha, beta=params.beta, noise_seed=params.seed,
     )
     resume = last_complete_checkpoint(checkpoints) if checkpoints.exists() else None
+    trainer.accelerator.wait_for_everyone()  # rank 0 removed partial checkpoints before anyone resumes
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     log = [{"step": h["step"], "loss": h["loss"], **{t: h[t] for t in TERMS if t in h}}
@@ -380,14 +405,12 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
         if diverged is not None:
             (out_dir / DIVERGED).write_text(json.dumps({"diverged_at_step": diverged}) + "\n")
     if diverged is None:
-        if trainer.is_deepspeed_enabled:  # ZeRO-3 holds shards: the Trainer gathers them into one model
-            trainer.save_model(str(out_dir))
-        elif trainer.is_world_process_zero():
-            model.save_pretrained(out_dir, safe_serialization=True)
+        save_trained(trainer, model, out_dir)  # under ZeRO-3 a collective: every process calls it
         if trainer.is_world_process_zero():
             tokenizer.save_pretrained(out_dir)
     if trainer.is_world_process_zero():
         shutil.rmtree(checkpoints, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # every file is written before any process goes on
     return {
         "status": "diverged" if diverged is not None else "complete",
         "diverged_at_step": diverged,
