@@ -13,11 +13,15 @@ rule attack:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
+        launch=launcher,
         attack=attack_args,
+        zero3=zero3_flags,
     shell:
-        "tamperlab attack --model {input.model} --data {input.data} {params.attack}"
-        " --out {output} > {log} 2>&1"
+        "{params.launch} attack --model {input.model} --data {input.data} {params.attack}"
+        " {params.zero3} --out {output} > {log} 2>&1"
 
 
 # one_job: true: every run of the grid in one process (small models, where imports rival a run's training)
@@ -36,8 +40,12 @@ rule attack_grid:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
+        launch=launcher,
         attack=attack_args,
+        zero3=zero3_flags,
     shell:
-        "tamperlab attack-grid --model {input.model} --data {input.data} {params.attack}"
-        " --out {output} > {log} 2>&1"
+        "{params.launch} attack-grid --model {input.model} --data {input.data} {params.attack}"
+        " {params.zero3} --out {output} > {log} 2>&1"

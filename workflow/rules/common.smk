@@ -5,6 +5,7 @@ import re
 import shlex
 import sys
 
+from tamperlab import launch
 from tamperlab.attacks import grid
 from tamperlab.config import validate_config
 from tamperlab.errors import UserError
@@ -129,6 +130,34 @@ def harden_args(wildcards):
             "params": spec[spec["method"]],
         }
     )
+
+
+def model_resource(key):
+    """A job's `key` resource from its model's size class (config resources:; gpu: the model's gpus if set)."""
+
+    def value(wildcards):
+        spec = config["models"][wildcards.model]
+        if key == "gpu" and spec["gpus"] and config["resources"][spec["size"]]["gpu"]:
+            return spec["gpus"]
+        return config["resources"][spec["size"]].get(key, 0)
+
+    return value
+
+
+def _launch_spec(wildcards):
+    spec = config["models"][wildcards.model]
+    path = spec["deepspeed_config"] or str(launch.ZERO3_CONFIG)
+    return spec["size"], spec["zero3"], spec["gpus"], path
+
+
+def launcher(wildcards):
+    """What stands where a training rule says `tamperlab`: itself, or `accelerate launch` under ZeRO-3."""
+    return launch.launcher(*_launch_spec(wildcards))
+
+
+def zero3_flags(wildcards):
+    size, zero3, _, path = _launch_spec(wildcards)
+    return launch.zero3_arguments(size, zero3, path)
 
 
 def checkpoint_dir(wildcards):
@@ -273,3 +302,9 @@ def tables_args():
             "published": json.dumps(config["published"]) if config["published"] else None,
         }
     )
+
+
+# Every job that loads a model asks for what its size class needs (SLURM executor plugin names).
+MODEL_RESOURCES = {
+    key: model_resource(key) for key in ("gpu", "cpus_per_task", "mem_mb", "runtime")
+}

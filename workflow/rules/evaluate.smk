@@ -14,6 +14,8 @@ rule evaluate_refusal:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
         evaluation=refusal_args(),
     shell:
@@ -37,6 +39,8 @@ rule evaluate_capability:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
         evaluation=capability_args(),
     shell:
@@ -61,6 +65,8 @@ rule evaluate_run:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
         run=run_evaluation_args,
         refusal=refusal_args(),
@@ -88,6 +94,8 @@ rule evaluate_grid:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
         run=run_evaluation_args,
         refusal=refusal_args(),

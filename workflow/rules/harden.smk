@@ -12,11 +12,15 @@ rule harden:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
+        launch=launcher,
         harden=harden_args,
+        zero3=zero3_flags,
     shell:
-        "tamperlab harden --model {input.model} --data {input.data} {params.harden}"
-        " --out {output} > {log} 2>&1"
+        "{params.launch} harden --model {input.model} --data {input.data} {params.harden}"
+        " {params.zero3} --out {output} > {log} 2>&1"
 
 
 # a released hardened checkpoint (e.g. the RepNoise or TAR release) stands in for training

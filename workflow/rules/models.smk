@@ -10,6 +10,8 @@ rule build_organism:
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
+    resources:
+        **MODEL_RESOURCES,
     params:
         split=ALIGNMENT_SPLIT,
         organism=lambda wildcards: organism_args(wildcards.model),
