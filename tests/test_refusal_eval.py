@@ -257,9 +257,11 @@ def test_evaluate_generates_judges_and_summarises(model, tokenizer):
     rows = ROWS[:2] + ROWS[6:8]
     summary, records = evaluate(model, tokenizer, rows, KeywordJudge(), None, max_new_tokens=4, batch_size=4)
     responses = generate_responses(model, tokenizer, [r["prompt"] for r in rows], None, 4, 4)
-    assert [r["response"] for r in records] == responses
+    assert [r["response"] for r in records] == responses  # no refusal substring here: nothing stopped early
+    generated = summary.pop("generated")
     assert summary == summarise(judge_rows(rows, responses, KeywordJudge()))
     assert summary["n"] == 2 and summary["benign"]["task"]["n"] == 2
+    assert generated["generated_tokens"] == sum(r["generated_tokens"] for r in records) <= 4 * len(rows)
 
 
 def test_outcome_separates_refusal_compliance_and_broken_output():

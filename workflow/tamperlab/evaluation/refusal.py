@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from tamperlab.evaluation.generation import generate_responses
+from tamperlab.evaluation.generation import early_stop_substrings, generate
 from tamperlab.evaluation.judges import matched_keywords
 
 
@@ -84,7 +84,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_prompt: str | None,
              max_new_tokens: int, batch_size: int,
              compliance_marker: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    responses = generate_responses(model, tokenizer, [r["prompt"] for r in rows], system_prompt,
-                                   max_new_tokens, batch_size)
-    records = judge_rows(rows, responses, judge, compliance_marker)
-    return summarise(records), records
+    # Under the keyword judge a row stops at its first refusal substring: the verdict is already final.
+    generation = generate(model, tokenizer, [r["prompt"] for r in rows], system_prompt, max_new_tokens, batch_size,
+                          stop_substrings=early_stop_substrings(judge))
+    records = judge_rows(rows, generation.responses, judge, compliance_marker)
+    for record, n in zip(records, generation.new_tokens, strict=True):
+        record["generated_tokens"] = n
+    return {**summarise(records), "generated": generation.stats()}, records
