@@ -52,7 +52,9 @@ EXPECTED_JOBS = {
                          "all": 1},
     # 4 models x 1 defence x 1 run (5/25/50 steps snapshotted)
     "peng2024_visage": {"prepare_data": 3, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
-                        "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1},
+                        "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1,
+                        # 4 models x (3 1D shards + 21 2D rows + 1 interpolation + 21 interpolation x random rows)
+                        "landscape_scan": 184, "landscape_gather": 16, "landscape_project": 4, "visage": 1},
 }
 
 TABLES = {"refusal", "harmfulness", "tamper_resistance", "visage", "capability"}
@@ -178,16 +180,16 @@ def test_published_numbers_have_one_machine_readable_shape(paper):
 
 
 def test_visage_landscape_settings_are_the_papers():
-    landscape = commented_block("peng2024_visage", "landscape")
+    landscape = overlay("peng2024_visage")["landscape"]
     data = overlay("peng2024_visage")
-    assert {s["model"] for s in landscape["subjects"]} == set(entries(data, "models"))
-    assert landscape["prompts"] == {"dataset": "advbench", "first": 80}
-    assert landscape["max_new_tokens"] == 512
+    assert {s.split("/")[0] for s in landscape["subjects"]} == set(entries(data, "models"))
+    assert landscape["prompts"]["dataset"] == "advbench" and landscape["prompts"]["limit"] == 80
+    assert landscape["prompts"]["max_new_tokens"] == 512
     scans = landscape["scans"]
-    assert scans["random_1d"] == {"kind": "1d", "n": 21, "extent": 0.5, "shards": 21}
+    assert {k: scans["random_1d"][k] for k in ("kind", "n", "extent")} == {"kind": "1d", "n": 21, "extent": 0.5}
     assert scans["random_2d"]["kind"] == "2d" and scans["random_2d"]["n"] == 21
-    assert scans["finetune"]["to"]["attack"] in entries(data, "attacks")
-    prompts = landscape["system_prompts"]
+    assert scans["finetune"]["target"].split("/")[0] in entries(data, "attacks")
+    prompts = scans["random_1d"]["system_prompts"]
     assert len(prompts) == 5 and None in prompts
     known = set(merged("peng2024_visage")["system_prompts"])
     assert {p for p in prompts if p is not None} <= known
@@ -277,8 +279,6 @@ def test_dry_run_schedules_the_jobs_each_paper_needs(dry_runs, paper):
     assert dict(Counter(job["rule"] for job in papers_jobs(paper, output))) == EXPECTED_JOBS[paper]
 
 
-@pytest.mark.xfail(strict=True, reason="an overlay cannot drop the default's organism `tiny` and `lora` grid yet "
-                   "(schema request R1; then uncomment the `null` lines in the overlays and remove this marker)")
 @pytest.mark.parametrize("paper", PAPERS)
 def test_dry_run_holds_only_the_papers_jobs(dry_runs, paper):
     assert job_stats(dry_runs[paper]) == EXPECTED_JOBS[paper]

@@ -65,6 +65,10 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
         if isinstance(entries, dict):
             for name in [n for n, v in entries.items() if v is None]:
                 del entries[name]
+    scans = (resolved.get("landscape") or {}).get("scans")
+    if isinstance(scans, dict):
+        for name in [n for n, v in scans.items() if v is None]:
+            del scans[name]
     errors = list(validator_class(schema).iter_errors(resolved))
     if errors:
         error = jsonschema.exceptions.best_match(errors)
