@@ -227,9 +227,11 @@ def attack_args(wildcards):
             "steps": sorted(steps),
             "rank": ranks if lora else None,
             # explicit for one run (2 x rank unless configured); a grid's runs default to it themselves
-            "lora_alpha": (spec["lora_alpha"] or (len(ranks) == 1 and 2 * ranks[0]) or None)
-            if lora
-            else None,
+            "lora_alpha": (
+                (spec["lora_alpha"] or (len(ranks) == 1 and 2 * ranks[0]) or None)
+                if lora
+                else None
+            ),
             "target_modules": spec["target_modules"] if lora else None,
             "batch_size": spec["batch_size"],
             "scheduler": spec["scheduler"],
@@ -261,7 +263,9 @@ def run_evaluation_args(wildcards):
     to the job's output (a run directory, or a directory of runs for a one-job grid)."""
     one_run = "run" in wildcards.keys()
     pairs = [
-        f"--cell-snapshot {cell}=" + ("" if one_run else f"{spec['run']}/") + f"steps{spec['steps']}"
+        f"--cell-snapshot {cell}="
+        + ("" if one_run else f"{spec['run']}/")
+        + f"steps{spec['steps']}"
         for cell, spec in attack_cells(wildcards.attack).items()
         if not one_run or spec["run"] == wildcards.run
     ]
@@ -299,7 +303,9 @@ def tables_args():
             ],
             "hazard_metric": capability["hazard_metric"],
             "retain_metric": capability["retain_metric"],
-            "published": json.dumps(config["published"]) if config["published"] else None,
+            "published": (
+                json.dumps(config["published"]) if config["published"] else None
+            ),
         }
     )
 

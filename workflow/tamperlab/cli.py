@@ -611,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
     p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
     p.add_argument("--out-harmfulness", type=Path, required=True)
-    p.add_argument("--published", type=_json_list, default=[], help="the paper's numbers (JSON list, config published:)")
+    p.add_argument("--published", type=_json_list, default=[], help="the paper's numbers (JSON list)")
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
     p.set_defaults(func=tables)
