@@ -179,6 +179,7 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
 
 def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path):
     (tmp_path / "per_run.yaml").write_text(
+        "defences: {repnoise: null, tar: null, tar_knowledge: null}\n"
         "attacks: {lora: {method: lora, one_job: false, grid: {lr: [1.0e-4, 1.0e-3], steps: [25, 50], rank: [8]}}}\n")
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "per_run.yaml"))
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()

@@ -1,5 +1,6 @@
 """Config validation (before any job) and the input/parameter functions the rules share."""
 
+import functools
 import json
 import re
 import shlex
@@ -132,16 +133,12 @@ def harden_args(wildcards):
     )
 
 
-def model_resource(key):
+def model_resource(key, wildcards):
     """A job's `key` resource from its model's size class (config resources:; gpu: the model's gpus if set)."""
-
-    def value(wildcards):
-        spec = config["models"][wildcards.model]
-        if key == "gpu" and spec["gpus"] and config["resources"][spec["size"]]["gpu"]:
-            return spec["gpus"]
-        return config["resources"][spec["size"]].get(key, 0)
-
-    return value
+    spec = config["models"][wildcards.model]
+    if key == "gpu" and spec["gpus"] and config["resources"][spec["size"]]["gpu"]:
+        return spec["gpus"]
+    return config["resources"][spec["size"]].get(key, 0)
 
 
 def _launch_spec(wildcards):
@@ -151,7 +148,7 @@ def _launch_spec(wildcards):
 
 
 def launcher(wildcards):
-    """What stands where a training rule says `tamperlab`: itself, or `accelerate launch` under ZeRO-3."""
+    """The command that starts a training step (in place of plain `tamperlab`), or `accelerate launch` under ZeRO-3."""
     return launch.launcher(*_launch_spec(wildcards))
 
 
@@ -312,5 +309,6 @@ def tables_args():
 
 # Every job that loads a model asks for what its size class needs (SLURM executor plugin names).
 MODEL_RESOURCES = {
-    key: model_resource(key) for key in ("gpu", "cpus_per_task", "mem_mb", "runtime")
+    key: functools.partial(model_resource, key)
+    for key in ("gpu", "cpus_per_task", "mem_mb", "runtime")
 }
