@@ -179,13 +179,13 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
 
 def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path):
     (tmp_path / "per_run.yaml").write_text(
-        "defences: {repnoise: null, tar: null, tar_knowledge: null}\n"
         "attacks: {lora: {method: lora, one_job: false, grid: {lr: [1.0e-4, 1.0e-3], steps: [25, 50], rank: [8]}}}\n")
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "per_run.yaml"))
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                 if "Shell command: tamperlab " in line]
-    attacks = sorted(line for line in commands if line.startswith("tamperlab attack "))
-    evaluations = sorted(line for line in commands if line.startswith("tamperlab evaluate-run "))
+    undefended = [line for line in commands if "--model results/models/tiny/base " in line]
+    attacks = sorted(line for line in undefended if line.startswith("tamperlab attack "))
+    evaluations = sorted(line for line in undefended if line.startswith("tamperlab evaluate-run "))
     assert len(attacks) == 2 and len(evaluations) == 2
     assert all("--rank 8 --lora-alpha 16" in line for line in attacks)
     assert any("--out results/attacks/tiny/none/lora/lr1e-4_r8 " in line for line in attacks)
