@@ -183,7 +183,7 @@ def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "per_run.yaml"))
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                 if "Shell command: tamperlab " in line]
-    undefended = [line for line in commands if "--model results/models/tiny/base " in line and " lora/" in line]
+    undefended = [line for line in commands if "tiny/none/lora/" in line]
     attacks = sorted(line for line in undefended if line.startswith("tamperlab attack "))
     evaluations = sorted(line for line in undefended if line.startswith("tamperlab evaluate-run "))
     assert len(attacks) == 2 and len(evaluations) == 2
