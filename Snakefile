@@ -21,9 +21,11 @@ include: "workflow/rules/harden.smk"
 include: "workflow/rules/attack.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/tables.smk"
+include: "workflow/rules/landscape.smk"
 
 
 rule all:
     default_target: True
     input:
         "results/tables/refusal.csv",
+        visage_targets(),

@@ -1,0 +1,166 @@
+"""The workflow on a real SLURM: munge, slurmctld and slurmd on this machine (tests/slurm_cluster.py), Snakemake
+with the cluster profile (profiles/slurm) plus test-only overrides, every job through sbatch.
+
+Needs root (the daemons, and apt-get when SLURM is not installed yet); skipped without. Each SLURM job costs
+6-8 s on top of its work (Snakemake starts twice inside it), so these tests run the smoke config's smallest
+target that still goes data -> organism -> attack -> evaluation -> table, once, plus one failing job.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from slurm_cluster import PARTITION, SlurmCluster, can_run  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "tests" / "configs" / "smoke.yaml"
+CACHE = REPO / ".cache" / "tamperlab"
+BIN = Path(sys.executable).parent
+SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
+
+# On top of profiles/slurm: this cluster's partition, no accounting daemon (squeue, not sacct, for job
+# states), quick polling, and resources that fit the one 2-CPU node. Written into a temporary directory,
+# so no ordinary run can pick it up.
+TEST_PROFILE = {
+    "jobs": 4,
+    "retries": 0,  # a retry would cost the failing test another job and a longer status-check back-off
+    "latency-wait": 5,
+    "seconds-between-status-checks": 1,
+    "slurm-init-seconds-before-status-checks": 1,
+    "slurm-status-command": "squeue",
+}
+TEST_RESOURCES = {"slurm_partition": PARTITION, "runtime": 20, "mem_mb": 2000}  # rules' own resources win
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = can_run()
+    if reason:
+        pytest.skip(reason)
+    slurm = SlurmCluster()
+    try:
+        slurm.start()
+        yield slurm
+    finally:
+        slurm.stop()
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory) -> Path:
+    settings = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
+    assert settings["executor"] == "slurm"
+    settings.update(TEST_PROFILE)
+    settings["default-resources"] = {**settings["default-resources"], **TEST_RESOURCES}
+    directory = tmp_path_factory.mktemp("profile") / "slurm-test"
+    directory.mkdir()
+    (directory / "config.yaml").write_text(yaml.safe_dump(settings))
+    return directory
+
+
+def snakemake_on_slurm(workdir: Path, profile: Path, *flags: str, targets: tuple[str, ...], limit: int = 1500):
+    """Run Snakemake from `workdir` (the plugin keeps its logs under the current directory). SIGINT on
+    timeout: Snakemake then cancels its SLURM jobs (SIGTERM would only ask it to wait for them)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # sbatch --export=ALL takes it along
+    # Targets first: --configfile and --config take every word that follows them.
+    command = ["timeout", "-s", "INT", "-k", "30", str(limit), str(BIN / "snakemake"), *targets,
+               "-s", str(REPO / "Snakefile"), "--profile", str(profile), *flags, "--config", f"cache_dir={CACHE}"]
+    result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env, timeout=limit + 60)
+    return result, result.stdout + result.stderr
+
+
+def snakemake_jobs(output: str) -> dict[str, dict]:
+    """Snakemake's job id -> the rule, threads and resources that it printed for that job."""
+    jobs = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", output):
+        if match := re.match(r"(?:local)?rule (\w+):\n", block):
+            fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.MULTILINE))
+            resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
+            jobs[fields["jobid"]] = {"rule": match.group(1), "threads": int(fields.get("threads", 1)), **resources}
+    return jobs
+
+
+def one_chain_overlay() -> dict:
+    """Cuts the smoke config to one chain (an overlay removes an entry with null): no defence but `none`, no
+    attack but `lora` (the smoke's one run, two snapshots): 10 jobs, the one-chain table's DAG."""
+    configs = [yaml.safe_load(path.read_text()) for path in (REPO / "config.yaml", SMOKE)]
+    names = {section: {name for config in configs for name in config.get(section) or {}}
+             for section in ("defences", "attacks")}
+    return {"defences": dict.fromkeys(names["defences"] - {"none"}),
+            "attacks": dict.fromkeys(names["attacks"] - {"lora"})}
+
+
+@pytest.fixture(scope="module")
+def smoke_on_slurm(cluster, profile, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("slurm-smoke")
+    overlay = workdir / "one_chain.yaml"
+    overlay.write_text(yaml.safe_dump(one_chain_overlay()))
+    result, output = snakemake_on_slurm(workdir, profile, "--configfile", str(SMOKE), str(overlay),
+                                        targets=("results/tables/refusal.csv",))
+    assert result.returncode == 0, f"snakemake failed ({result.returncode}):\n{output[-6000:]}"
+    return workdir, output, cluster.jobs()
+
+
+def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
+    workdir, output, known = smoke_on_slurm
+    planned, submissions = snakemake_jobs(output), SUBMITTED.findall(output)
+    finished = re.findall(r"Finished jobid: (\d+) ", output)
+    # Every job Snakemake finished was one it had submitted: none ran on this machine by itself.
+    assert submissions and sorted(finished) == sorted(job for job, _, _ in submissions), output[-4000:]
+    for job, slurm_id, _ in submissions:
+        wanted, got = planned[job], known[slurm_id]  # slurmctld knows the job: it came through sbatch
+        assert got["JobState"] == "COMPLETED" and got["ExitCode"] == "0:0", got
+        assert got["Partition"] == PARTITION and Path(got["WorkDir"]) == workdir
+        assert got["Comment"].startswith(f"rule_{wanted['rule']}")
+        # The job's resources reached sbatch: --cpus-per-task (cpus_per_task, else threads), --mem, -t.
+        assert int(got["NumCPUs"]) == int(wanted.get("cpus_per_task", wanted["threads"])), (wanted, got)
+        assert got["MinMemoryNode"] == f"{wanted['mem_mb']}M"
+        hours, minutes = divmod(int(wanted["runtime"]), 60)
+        assert got["TimeLimit"] == f"{hours:02d}:{minutes:02d}:00"
+    rules = {job["rule"] for job in planned.values()}
+    assert {"prepare_data", "split_data", "build_organism", "tables"} <= rules
+    assert any(rule.startswith("attack") for rule in rules) and any(rule.startswith("evaluate") for rule in rules)
+    assert any(job["threads"] > 1 for job in planned.values())
+
+
+def test_the_table_built_on_slurm_shows_the_attack_undoing_refusal(smoke_on_slurm):
+    workdir, _, _ = smoke_on_slurm
+    table = pd.read_csv(workdir / "results/tables/refusal.csv")
+    assert {"model", "defence", "attack", "lr", "steps", "rank", "n", "refusal_rate", "compliance_rate",
+            "other_rate", "train_loss", "status"} <= set(table.columns)
+    assert list(table[["model", "defence", "attack"]].itertuples(index=False, name=None)) == [
+        ("tiny", "none", "none"), ("tiny", "none", "lora"), ("tiny", "none", "lora")]
+    base = table.iloc[0]
+    assert base["status"] == "complete" and base["n"] == 130 and base["refusal_rate"] >= 0.90
+    cells = table[table["attack"] == "lora"].set_index("steps")
+    assert list(cells.index) == [20, 60] and set(cells["status"]) == {"complete"}
+    assert cells.loc[60, "refusal_rate"] <= base["refusal_rate"] - 0.5
+    assert cells.loc[60, "compliance_rate"] >= 0.5
+
+
+def test_a_failing_job_is_reported_with_its_log_and_a_nonzero_exit(cluster, profile, tmp_path):
+    """A dataset whose pinned sha256 is wrong: prepare_data refuses it inside its SLURM job."""
+    overlay = tmp_path / "wrong_sha256.yaml"
+    overlay.write_text(yaml.safe_dump({"datasets": {"advbench": {"sha256": "0" * 64}}}))
+    result, output = snakemake_on_slurm(tmp_path, profile, "--configfile", str(overlay),
+                                        targets=("results/data/advbench.jsonl",), limit=240)
+    assert result.returncode != 0
+    assert "Error in rule prepare_data" in output and "SLURM status is: 'FAILED'" in output, output[-4000:]
+    log = "logs/prepare_data/advbench.log"
+    assert log in output
+    assert f"config says {'0' * 64}" in (tmp_path / log).read_text()
+    [(_, job_id, slurm_log)] = SUBMITTED.findall(output)
+    job = cluster.jobs()[job_id]
+    assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0" and Path(job["WorkDir"]) == tmp_path
+    assert slurm_log in output and Path(slurm_log).exists()  # kept: the plugin deletes only successful jobs' logs
+    assert not (tmp_path / "results/data/advbench.jsonl").exists()
