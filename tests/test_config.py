@@ -72,7 +72,7 @@ def test_minimal_config_gets_top_level_defaults(config):
     resolved = validate_config(minimal)
     assert resolved["seed"] == 0
     assert resolved["splits"] == ["alignment", "attack", "defence", "evaluation"]
-    assert resolved["defences"] == {"none": {"method": "none"}}
+    assert list(resolved["defences"]) == ["none"] and resolved["defences"]["none"]["method"] == "none"
     assert resolved["evaluation"]["refusal"]["split"] == "evaluation"
     assert resolved["system_prompts"] == {}
 
