@@ -184,9 +184,11 @@ def test_dry_run_shows_every_landscape_setting_on_the_command_line(tmp_path):
                  "--system-prompt none", "--system-prompt 'default=", "--judge keyword", "--shard 0 --shards 1"):
         assert flag in base, flag
     path = next(c for c in commands if " --scan finetune " in c)
+    # lora/strongest: the default grid's cell of the largest lr, steps and rank
     assert "--target lora/lr1e-3_steps50_r16" in path and "--steps 10 --extend 5" in path and "--n " not in path
     assert any(c.startswith("tamperlab landscape-project ") and "--cell lora/lr1e-3_steps50_r16 " in c
                for c in commands)
+    assert any(" --subject tiny/none/lora/lr1e-3_steps50_r16 " in c and " --adapter " in c for c in commands)
 
 
 @pytest.mark.parametrize("overlay, key", [

@@ -47,23 +47,26 @@ def _decorate_1d(axes, kind: str) -> None:
     axes.set_ylabel(ASR_LABEL)
     axes.set_ylim(-3, 103)
     axes.grid(alpha=0.3)
-    axes.axvline(0.0, color="grey", lw=0.8)
+    axes.axvline(0.0, color="grey", lw=0.8, label="the subject (origin)")
     if kind == "interpolation":
-        axes.axvline(1.0, color="crimson", lw=0.8, ls="--")
-        axes.text(1.0, 101, " target", color="crimson", va="top", fontsize=8)
-    axes.text(0.0, 101, " subject", color="grey", va="top", fontsize=8)
+        axes.axvline(1.0, color="crimson", lw=0.8, ls="--", label="the target (t = 1)")
+
+
+def _legend_below(figure, axes, columns: int) -> None:
+    handles, labels = axes.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", fontsize=8, frameon=False, ncols=columns)
 
 
 def scan_figure(rows: Sequence[Mapping[str, Any]], kind: str, subject: str, scan: str, path: Path,
                 projections: Mapping[str, Any] | None = None) -> Path:
     """One scan of one subject: ASR curves (one line per system prompt), or a heatmap per system prompt."""
     if kind in ("1d", "interpolation"):
-        figure, axes = plt.subplots(figsize=(6.4, 4.2), layout="constrained")
+        figure, axes = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
         for k, prompt in enumerate(_prompts(rows)):
             axes.plot(*_curve(rows, prompt), STYLES[k % len(STYLES)], marker="o", ms=3,
                       label=f"system prompt: {prompt}")
         _decorate_1d(axes, kind)
-        axes.legend(fontsize=8, loc="center right")
+        _legend_below(figure, axes, 2)
         target = rows[0].get("target") if rows else None
         axes.set_title(f"{subject} — {scan} ({kind}{', target ' + target if target else ''})", fontsize=10)
         return _save(figure, path)
@@ -126,7 +129,7 @@ def slug(text: str) -> str:
 def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, path: Path) -> Path:
     """One 1D or interpolation scan across subjects: a panel per system prompt, a line per subject."""
     prompts = list(dict.fromkeys(p for s in scans for p in _prompts(s["rows"])))
-    figure, panels = plt.subplots(1, len(prompts), figsize=(5.2 * len(prompts), 4.2), layout="constrained",
+    figure, panels = plt.subplots(1, len(prompts), figsize=(max(5.2 * len(prompts), 7.0), 5.0), layout="constrained",
                                   squeeze=False, sharey=True)
     for axes, prompt in zip(panels[0], prompts, strict=True):
         for k, item in enumerate(scans):
@@ -136,7 +139,7 @@ def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, pat
                           label=item["subject"])
         _decorate_1d(axes, kind)
         axes.set_title(f"system prompt: {prompt}", fontsize=9)
-        axes.legend(fontsize=7, loc="center right")
+    _legend_below(figure, panels[0][0], min(len(scans) + 1 + (kind == "interpolation"), 4))
     targets = sorted({item.get("target") or "" for item in scans} - {""})
     to = f", each subject to its {', '.join(targets)}" if targets else ""
     figure.suptitle(f"{scan} ({kind}{to}) across subjects", fontsize=10)
