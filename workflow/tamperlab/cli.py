@@ -442,15 +442,20 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", required=True)
 
 
-def _refusal_arguments(p: argparse.ArgumentParser) -> None:
+def judge_arguments(p: argparse.ArgumentParser) -> None:
+    """How responses are generated and judged (the refusal evaluation and the landscape's points alike)."""
     p.add_argument("--judge", required=True, choices=["keyword", "classifier"])
     p.add_argument("--classifier-model")
     p.add_argument("--classifier-revision")
     p.add_argument("--refusal-label")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--system-prompt")
     p.add_argument("--compliance-marker", help="a non-refused response containing this counts as complied")
+
+
+def _refusal_arguments(p: argparse.ArgumentParser) -> None:
+    judge_arguments(p)
+    p.add_argument("--system-prompt")
 
 
 def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:

@@ -537,6 +537,8 @@ def _subject_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register landscape-scan, landscape-project, landscape-gather and visage on the tamperlab command."""
+    from tamperlab.cli import judge_arguments  # imported here: cli imports this module
+
     p = sub.add_parser("landscape-scan", help="one shard of a safety-landscape scan: ASR at each grid point")
     _subject_arguments(p)
     p.add_argument("--n", type=int, help="points per random axis, over [-extent, extent] (1d, 2d, interpolation_2d)")
@@ -549,13 +551,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="the first LIMIT harmful prompts only")
     p.add_argument("--system-prompt", action="append", required=True, metavar="none|NAME=TEXT",
                    help="a system prompt to evaluate each point under (repeat: a scan dimension)")
-    p.add_argument("--judge", required=True, choices=["keyword", "classifier"])
-    p.add_argument("--classifier-model")
-    p.add_argument("--classifier-revision")
-    p.add_argument("--refusal-label")
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--compliance-marker", help="a non-refused response containing this counts as complied")
+    judge_arguments(p)
     p.add_argument("--anchor-every", type=_anchor_every, required=True,
                    help="derive every k-th point from θ0 (auto: every point below fp32; none: always step)")
     p.add_argument("--shard", type=int, required=True)
