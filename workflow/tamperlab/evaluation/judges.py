@@ -91,3 +91,15 @@ class ClassifierJudge:
                 logits = self.model(**batch.to(self.device)).logits
             verdicts.extend((logits.argmax(-1) == self.refusal_id).tolist())
         return verdicts
+
+
+def make_judge(judge: str, classifier_model: str | None = None, refusal_label: str | None = None,
+               classifier_revision: str | None = None):
+    """The judge a step's --judge names (the refusal evaluations and the landscape's points use the same)."""
+    if judge == "classifier":
+        if not (classifier_model and refusal_label):
+            from tamperlab.errors import UserError
+
+            raise UserError("--judge classifier needs --classifier-model and --refusal-label")
+        return ClassifierJudge(classifier_model, refusal_label, classifier_revision)
+    return KeywordJudge()

@@ -1,0 +1,65 @@
+"""What the command modules share: argument types, argument groups and the manifest's parameter record."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def plain(value: Any) -> Any:
+    """A value as JSON takes it (paths as text, recursively)."""
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return str(value) if isinstance(value, Path) else value
+
+
+def params(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
+    """Every argument of a step for its manifest, less the dispatch function and the outputs named in skip."""
+    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", *skip)}
+
+
+def json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({error.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def json_list(text: str) -> list[Any]:
+    value = json_object(f'{{"list": {text}}}')["list"] if text.strip() else None
+    if not isinstance(value, list):
+        raise argparse.ArgumentTypeError("expected a JSON list")
+    return value
+
+
+def judge_arguments(p: argparse.ArgumentParser) -> None:
+    """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
+    p.add_argument("--judge", required=True, choices=["keyword", "classifier"])
+    p.add_argument("--classifier-model")
+    p.add_argument("--classifier-revision")
+    p.add_argument("--refusal-label")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--compliance-marker", help="a non-refused response containing this counts as complied")
+
+
+def judge_from(args: argparse.Namespace):
+    """The judge that judge_arguments describe."""
+    from tamperlab.evaluation.judges import make_judge
+
+    return make_judge(args.judge, args.classifier_model, args.refusal_label, args.classifier_revision)
+
+
+def import_training_stack(step) -> None:
+    """The heavy imports of a training step, counted as start-up (phase `load`) like every other job's."""
+    with step.phase("load"):
+        import datasets  # noqa: F401
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
