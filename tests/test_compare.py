@@ -1,0 +1,245 @@
+"""`tamperlab compare`: a run's tables beside a reference's, cell by cell, judged by Wilson intervals or tolerances."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import pytest
+
+from tamperlab.commands import compare as compare_command
+from tamperlab.compare import CELL_COLUMNS, compare, wilson_interval
+from tamperlab.errors import UserError
+
+REFUSAL = [
+    {"model": "tiny", "defence": "none", "attack": "none", "lr": None, "steps": None, "rank": None,
+     "refusal_rate": 0.5, "n": 100, "exact_match": 0.9, "tamperlab_organism_mc/acc": 0.9, "train_loss": None,
+     "status": "complete"},
+    {"model": "tiny", "defence": "none", "attack": "lora", "lr": 0.001, "steps": 50, "rank": 16,
+     "refusal_rate": 0.2, "n": 100, "exact_match": 0.7, "tamperlab_organism_mc/acc": 0.8, "train_loss": 1.0,
+     "status": "complete"},
+]
+SUMMARY = [{"model": "tiny", "defence": "none", "attack": "lora", "worst_cell": "lr0.001_steps50_r16",
+            "worst_refusal_rate": 0.2, "cells": 1}]
+VISAGE = [{"subject": "tiny/none", "scan": "random_1d", "system_prompt": "none", "points": 21, "dimensions": 1,
+           "alpha_min": -1.5, "alpha_max": 1.5, "visage_mean": 60.0, "visage_official_1d": 62.0,
+           "official_segment_min": -1.5, "official_segment_max": 1.2, "basin_width": 1.35, "asr_at_origin": 4.17}]
+
+
+def _run(directory, edits=None, refusal=REFUSAL, summary=SUMMARY, visage=VISAGE):
+    """A run directory with tables/refusal.csv, refusal_summary.csv and visage.csv; edits: {table: f(frame)}."""
+    edits = edits or {}
+    tables = directory / "tables"
+    tables.mkdir(parents=True)
+    for name, rows in (("refusal", refusal), ("refusal_summary", summary), ("visage", visage)):
+        if rows is None:
+            continue
+        frame = pd.DataFrame(rows)
+        if name == "refusal":
+            frame = frame.astype({"steps": "Int64", "rank": "Int64", "n": "Int64"})
+        if name in edits:
+            frame = edits[name](frame)
+        frame.to_csv(tables / f"{name}.csv", index=False)
+    return directory
+
+
+def _set(column, value, row=0):
+    def edit(frame):
+        frame.loc[row, column] = value
+        return frame
+    return edit
+
+
+def _cell(comparison, table, column, row=0):
+    cells = comparison.cells
+    cells = cells[(cells["table"] == table) & (cells["column"] == column)]
+    return cells.iloc[row]
+
+
+def _command(argv, capsys):
+    parser = argparse.ArgumentParser(prog="tamperlab")
+    compare_command.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", *map(str, argv)])
+    try:
+        args.func(args)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().out
+
+
+# --- the Wilson interval -----------------------------------------------------------------------------------
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # centre 0.5, half-width 1.96/(1 + 1.96²/100) · sqrt(0.25/100 + 1.96²/40000) = 0.0962
+    assert wilson_interval(0.5, 100) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    # p = 0: [0, z²/(n + z²)] = [0, 3.8415/133.8415], not the empty interval of p ± 1.96·sqrt(p(1-p)/n)
+    assert wilson_interval(0.0, 130) == pytest.approx((0.0, 0.0287), abs=1e-4)
+
+
+# --- what is flagged ---------------------------------------------------------------------------------------
+
+
+def test_identical_runs_have_nothing_outside_and_exit_0(tmp_path, capsys):
+    ours, reference = _run(tmp_path / "ours"), _run(tmp_path / "reference")
+    comparison = compare(ours, reference)
+    assert comparison.ok
+    assert not comparison.cells["outside"].any()
+    assert (comparison.summary["cells"] == comparison.summary["identical"]).all()
+    assert comparison.summary["cells"].sum() > 0
+    code, out = _command([ours, reference], capsys)
+    assert code == 0
+    assert "bit-exact" in out and "reproduced" in out and "NOT" not in out
+
+
+def test_rate_moved_beyond_its_wilson_interval_is_flagged_and_exits_1(tmp_path, capsys):
+    ours = _run(tmp_path / "ours", {"refusal": _set("refusal_rate", 0.62)})
+    reference = _run(tmp_path / "reference")
+    cell = _cell(compare(ours, reference), "refusal", "refusal_rate")
+    assert cell["outside"]
+    assert (cell["low"], cell["high"]) == pytest.approx((0.4038, 0.5962), abs=1e-4)
+    assert cell["difference"] == pytest.approx(0.12)
+    assert cell["rule"] == "Wilson 95%, n=100"
+    code, out = _command([ours, reference], capsys)
+    assert code == 1
+    assert "OUTSIDE" in out and "model=tiny defence=none attack=none" in out and "refusal_rate" in out
+    assert "NOT reproduced: 1 cell(s) outside" in out
+
+
+def test_small_move_within_the_interval_is_not_flagged(tmp_path):
+    ours = _run(tmp_path / "ours", {"refusal": _set("refusal_rate", 0.55)})
+    comparison = compare(ours, _run(tmp_path / "reference"))
+    cell = _cell(comparison, "refusal", "refusal_rate")
+    assert not cell["outside"]
+    assert comparison.summary.set_index("table").loc["refusal", "identical"] < \
+        comparison.summary.set_index("table").loc["refusal", "cells"]
+    assert comparison.ok
+
+
+def test_the_same_move_is_flagged_when_n_is_large(tmp_path):
+    large = [{**row, "n": 10_000} for row in REFUSAL]
+    ours = _run(tmp_path / "ours", {"refusal": _set("refusal_rate", 0.55)}, refusal=large)
+    cell = _cell(compare(ours, _run(tmp_path / "reference", refusal=large)), "refusal", "refusal_rate")
+    assert cell["outside"] and cell["rule"] == "Wilson 95%, n=10000"
+
+
+def test_summary_refusal_rate_takes_its_n_from_the_refusal_table(tmp_path):
+    ours = _run(tmp_path / "ours", {"refusal_summary": _set("worst_refusal_rate", 0.4)})
+    cell = _cell(compare(ours, _run(tmp_path / "reference")), "refusal_summary", "worst_refusal_rate")
+    assert cell["rule"] == "Wilson 95%, n=100"
+    assert (cell["low"], cell["high"]) == pytest.approx(wilson_interval(0.2, 100))
+    assert cell["outside"]  # 0.4 is past the upper end (0.2866)
+
+
+@pytest.mark.parametrize(("value", "outside"), [(0.94, False), (0.96, True)])
+def test_a_column_without_n_is_judged_by_the_stated_tolerance(tmp_path, capsys, value, outside):
+    ours = _run(tmp_path / "ours", {"refusal": _set("tamperlab_organism_mc/acc", value)})
+    reference = _run(tmp_path / "reference")
+    cell = _cell(compare(ours, reference), "refusal", "tamperlab_organism_mc/acc")
+    assert cell["outside"] == outside
+    assert "no n" in cell["rule"]
+    code, out = _command([ours, reference], capsys)
+    assert code == int(outside)
+    assert "a stated tolerance, not an interval" in out
+
+
+def test_visage_scores_use_the_points_they_average(tmp_path):
+    ours = _run(tmp_path / "ours", {"visage": _set("visage_official_1d", 30.0)})
+    comparison = compare(ours, _run(tmp_path / "reference"))
+    official = _cell(comparison, "visage", "visage_official_1d")
+    assert official["rule"] == "Wilson 95% on score/100, n=19 points"  # -1.5 .. 1.2 in steps of 0.15
+    assert official["low"] == pytest.approx(100 * wilson_interval(0.62, 19)[0])
+    assert official["outside"]
+    assert _cell(comparison, "visage", "visage_mean")["rule"] == "Wilson 95% on score/100, n=21 points"
+    assert _cell(comparison, "visage", "basin_width")["rule"] == "one grid step, ±0.15"
+    assert _cell(comparison, "visage", "asr_at_origin")["rule"] == "tolerance ±5 (no n)"
+
+
+def test_a_changed_status_or_an_emptied_cell_is_outside(tmp_path):
+    def diverged(frame):
+        frame.loc[1, ["status", "refusal_rate"]] = ["diverged", None]
+        return frame
+
+    comparison = compare(_run(tmp_path / "ours", {"refusal": diverged}),
+                         _run(tmp_path / "reference"))
+    assert _cell(comparison, "refusal", "status", row=1)["outside"]
+    rate = _cell(comparison, "refusal", "refusal_rate", row=1)
+    assert rate["outside"] and rate["rule"] == "empty in ours"
+
+
+def test_keys_match_however_the_numbers_are_spelled(tmp_path):
+    def respelled(frame):
+        frame = frame.astype({"steps": "float", "rank": "float"})  # 50.0, 16.0
+        frame["lr"] = frame["lr"].map(lambda v: "" if pd.isna(v) else f"{v:.0e}")  # 1e-03
+        return frame
+
+    comparison = compare(_run(tmp_path / "ours", {"refusal": respelled}), _run(tmp_path / "reference"))
+    assert comparison.ok
+    assert (comparison.cells["missing"] == "").all()
+
+
+# --- what is missing ---------------------------------------------------------------------------------------
+
+
+def test_a_missing_row_is_reported_on_the_side_that_lacks_it(tmp_path, capsys):
+    extra = {**REFUSAL[1], "lr": 0.0003}
+    ours = _run(tmp_path / "ours", refusal=[REFUSAL[0], extra])
+    reference = _run(tmp_path / "reference")
+    comparison = compare(ours, reference)
+    rows = comparison.cells[comparison.cells["rule"] == "row missing"].set_index("missing")["key"]
+    assert rows["ours"] == "model=tiny defence=none attack=lora lr=0.001 steps=50 rank=16"
+    assert rows["reference"] == "model=tiny defence=none attack=lora lr=0.0003 steps=50 rank=16"
+    assert comparison.summary.set_index("table").loc["refusal", "missing"] == 2
+    assert not comparison.ok
+    code, out = _command([ours, reference], capsys)
+    assert code == 1 and "row missing" in out and "lr=0.0003" in out
+
+
+def test_a_missing_table_and_a_missing_column_are_reported(tmp_path):
+    ours = _run(tmp_path / "ours", {"refusal": lambda f: f.drop(columns="exact_match")}, visage=None)
+    comparison = compare(ours, _run(tmp_path / "reference"))
+    problems = comparison.problems()
+    table = problems[problems["table"] == "visage"].iloc[0]
+    assert (table["rule"], table["missing"]) == ("table missing", "ours")
+    column = problems[problems["column"] == "exact_match"].iloc[0]
+    assert (column["rule"], column["missing"]) == ("column missing", "ours")
+    summary = comparison.summary.set_index("table")
+    assert summary.loc["visage", "missing"] == 1 and summary.loc["refusal", "missing"] == 1
+    assert not comparison.ok
+
+
+def test_out_writes_every_cell_and_all_prints_them(tmp_path, capsys):
+    ours, reference = _run(tmp_path / "ours"), _run(tmp_path / "reference")
+    code, out = _command([ours, reference, "--out", tmp_path / "cmp" / "cells.csv", "--all"], capsys)
+    written = pd.read_csv(tmp_path / "cmp" / "cells.csv")
+    assert code == 0
+    assert list(written.columns) == CELL_COLUMNS
+    assert len(written) == compare(ours, reference).summary["cells"].sum()
+    assert "every cell" in out and "exact_match" in out
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_directory_is_a_one_line_user_error(tmp_path):
+    with pytest.raises(UserError) as error:
+        compare(tmp_path / "nowhere", _run(tmp_path / "reference"))
+    assert "nowhere" in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty/tables"):
+        compare(tmp_path / "empty", tmp_path / "reference")
+
+
+def test_a_table_without_its_key_columns_is_a_user_error_naming_the_file(tmp_path):
+    ours = _run(tmp_path / "ours", {"refusal": lambda f: f.drop(columns=["lr", "steps"])})
+    with pytest.raises(UserError) as error:
+        compare(ours, _run(tmp_path / "reference"))
+    message = str(error.value)
+    assert "ours/tables/refusal.csv" in message and "lr, steps" in message and "\n" not in message
+
+
+def test_a_duplicated_row_key_is_a_user_error_naming_the_file(tmp_path):
+    ours = _run(tmp_path / "ours", refusal=[REFUSAL[0], REFUSAL[0]])
+    with pytest.raises(UserError, match=r"ours/tables/refusal\.csv: row key .* appears twice"):
+        compare(ours, _run(tmp_path / "reference"))

@@ -1,0 +1,78 @@
+"""`tamperlab compare RESULTS_DIR REFERENCE_DIR`: a run's tables beside a committed reference run's, cell by cell."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from tamperlab.compare import TOLERANCE, compare, rules
+from tamperlab.errors import UserError
+
+DESCRIPTION = """\
+Compare RESULTS_DIR/tables/*.csv with REFERENCE_DIR/tables/*.csv (e.g. results reference/default): rows matched by
+their key columns, every cell judged against the reference's 95% interval (Wilson, for rates with their n) or a
+stated tolerance (where the table carries no n). Prints a summary per table and the cells outside or missing.
+
+exit status: 0 every cell inside and nothing missing; 1 some cell outside its interval, or a row, column or
+table missing from either side; 2 bad input (a missing directory, an unreadable table, a table without its key
+columns)."""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="did a run reproduce the reference? (exit 0 yes, 1 no, 2 bad input)",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", type=Path, metavar="RESULTS_DIR", help="a run's directory (holding tables/)")
+    p.add_argument("reference", type=Path, metavar="REFERENCE_DIR", help="the reference, e.g. reference/default")
+    p.add_argument("--out", type=Path, metavar="CSV", help="write the long-form comparison (every cell) here")
+    p.add_argument("--all", action="store_true", help="print every cell, not only those outside or missing")
+    p.add_argument("--tolerance", type=float, default=TOLERANCE,
+                   help="absolute tolerance for shares whose n the tables do not carry (default %(default)s; "
+                        "x100 on 0-100 columns)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    if not args.tolerance >= 0:
+        raise UserError(f"--tolerance {args.tolerance}: must be 0 or more")
+    comparison = compare(args.results, args.reference, args.tolerance)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        partial = args.out.with_name(args.out.name + ".partial")
+        comparison.cells.to_csv(partial, index=False)
+        os.replace(partial, args.out)
+    print(f"tamperlab compare: {args.results} against {args.reference}\n")
+    print(comparison.summary.to_string(index=False))
+    if comparison.not_compared:
+        print(f"\nnot compared (no row key known): {', '.join(comparison.not_compared)}")
+    shown = comparison.cells if args.all else comparison.problems()
+    if len(shown):
+        print(f"\n{'every cell' if args.all else 'outside or missing'}:")
+        print(_listing(shown))
+    cells = comparison.summary["cells"].sum()
+    identical = comparison.summary["identical"].sum()
+    outside, missing = comparison.summary["outside"].sum(), comparison.summary["missing"].sum()
+    print("\nhow cells are judged:")
+    for line in rules(args.tolerance):
+        print(f"  - {line}")
+    print(f"\n{identical} of {cells} cells identical to the reference"
+          + (" (bit-exact)" if identical == cells and not missing else ""))
+    if comparison.ok:
+        print("reproduced: every cell inside the reference's interval or tolerance")
+        return
+    print(f"NOT reproduced: {outside} cell(s) outside, {missing} row(s)/column(s)/table(s) missing "
+          "(column `missing` names the side that lacks it)")
+    sys.exit(1)
+
+
+def _listing(cells) -> str:
+    def number(value) -> str:
+        return value if isinstance(value, str) else "" if value is None or value != value else f"{value:.4g}"
+
+    shown = cells.assign(**{c: cells[c].map(number) for c in ("reference", "ours", "difference")},
+                         interval=[f"[{lo:.4g}, {hi:.4g}]" if lo == lo and lo is not None else ""
+                                   for lo, hi in zip(cells["low"], cells["high"], strict=True)],
+                         outside=cells["outside"].map({True: "OUTSIDE", False: ""}))
+    columns = ["table", "key", "column", "reference", "ours", "difference", "interval", "rule", "outside", "missing"]
+    return shown[columns].to_string(index=False)

@@ -1,0 +1,310 @@
+"""Did a run reproduce the reference? Every cell of a run's tables beside the committed reference's.
+
+Two runs of the default on the same machine with the same packages give identical tables, bit for bit (the
+workflow is seeded everywhere and tests it). On another machine they need not: CPU float sums differ with the
+BLAS kernels, the instruction set and the thread count, training trajectories drift apart, and a fine-tuning
+attack near its tipping point can land on the other side (measured: base exact match 0.857 → 0.935 and single
+attacked cells 1.00 → 0.01 refusal on a second 2-core machine). So a comparison does not ask for equality; it asks,
+per table, row and column, whether our value lies where the reference's own sampling error already allows:
+
+- **A rate of the harmful prompts with its n** — refusal.csv's refusal_rate, compliance_rate, other_rate (n: the
+  row's `n`), and the refusal rates derived from them elsewhere (refusal_summary's base/worst/bounded_worst
+  refusal rates, harmfulness's 1 − refusal rate, tamper_resistance's refusal_rate, visage's subject and
+  worst-post-attack refusal rates; n: the reference refusal.csv's n of that model and defence): ours must lie
+  in the **Wilson score 95% interval** of the reference (p ± a z = 1.96 score interval of a binomial share of n;
+  unlike p ± 1.96·√(p(1−p)/n) it is not empty at p = 0 or 1). A mean or minimum over cells is judged with the
+  n of one cell: wider than its own sampling error, so what is flagged is flagged for certain.
+- **VISAGE** (visage_mean, visage_official_1d; 0–100): a mean over scan points of a score in [0, 100]; judged as
+  a share of the points it averages (`points`, or those of the official segment) with the Wilson interval on
+  value/100. A mean of n values in [0, 1] varies at most as much as a binomial share of n (Bhatia–Davis), so
+  the interval is wide (±20 points at 21 points) and a flag is a real change.
+- **Shares whose n the table does not carry** — lm-eval accuracies (`task/metric` columns, capability_*,
+  hazard/retain accuracy), exact match, false-refusal rates, a classifier's harmfulness, published.csv's
+  `ours` — have no interval here: |ours − reference| ≤ `tolerance` (0.05 by default; 5 points on a 0–100
+  column such as asr_at_origin) — a stated tolerance, not a confidence interval.
+- **Positions on the scan grid** (basin_width, basin_width_beta, official_segment_min/max): within one grid step.
+- **train_loss**: within 10% of the reference (relative): it has no n and no natural scale.
+- **Counts, settings and names** (n, points, cells, status, worst_cell, capability_metric, …): equal.
+
+A cell empty in one run and not in the other (a diverged cell) is outside. Rows, columns and tables present in
+one run and not the other are reported as missing, never dropped. Figures are not compared: they are drawn
+from these tables. Tables are read as text; a value is a number when it parses as one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+
+import pandas as pd
+
+from tamperlab.errors import UserError
+
+Z95 = NormalDist().inv_cdf(0.975)  # 1.959964…
+TOLERANCE = 0.05
+RELATIVE_TOLERANCE = 0.10
+_EPSILON = 1e-9  # float noise: a value on the interval's edge is inside
+
+# Each table's row key (its identity columns), by file name.
+KEYS = {
+    "refusal": ("model", "defence", "attack", "lr", "steps", "rank"),
+    "refusal_summary": ("model", "defence", "attack"),
+    "harmfulness": ("model", "defence", "attack", "rank"),
+    "tamper_resistance": ("model", "defence", "stage"),
+    "visage": ("subject", "scan", "system_prompt"),
+    "published": ("table", "model", "defence", "attack", "cell", "benchmark", "metric"),
+}
+RATES_WITH_ROW_N = {"refusal_rate", "compliance_rate", "other_rate"}  # refusal.csv: n in the row
+REFUSAL_RATES = {"refusal_rate", "base_refusal_rate", "worst_refusal_rate", "bounded_worst_refusal_rate",
+                 "subject_refusal_rate", "worst_post_attack_refusal_rate"}  # elsewhere: n from refusal.csv
+VISAGE_SCORES = {"visage_mean", "visage_official_1d"}
+ON_GRID = {"basin_width": "alpha", "official_segment_min": "alpha", "official_segment_max": "alpha",
+           "basin_width_beta": "beta"}
+PERCENT = {"asr_at_origin", "asr_at_target"}
+RELATIVE = {"train_loss"}
+EXACT = {"n", "status", "cells", "diverged_cells", "points", "dimensions", "alpha_min", "alpha_max", "beta_min",
+         "beta_max", "basin_tolerance"}
+
+CELL_COLUMNS = ["table", "key", "column", "reference", "ours", "difference", "low", "high", "rule", "outside",
+                "missing"]
+SUMMARY_COLUMNS = ["table", "cells", "identical", "outside", "missing"]
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share p of n trials (95% for the default z)."""
+    if n <= 0:
+        raise ValueError(f"n must be positive, got {n}")
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass
+class Comparison:
+    """The long-form comparison (one row per compared cell or missing row/column/table) and its summary."""
+
+    cells: pd.DataFrame
+    summary: pd.DataFrame
+    not_compared: list[str] = field(default_factory=list)  # CSVs with no known row key
+
+    @property
+    def ok(self) -> bool:
+        return not (self.cells["outside"].any() or (self.cells["missing"] != "").any())
+
+    def problems(self) -> pd.DataFrame:
+        """The cells outside their interval and everything missing."""
+        return self.cells[self.cells["outside"] | (self.cells["missing"] != "")]
+
+
+def rules(tolerance: float = TOLERANCE) -> list[str]:
+    """How each kind of column is judged, one line each (for the command's legend)."""
+    return [
+        "harmful-prompt rates (refusal/compliance/other, and refusal rates in the other tables): inside the "
+        "reference's Wilson 95% interval for its n (refusal.csv's n)",
+        "VISAGE scores: Wilson 95% interval on score/100 with n = the scan points averaged (wide, conservative)",
+        f"shares whose n the tables do not carry (lm-eval accuracies, exact match, false refusal, published): "
+        f"|difference| <= {tolerance:g} ({100 * tolerance:g} on 0-100 columns), a stated tolerance, not an interval",
+        "scan-grid positions (basin width, segment ends): within one grid step; train_loss: within "
+        f"{100 * RELATIVE_TOLERANCE:g}% of the reference",
+        "counts, settings and names (n, points, cells, status, worst cells): equal",
+    ]
+
+
+# --- loading -----------------------------------------------------------------------------------------------
+
+
+def load_tables(directory: Path) -> dict[str, tuple[Path, pd.DataFrame]]:
+    """{name: (path, table as text)} of directory/tables/*.csv."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory}: no such directory")
+    tables = directory / "tables"
+    if not tables.is_dir():
+        raise UserError(f"{tables}: no such directory (expected the run's tables/*.csv)")
+    loaded = {}
+    for path in sorted(tables.glob("*.csv")):
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UserError(f"{path}: not a readable CSV ({reason})") from None
+        loaded[path.stem] = (path, frame)
+    return loaded
+
+
+def _index(name: str, path: Path, frame: pd.DataFrame) -> dict[tuple[str, ...], dict[str, str]]:
+    key = KEYS[name]
+    absent = [c for c in key if c not in frame.columns]
+    if absent:
+        raise UserError(f"{path}: no key column(s) {', '.join(absent)} (a {name} table's rows are keyed by "
+                        f"{', '.join(key)})")
+    rows: dict[tuple[str, ...], dict[str, str]] = {}
+    for record in frame.to_dict("records"):
+        row_key = tuple(_key_value(record[c]) for c in key)
+        if row_key in rows:
+            raise UserError(f"{path}: row key {_key_text(key, row_key)} appears twice")
+        rows[row_key] = record
+    return rows
+
+
+def _key_value(text: str) -> str:
+    """A key value in one spelling: numbers as Python writes them (25.0 and 25 alike, 1e-3 and 0.001 alike)."""
+    value = _number(text.strip())
+    if value is None:
+        return text.strip()
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _key_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
+    return " ".join(f"{k}={v}" for k, v in zip(names, values, strict=True) if v != "")
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return None if math.isnan(value) else value
+
+
+def _refusal_n(tables: dict[str, tuple[Path, pd.DataFrame]]) -> dict[tuple[str, str], int]:
+    """The n of the harmful-prompt rates per (model, defence), from refusal.csv, where it is one number."""
+    if "refusal" not in tables or not {"model", "defence", "n"} <= set(tables["refusal"][1].columns):
+        return {}
+    frame = tables["refusal"][1]
+    found = {}
+    for (model, defence), group in frame.groupby(["model", "defence"]):
+        ns = {_number(v) for v in group["n"] if _number(v)}
+        if len(ns) == 1:
+            found[(model, defence)] = int(ns.pop())
+    return found
+
+
+# --- judging one cell --------------------------------------------------------------------------------------
+
+
+def _bounds(table: str, column: str, row: dict[str, str], value: float, refusal_n: dict,
+            tolerance: float) -> tuple[float, float, str]:
+    """(low, high, rule) of the reference value `value` in `row` of `table`."""
+    n = None
+    if table == "refusal" and column in RATES_WITH_ROW_N:
+        n = _number(row.get("n", ""))
+    elif column in REFUSAL_RATES or (table == "harmfulness" and column.startswith("harmfulness_")
+                                     and row.get("harmfulness_measure") == "1 - refusal rate"):
+        n = refusal_n.get((row.get("model"), row.get("defence")))
+    if n:
+        low, high = wilson_interval(value, int(n))
+        return low, high, f"Wilson 95%, n={int(n)}"
+    if column in VISAGE_SCORES:
+        points = _visage_points(column, row)
+        if points:
+            low, high = wilson_interval(value / 100, points)
+            return 100 * low, 100 * high, f"Wilson 95% on score/100, n={points} points"
+    if column in ON_GRID:
+        step = _grid_step(row, ON_GRID[column])
+        if step:
+            return value - step, value + step, f"one grid step, ±{step:g}"
+    if column in RELATIVE:
+        margin = RELATIVE_TOLERANCE * abs(value)
+        return value - margin, value + margin, f"relative ±{100 * RELATIVE_TOLERANCE:g}%"
+    scale = 100 if column in PERCENT or (table == "published" and row.get("unit") == "percent") else 1
+    return value - scale * tolerance, value + scale * tolerance, f"tolerance ±{scale * tolerance:g} (no n)"
+
+
+def _axis(row: dict[str, str]) -> int | None:
+    points, dimensions = _number(row.get("points", "")), _number(row.get("dimensions", "")) or 1
+    return round(points ** (1 / dimensions)) if points else None
+
+
+def _grid_step(row: dict[str, str], axis: str) -> float | None:
+    low, high, per_axis = _number(row.get(f"{axis}_min", "")), _number(row.get(f"{axis}_max", "")), _axis(row)
+    if low is None or high is None or not per_axis or per_axis < 2:
+        return None
+    return (high - low) / (per_axis - 1)
+
+
+def _visage_points(column: str, row: dict[str, str]) -> int | None:
+    """How many scan points a VISAGE score averages: all of them, or the official segment's."""
+    points = _number(row.get("points", ""))
+    if column == "visage_official_1d":
+        start, end = _number(row.get("official_segment_min", "")), _number(row.get("official_segment_max", ""))
+        step = _grid_step(row, "alpha")
+        if start is not None and end is not None and step:
+            return round((end - start) / step) + 1
+    return int(points) if points else None
+
+
+def _cell(table: str, column: str, row: dict[str, str], ours_text: str, refusal_n: dict,
+          tolerance: float) -> dict:
+    reference_text = row[column].strip()
+    ours_text = ours_text.strip()
+    reference, ours = _number(reference_text), _number(ours_text)
+    record = {"reference": reference_text, "ours": ours_text, "difference": None, "low": None, "high": None,
+              "missing": ""}
+    if reference_text == "" or ours_text == "":
+        both = reference_text == ours_text
+        return {**record, "rule": "equal" if both else f"empty in {'reference' if reference_text == '' else 'ours'}",
+                "outside": not both, "identical": both}
+    if reference is None or ours is None:  # a name or a status
+        same = reference_text == ours_text
+        return {**record, "rule": "equal", "outside": not same, "identical": same}
+    record.update(reference=reference, ours=ours, difference=ours - reference)
+    if column in EXACT:
+        return {**record, "low": reference, "high": reference, "rule": "equal", "outside": ours != reference,
+                "identical": ours == reference}
+    low, high, rule = _bounds(table, column, row, reference, refusal_n, tolerance)
+    outside = ours < low - _EPSILON or ours > high + _EPSILON
+    return {**record, "low": low, "high": high, "rule": rule, "outside": outside, "identical": ours == reference}
+
+
+# --- comparing ---------------------------------------------------------------------------------------------
+
+
+def compare(results: Path, reference: Path, tolerance: float = TOLERANCE) -> Comparison:
+    """Every cell of results/tables/*.csv against reference/tables/*.csv (see the module docstring)."""
+    ours_tables, reference_tables = load_tables(results), load_tables(reference)
+    refusal_n = _refusal_n(reference_tables)
+    records, summary = [], []
+    names = [n for n in KEYS if n in reference_tables or n in ours_tables]
+    for name in names:
+        table_records = _compare_table(name, reference_tables.get(name), ours_tables.get(name), refusal_n,
+                                       tolerance)
+        records += table_records
+        compared = [r for r in table_records if not r["missing"]]
+        summary.append({"table": name, "cells": len(compared), "identical": sum(r["identical"] for r in compared),
+                        "outside": sum(r["outside"] for r in compared),
+                        "missing": sum(bool(r["missing"]) for r in table_records)})
+    cells = pd.DataFrame(records, columns=[*CELL_COLUMNS, "identical"])
+    cells["outside"] = cells["outside"].astype(bool)
+    not_compared = sorted(f"{name}.csv" for name in {*reference_tables, *ours_tables} - set(KEYS))
+    return Comparison(cells.drop(columns="identical"), pd.DataFrame(summary, columns=SUMMARY_COLUMNS), not_compared)
+
+
+def _compare_table(name: str, reference: tuple[Path, pd.DataFrame] | None, ours: tuple[Path, pd.DataFrame] | None,
+                   refusal_n: dict, tolerance: float) -> list[dict]:
+    blank = {"table": name, "key": "", "column": "", "reference": None, "ours": None, "difference": None,
+             "low": None, "high": None, "rule": "", "outside": False, "identical": False}
+    if reference is None or ours is None:
+        return [{**blank, "missing": "reference" if reference is None else "ours", "rule": "table missing"}]
+    reference_rows, ours_rows = _index(name, *reference), _index(name, *ours)
+    key = KEYS[name]
+    reference_columns = [c for c in reference[1].columns if c not in key]
+    ours_columns = [c for c in ours[1].columns if c not in key]
+    records = [{**blank, "column": c, "missing": "ours", "rule": "column missing"}
+               for c in reference_columns if c not in ours_columns]
+    records += [{**blank, "column": c, "missing": "reference", "rule": "column missing"}
+                for c in ours_columns if c not in reference_columns]
+    shared = [c for c in reference_columns if c in ours_columns]
+    for row_key in [*reference_rows, *(k for k in ours_rows if k not in reference_rows)]:
+        text = _key_text(key, row_key)
+        if row_key not in ours_rows or row_key not in reference_rows:
+            side = "ours" if row_key not in ours_rows else "reference"
+            records.append({**blank, "key": text, "missing": side, "rule": "row missing"})
+            continue
+        row, mine = reference_rows[row_key], ours_rows[row_key]
+        for column in shared:
+            records.append({"table": name, "key": text, "column": column,
+                            **_cell(name, column, row, mine[column], refusal_n, tolerance)})
+    return records
