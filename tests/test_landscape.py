@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import KeywordJudge
 from tamperlab.landscape.directions import (
     InterpolationDirection,
@@ -17,21 +20,29 @@ from tamperlab.landscape.directions import (
     stable_seed,
     weight_tensors,
 )
+from tamperlab.landscape.projection import projection
 from tamperlab.landscape.scan import (
     anchor_period,
     asr_from_refusal_rate,
     gather,
     interpolation_grid,
+    read_scan_csv,
     refusal_evaluator,
     run_scan,
     scan_points,
     shard,
     symmetric_grid,
+    system_prompts,
+    write_scan_csv,
 )
+from tamperlab.landscape.spec import KINDS, point_count
 from tamperlab.landscape.visage import (
     asr_at_origin,
     basin_width,
     official_segment,
+    post_attack,
+    scan_metrics,
+    split_subject,
     summarise_scan,
     visage_mean,
     visage_official_1d,
@@ -301,6 +312,12 @@ def test_snake_order_visits_every_point_once_with_unit_moves(kind, kwargs, shape
     assert points[0].index == (0, 0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_point_count_is_the_number_of_points_the_scan_walks(kind):
+    for n, steps, extend in ((1, 1, 0), (3, 4, 1), (5, 10, 5)):
+        assert point_count(kind, n, steps, extend) == len(scan_points(kind, n=n, steps=steps, extend=extend))
+
+
 def test_shard_splits_contiguously_into_balanced_chunks_covering_every_point():
     points = scan_points("2d", n=3)
     shards = [shard(points, k, 4) for k in range(4)]
@@ -446,3 +463,82 @@ def test_summarise_scan_reports_each_system_prompt_and_dimension():
     (second,) = summarise_scan(two_d)
     assert second["dimensions"] == 2 and second["asr_at_origin"] == 10.0
     assert second["visage_mean"] == pytest.approx(10.0)
+
+
+# --- what the steps compute: projections, system prompts, scan CSVs, the VISAGE table ---------------------------
+
+
+def test_projection_recovers_the_coordinates_of_a_point_in_the_plane_and_its_distance():
+    model, other = tiny_llama(), tiny_llama()
+    directions = [RandomDirection(model, seed=1, index=0), RandomDirection(model, seed=1, index=1)]
+    with torch.no_grad():
+        for (name, param), (_, moved) in zip(weight_tensors(model), weight_tensors(other), strict=True):
+            moved.copy_(param + 0.3 * materialise(directions[0], name, param)
+                        - 0.2 * materialise(directions[1], name, param))
+    found = projection(directions, model, other)
+    assert found["alpha_lstsq"] == pytest.approx(0.3, abs=1e-4)
+    assert found["beta_lstsq"] == pytest.approx(-0.2, abs=1e-4)
+    assert found["alpha"] == pytest.approx(0.3, abs=0.05)  # each axis alone: off by the directions' overlap
+    assert found["outside_plane"] < 1e-2
+    assert found["d1_norm"] == pytest.approx(found["d2_norm"], rel=1e-5)  # both scaled to the weights' norms
+    expected = np.sqrt(0.09 + 0.04 - 2 * 0.3 * 0.2 * found["cosine_d1_d2"])
+    assert found["distance_d1"] == pytest.approx(expected, rel=1e-3)
+
+
+def test_system_prompts_are_none_or_name_equals_text_in_order():
+    assert system_prompts(["none", "safety=Be safe. a=b"]) == {"none": None, "safety": "Be safe. a=b"}
+    for bad in (["friendly"], ["none=x"], ["=x"], ["a=x", "a=y"]):
+        with pytest.raises(UserError):
+            system_prompts(bad)
+
+
+def test_2d_metrics_give_the_basin_width_along_each_axis_through_the_origin():
+    grid = [-1.0, 0.0, 1.0]
+    asr = {(-1.0, -1.0): 90, (-1.0, 0.0): 5, (-1.0, 1.0): 90, (0.0, -1.0): 80, (0.0, 0.0): 0, (0.0, 1.0): 5,
+           (1.0, -1.0): 90, (1.0, 0.0): 60, (1.0, 1.0): 90}
+    rows = [{"i": i, "j": j, "alpha": a, "beta": b, "system_prompt": "none", "asr": asr[(a, b)]}
+            for i, a in enumerate(grid) for j, b in enumerate(grid)]
+    (metrics,) = scan_metrics(rows, "2d", tolerance=10)
+    assert metrics["dimensions"] == 2 and metrics["asr_at_origin"] == 0
+    assert metrics["basin_width"] == 1.0  # along α (β = 0): −1 and 0 are within 10 points, 1 is not
+    assert metrics["basin_width_beta"] == 1.0  # along β (α = 0): 0 and 1
+    assert metrics["visage_mean"] == pytest.approx(100 - sum(asr.values()) / 9, abs=1e-3)
+
+
+def test_post_attack_refusal_is_the_worst_cell_of_the_harmful_attacks():
+    refusal = pd.DataFrame([
+        {"model": "m", "defence": "d", "attack": "none", "lr": None, "steps": None, "rank": None,
+         "refusal_rate": 0.9, "status": "complete"},
+        {"model": "m", "defence": "d", "attack": "lora", "lr": 1e-3, "steps": 50, "rank": 16,
+         "refusal_rate": 0.2, "status": "complete"},
+        {"model": "m", "defence": "d", "attack": "lora", "lr": 3e-4, "steps": 50, "rank": 16,
+         "refusal_rate": 0.5, "status": "complete"},
+        {"model": "m", "defence": "d", "attack": "lora", "lr": 3e-3, "steps": 50, "rank": 16,
+         "refusal_rate": None, "status": "diverged"},
+        {"model": "m", "defence": "d", "attack": "hazard", "lr": 1e-3, "steps": 50, "rank": 16,
+         "refusal_rate": 0.1, "status": "complete"},
+    ])
+    base = post_attack(refusal, split_subject("m/d"), ["lora"])
+    assert base == {"subject_refusal_rate": 0.9, "worst_post_attack_refusal_rate": 0.2,
+                    "worst_post_attack_cell": "lora/lr1e-3_steps50_r16"}
+    cell = post_attack(refusal, split_subject("m/d/lora/lr3e-4_steps50_r16"), ["lora"])
+    assert cell["subject_refusal_rate"] == 0.5 and cell["worst_post_attack_refusal_rate"] is None
+
+
+def test_post_attack_names_a_full_fine_tune_cell_without_a_rank():
+    refusal = pd.DataFrame([
+        {"model": "m", "defence": "d", "attack": "full", "lr": 2e-5, "steps": 100, "rank": None,
+         "refusal_rate": 0.3, "status": "complete"},
+    ])
+    assert post_attack(refusal, split_subject("m/d"), ["full"])["worst_post_attack_cell"] == "full/lr2e-5_steps100"
+    with pytest.raises(UserError, match="expected model/defence"):
+        split_subject("m/d/full")
+
+
+def test_a_scan_csv_reads_back_as_written_with_its_labels_and_empty_cells_as_none(tmp_path):
+    rows = [{"i": 0, "j": 1, "alpha": -0.5, "beta": 0.25, "system_prompt": "none", "asr": 12.5, "refusal_rate": 0.875,
+             "compliance_rate": None, "other_rate": 0.0, "n": 8, "perturb_s": 0.01, "eval_s": 0.2, "extra": "dropped"}]
+    write_scan_csv(tmp_path / "scan.csv", rows, subject="m/d", scan="s", kind="2d", target=None)
+    (back,) = read_scan_csv(tmp_path / "scan.csv")
+    assert back == {**{k: v for k, v in rows[0].items() if k != "extra"}, "subject": "m/d", "scan": "s", "kind": "2d",
+                    "target": ""}

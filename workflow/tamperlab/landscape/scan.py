@@ -8,22 +8,39 @@ interpolation × random, the interpolation grid as rows and a random direction's
 At each point the model is moved in place (directions.Perturbation) and `evaluate_point(model, tokenizer)` is
 called; the caller decides what it measures (the refusal evaluation, under one or several system prompts).
 ASR = 100 − refusal %, the share of responses without a refusal (the paper's keyword ASR).
+
+A subject is what is scanned: a model as built or registered, a defended model, or an attacked cell (its LoRA
+adapter merged into the weights first: the landscape is over the full weights). Random directions depend on the
+device type and the dtype they are drawn in (directions.py): every shard of a scan and its projections must run
+on the same kind of device; gathering checks this from the shards' manifests.
 """
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from tamperlab.errors import UserError
 from tamperlab.evaluation.refusal import evaluate
-from tamperlab.landscape.directions import Direction, Perturbation
+from tamperlab.landscape.directions import Direction, InterpolationDirection, Perturbation, RandomDirection
+from tamperlab.landscape.spec import INTERPOLATION, KINDS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS
 
-KINDS = ("1d", "2d", "interpolation", "interpolation_2d")
+# A scan CSV's columns (a shard's and a gathered scan's alike), and how read_scan_csv parses them.
+SCAN_COLUMNS = ["subject", "scan", "kind", "target", "i", "j", "alpha", "beta", "system_prompt", "asr", "refusal_rate",
+                "compliance_rate", "other_rate", "n", "perturb_s", "eval_s"]
+INTEGER_COLUMNS = ("i", "j", "n")
+TEXT_COLUMNS = ("subject", "scan", "kind", "target", "system_prompt")
+SHARD_ONLY = ("shard", "out")  # the parameters that differ between the shards of one scan
+
+Phase = Callable[[str], AbstractContextManager]  # times a named part of a step (provenance.Step.phase)
 
 # What evaluate_point returns: one result, or one per system prompt (each then becomes a row). A result holds
 # "refusal_rate" (a fraction, as refusal.summarise gives it), optionally "eval_s" and any other scalars.
@@ -183,3 +200,202 @@ def refusal_evaluator(rows: Sequence[Mapping[str, Any]], judge: Callable, system
         return results
 
     return evaluate_point
+
+
+# --- the subject: its prompts, weights and directions ------------------------------------------------------------
+
+
+def system_prompts(specs: Sequence[str]) -> dict[str, str | None]:
+    """{name: text or None} from --system-prompt values: `none` (no system prompt) or NAME=TEXT, in order."""
+    prompts: dict[str, str | None] = {}
+    for spec in specs:
+        if spec == NO_SYSTEM_PROMPT:
+            name, text = spec, None
+        elif "=" in spec and spec.split("=", 1)[0] not in ("", NO_SYSTEM_PROMPT):
+            name, text = spec.split("=", 1)
+        else:
+            raise UserError(f"--system-prompt {spec[:40]!r}: expected 'none' or NAME=TEXT (NAME not 'none')")
+        if name in prompts:
+            raise UserError(f"--system-prompt: {name!r} given twice")
+        prompts[name] = text
+    return prompts
+
+
+def harmful_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` harmful rows of a JSON-lines file (a split, or a prepared data set in file order)."""
+    from tamperlab.data.jsonl import read_jsonl
+
+    rows = [r for r in read_jsonl(path, required=("id", "prompt", "kind", "source")) if r["kind"] == "harmful"]
+    if not rows:
+        raise UserError(f"{path}: no harmful prompts to evaluate the landscape on")
+    if limit is not None and limit > len(rows):
+        raise UserError(f"{path}: --limit {limit} but only {len(rows)} harmful prompts")
+    return rows[:limit]
+
+
+def load_subject(model_dir: Path, adapter: Path | None):
+    """(model, tokenizer) with the adapter merged into the weights: the landscape core refuses unmerged LoRA."""
+    from tamperlab.models.registry import load_model
+    from tamperlab.training import diverged
+
+    if diverged(adapter or model_dir):
+        raise UserError(f"{adapter or model_dir}: the attack diverged there (non-finite loss); no weights to scan")
+    model, tokenizer = load_model(model_dir, adapter)
+    if adapter is not None:
+        model = model.merge_and_unload().eval()
+    return model, tokenizer
+
+
+def build_directions(kind: str, model: nn.Module, seed: int, target_dir: Path | None = None,
+                     target_adapter: Path | None = None) -> list[Direction]:
+    """The scan's directions: 1d d1; 2d (d1, d2); interpolation θ_target − θ; interpolation_2d (θ_target − θ, d2).
+    d1 and d2 are the random directions of index 0 and 1, so the 2D scan's α axis is the 1D scan's direction."""
+    if kind in INTERPOLATION:
+        if target_dir is None:
+            raise UserError(f"a {kind} scan needs --target-model (the fine-tuned end of the path)")
+        target, _ = load_subject(target_dir, target_adapter)
+        try:
+            first = InterpolationDirection(model, target)
+        except (KeyError, ValueError) as error:
+            raise UserError(f"--target-model {target_dir}: {error}") from None
+        del target
+    elif kind in ("1d", "2d"):
+        first = RandomDirection(model, seed, 0)
+    else:
+        raise UserError(f"unknown scan kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind in TWO_DIRECTIONS:
+        return [first, RandomDirection(model, seed, 1)]
+    return [first]
+
+
+def device_of(model: nn.Module) -> dict[str, str]:
+    """{device_type, dtype} of a model's weights: what its random directions were drawn on."""
+    param = next(model.parameters())
+    return {"device_type": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+
+
+# --- one shard ---------------------------------------------------------------------------------------------------
+
+
+def scan_subject(model_dir: Path, adapter: Path | None, kind: str, seed: int, points: Sequence[Point],
+                 evaluate_point: EvaluatePoint, *, target_dir: Path | None = None,
+                 target_adapter: Path | None = None, anchor_every: int | Literal["auto"] | None = "auto",
+                 phase: Phase = lambda name: nullcontext()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """(rows, device_of the subject) of a subject's walk over `points` (run_scan) along its `kind` of directions.
+    `phase(name)` times the load and the scan."""
+    with phase("load"):
+        model, tokenizer = load_subject(model_dir, adapter)
+        directions = build_directions(kind, model, seed, target_dir, target_adapter)
+    with phase("scan"):
+        rows = run_scan(model, tokenizer, points, directions, evaluate_point, anchor_every=anchor_every)
+    return rows, device_of(model)
+
+
+def timings(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The seconds spent moving the weights (once per point) and evaluating (every row), and their ratio."""
+    perturb = sum({(r["i"], r["j"]): r["perturb_s"] for r in rows}.values())
+    evaluate_s = sum(r["eval_s"] for r in rows)
+    return {"perturb_s": round(perturb, 4), "eval_s": round(evaluate_s, 4),
+            "perturb_share": round(perturb / evaluate_s, 5) if evaluate_s else None}
+
+
+# --- scan CSVs ---------------------------------------------------------------------------------------------------
+
+
+def write_scan_csv(path: Path, rows: Sequence[Mapping[str, Any]], **labels: Any) -> None:
+    """Rows in SCAN_COLUMNS (an empty cell for None), each with `labels` (subject, scan, kind, target) set."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SCAN_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            row = {**row, **labels}
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in SCAN_COLUMNS})
+
+
+def read_scan_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows of a shard or gathered scan CSV, numbers parsed (an empty cell is None)."""
+    rows = []
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed: dict[str, Any] = {}
+            for key, value in row.items():
+                if key in TEXT_COLUMNS:
+                    parsed[key] = value
+                elif value == "":
+                    parsed[key] = None
+                elif key in INTEGER_COLUMNS:
+                    parsed[key] = int(value)
+                else:
+                    parsed[key] = float(value)
+            rows.append(parsed)
+    return rows
+
+
+def read_scans(paths: Sequence[Path]) -> list[dict[str, Any]]:
+    """Gathered scans, each {subject, scan, kind, target, rows} (the labels of its first row)."""
+    scans = []
+    for path in paths:
+        rows = read_scan_csv(path)
+        if not rows:
+            raise UserError(f"{path}: no rows")
+        scans.append({**{k: rows[0][k] for k in ("subject", "scan", "kind", "target")}, "rows": rows})
+    return scans
+
+
+# --- gathering the shards ----------------------------------------------------------------------------------------
+
+
+def shard_parameters(paths: Sequence[Path], shards: int) -> dict[str, Any]:
+    """The scan's parameters, the same in every shard's manifest, and the device they all ran on."""
+    from tamperlab.provenance import read_manifest
+
+    manifests = [read_manifest(p) for p in paths]
+    first = manifests[0]
+    common = {k: v for k, v in first["params"].items() if k not in SHARD_ONLY}
+    seen = set()
+    for path, manifest in zip(paths, manifests, strict=True):
+        params = manifest["params"]
+        other = {k: v for k, v in params.items() if k not in SHARD_ONLY}
+        if other != common:
+            changed = sorted(k for k in set(other) | set(common) if other.get(k) != common.get(k))
+            raise UserError(f"{path}: a shard of another scan (parameters differ: {', '.join(changed)})")
+        weights = {k: v["sha256"] for k, v in manifest["inputs"].items()}
+        if weights != {k: v["sha256"] for k, v in first["inputs"].items()}:
+            raise UserError(f"{path}: scanned other weights or prompts than {paths[0]} (input hashes differ)")
+        if params["shards"] != shards:
+            raise UserError(f"{path}: shard of {params['shards']}, expected {shards} shards")
+        where = (manifest["results"]["device_type"], manifest["results"]["dtype"])
+        if where != (first["results"]["device_type"], first["results"]["dtype"]):
+            raise UserError(f"{path}: ran on {where[0]} in {where[1]}, another shard on "
+                            f"{first['results']['device_type']} in {first['results']['dtype']}: random directions "
+                            f"differ between device types and dtypes")
+        seen.add(params["shard"])
+    if seen != set(range(shards)):
+        raise UserError(f"shards {sorted(set(range(shards)) - seen)} of {shards} are missing")
+    return {**common, "device_type": first["results"]["device_type"], "dtype": first["results"]["dtype"]}
+
+
+def check_complete(rows: Sequence[Mapping[str, Any]], params: Mapping[str, Any]) -> None:
+    """The gathered rows are the scan's grid, every point under every system prompt, exactly once."""
+    points = scan_points(params["kind"], n=params["n"], extent=params["extent"], steps=params["steps"],
+                         extend=params["extend"])
+    expected = {(*p.index, name) for p in points for name in params["system_prompts"]}
+    found = {(r["i"], r["j"], r["system_prompt"]) for r in rows}
+    if found != expected:
+        missing = sorted(expected - found)[:3]
+        raise UserError(f"the shards do not cover the grid exactly: {len(expected - found)} points missing "
+                        f"(e.g. {missing}), {len(found - expected)} unexpected")
+
+
+def gather_scan(paths: Sequence[Path], subject: str, scan: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(rows in grid order, the scan's parameters) from every shard of one scan of one subject, checked to be
+    that scan's shards, all of them, from the same weights and device, covering its grid exactly."""
+    params = shard_parameters(paths, len(paths))
+    if (params["subject"], params["scan"]) != (subject, scan):
+        raise UserError(f"the shards are of {params['subject']}/{params['scan']}, not {subject}/{scan}")
+    try:
+        rows = gather(read_scan_csv(p) for p in paths)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    check_complete(rows, params)
+    return rows, params

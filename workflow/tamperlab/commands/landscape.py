@@ -1,0 +1,243 @@
+"""Commands of workflow/rules/landscape.smk: the safety landscape (Peng et al. 2024; the science is in
+tamperlab.landscape.{scan,projection,visage}).
+
+    landscape-scan     one shard of a scan's grid points → CSV rows (ASR per point and system prompt, timings)
+    landscape-project  attacked checkpoints' coordinates in a 2D scan's (d1, d2) plane → JSON
+    landscape-gather   every shard of one scan → <scan>.csv and <scan>.png
+    visage             every gathered scan → results/tables/visage.csv and the landscape figures
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tamperlab.commands.common import judge_arguments, judge_from, params
+from tamperlab.errors import UserError
+from tamperlab.landscape.spec import GRID_KEYS, INTERPOLATION, KINDS, TWO_DIRECTIONS
+
+# --- checks of the arguments -------------------------------------------------------------------------------------
+
+
+def _anchor_every(text: str) -> int | str | None:
+    if text in ("auto", "none"):
+        return None if text == "none" else "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, none or an integer ≥ 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected auto, none or an integer ≥ 1, got {text!r}")
+    return value
+
+
+def _check_grid(args: argparse.Namespace) -> None:
+    """The grid flags a kind uses are required, the others refused (an unused flag would be misleading)."""
+    for flag in ("n", "extent", "steps", "extend"):
+        used, given = flag in GRID_KEYS[args.kind], getattr(args, flag) is not None
+        if used and not given:
+            raise UserError(f"a {args.kind} scan needs --{flag}")
+        if given and not used:
+            raise UserError(f"--{flag} is not a parameter of a {args.kind} scan")
+
+
+def _check_target(args: argparse.Namespace) -> None:
+    if args.kind in INTERPOLATION and args.target_model is None:
+        raise UserError(f"a {args.kind} scan needs --target-model (and --target-adapter for a LoRA fine-tune)")
+    if args.kind not in INTERPOLATION and args.target_model is not None:
+        raise UserError(f"--target-model is for interpolation scans, not {args.kind}")
+
+
+def _subject_inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """The subject's weights and an interpolation's target, as a manifest's inputs."""
+    inputs = {"adapter": args.adapter, "target_model": args.target_model, "target_adapter": args.target_adapter}
+    return {k: v for k, v in inputs.items() if v}
+
+
+# --- the commands ------------------------------------------------------------------------------------------------
+
+
+def scan(args: argparse.Namespace) -> None:
+    """One shard of a scan: move the subject to each of the shard's grid points in place and evaluate refusal
+    there under every system prompt; the weights are back at θ0, bit for bit, afterwards."""
+    from tamperlab.landscape.scan import (
+        harmful_prompts,
+        refusal_evaluator,
+        scan_points,
+        scan_subject,
+        shard,
+        system_prompts,
+        timings,
+        write_scan_csv,
+    )
+    from tamperlab.provenance import Step
+
+    prompts = system_prompts(args.system_prompt)
+    _check_target(args)
+    _check_grid(args)
+    try:
+        points = shard(scan_points(args.kind, n=args.n, extent=args.extent, steps=args.steps, extend=args.extend),
+                       args.shard, args.shards)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if (args.dataset is None) == (args.data is None) or (args.data is None) != (args.split is None):
+        raise UserError("give --data with --split, or --dataset (where the harmful prompts come from)")
+    prompts_file = args.dataset or args.data / f"{args.split}.jsonl"
+    inputs = {"model": args.model, **({"dataset": args.dataset} if args.dataset else {"data": args.data})}
+    inputs |= _subject_inputs(args)
+    manifest = {**params(args, "out", "system_prompt"), "system_prompts": prompts}
+    with Step("landscape-scan", manifest, inputs=inputs, outputs={"scan": args.out}) as step:
+        rows = harmful_prompts(prompts_file, args.limit)
+        evaluate_point = refusal_evaluator(rows, judge_from(args), prompts, args.max_new_tokens, args.batch_size,
+                                           args.compliance_marker)
+        table, device = scan_subject(args.model, args.adapter, args.kind, args.seed, points, evaluate_point,
+                                     target_dir=args.target_model, target_adapter=args.target_adapter,
+                                     anchor_every=args.anchor_every, phase=step.phase)
+        write_scan_csv(step.path("scan"), table, subject=args.subject, scan=args.scan, kind=args.kind,
+                       target=args.target)
+        step.results = {**device, "points": len(points), "rows": len(table), "prompts": len(rows), **timings(table)}
+
+
+def project(args: argparse.Namespace) -> None:
+    """Where attacked checkpoints lie in a 2D scan's plane, for the scan's figure."""
+    from tamperlab.landscape.projection import project_cells, summary
+    from tamperlab.provenance import Step
+
+    if args.kind not in TWO_DIRECTIONS:
+        raise UserError(f"projections are onto a 2D scan's plane; {args.kind} has one direction")
+    _check_target(args)
+    cells = [(name, Path(model), None if adapter == "-" else Path(adapter)) for name, model, adapter in args.cell]
+    if len({name for name, _, _ in cells}) != len(cells):
+        raise UserError("--cell: a name given twice")
+    inputs = {"model": args.model, **_subject_inputs(args)}
+    for k, (_, model_dir, adapter) in enumerate(cells):
+        inputs[f"cell{k}_model"] = model_dir
+        inputs |= {f"cell{k}_adapter": adapter} if adapter else {}
+    with Step("landscape-project", params(args, "out"), inputs=inputs, outputs={"projections": args.out}) as step:
+        found = project_cells(args.model, args.adapter, args.kind, args.seed, cells, target_dir=args.target_model,
+                              target_adapter=args.target_adapter, phase=step.phase)
+        result = {"subject": args.subject, "scan": args.scan, "kind": args.kind, **found}
+        step.path("projections").write_text(json.dumps(result, indent=2) + "\n")
+        step.results = {"device_type": found["device_type"], "dtype": found["dtype"],
+                        "cells": summary(found["cells"])}
+
+
+def gather(args: argparse.Namespace) -> None:
+    """Every shard of one scan → the scan's CSV (rows in grid order) and its figure."""
+    from tamperlab.landscape import figures
+    from tamperlab.landscape.projection import read_projections
+    from tamperlab.landscape.scan import gather_scan, timings, write_scan_csv
+    from tamperlab.provenance import Step
+
+    if len(args.projections) > 1:
+        raise UserError("--projections: at most one file (the scan's)")
+    args.projections = args.projections[0] if args.projections else None
+    inputs = {f"shard{k}": p for k, p in enumerate(args.shard)}
+    inputs |= {"projections": args.projections} if args.projections else {}
+    outputs = {"csv": args.out_csv, "figure": args.out_figure}
+    with Step("landscape-gather", params(args, "out_csv", "out_figure"), inputs=inputs, outputs=outputs) as step:
+        rows, scanned = gather_scan(args.shard, args.subject, args.scan)
+        projections = None
+        if args.projections:
+            projections = read_projections(args.projections, args.scan, scanned["device_type"], scanned["dtype"])
+        write_scan_csv(step.path("csv"), rows)
+        figures.scan_figure(rows, scanned["kind"], args.subject, args.scan, step.path("figure"),
+                            projections=projections)
+        step.results = {"rows": len(rows), "shards": len(args.shard), "device_type": scanned["device_type"],
+                        **timings(rows)}
+
+
+def visage(args: argparse.Namespace) -> None:
+    """VISAGE, basin width and ASR at the origin for every scan, subject and system prompt, and the figures."""
+    from tamperlab.landscape import figures
+    from tamperlab.landscape.projection import projections_by_scan
+    from tamperlab.landscape.scan import read_scans
+    from tamperlab.landscape.visage import visage_table
+    from tamperlab.provenance import Step
+    from tamperlab.tables import evaluation_files, refusal_table
+
+    inputs = {f"scan{k}": p for k, p in enumerate(args.scan)}
+    inputs |= {f"projections{k}": p for k, p in enumerate(args.projections)}
+    inputs |= {f"refusal{k}": p for k, p in enumerate(args.refusal)}
+    outputs = {"table": args.out_table, "figures": args.out_figures}
+    with Step("visage", params(args, "out_table", "out_figures"), inputs=inputs, outputs=outputs,
+              outputs_are_dirs=("figures",)) as step:
+        refusal = refusal_table(evaluation_files(args.refusal, "refusal.json")) if args.refusal else None
+        scans = read_scans(args.scan)
+        frame = visage_table(scans, refusal, args.post_attack, args.basin_tolerance)
+        frame.to_csv(step.path("table"), index=False, lineterminator="\n")
+        written = figures.landscape_figures(scans, frame, projections_by_scan(args.projections),
+                                            step.path("figures"), args.refusal_system_prompt)
+        step.results = {"rows": len(frame), "scans": len(scans), "figures": [f.name for f in written]}
+
+
+# --- the parsers -------------------------------------------------------------------------------------------------
+
+
+def _subject_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--subject", required=True, help="model/defence, or model/defence/attack/cell")
+    p.add_argument("--scan", required=True, help="the scan's name")
+    p.add_argument("--model", type=Path, required=True, help="the subject's model directory")
+    p.add_argument("--adapter", type=Path, help="a LoRA adapter merged into the subject's weights")
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--seed", type=int, required=True, help="random directions' seed (one per tensor from it)")
+    p.add_argument("--target", help="interpolation: the fine-tuned end's name (attack/cell), for the tables")
+    p.add_argument("--target-model", type=Path, help="interpolation: the fine-tuned end (θ_target)")
+    p.add_argument("--target-adapter", type=Path, help="interpolation: its LoRA adapter (merged)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Register landscape-scan, landscape-project, landscape-gather and visage on the tamperlab command."""
+    p = sub.add_parser("landscape-scan", help="one shard of a safety-landscape scan: ASR at each grid point")
+    _subject_arguments(p)
+    p.add_argument("--n", type=int, help="points per random axis, over [-extent, extent] (1d, 2d, interpolation_2d)")
+    p.add_argument("--extent", type=float)
+    p.add_argument("--steps", type=int, help="interpolation: points per unit of the path")
+    p.add_argument("--extend", type=int, help="interpolation: steps past both ends")
+    p.add_argument("--data", type=Path, help="the split-data directory (with --split)")
+    p.add_argument("--split", help="the split whose harmful prompts are evaluated")
+    p.add_argument("--dataset", type=Path, help="instead: a prepared data set's JSON lines, in file order")
+    p.add_argument("--limit", type=int, help="the first LIMIT harmful prompts only")
+    p.add_argument("--system-prompt", action="append", required=True, metavar="none|NAME=TEXT",
+                   help="a system prompt to evaluate each point under (repeat: a scan dimension)")
+    judge_arguments(p)
+    p.add_argument("--anchor-every", type=_anchor_every, required=True,
+                   help="derive every k-th point from θ0 (auto: every point below fp32; none: always step)")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=scan)
+
+    p = sub.add_parser("landscape-project", help="coordinates of attacked checkpoints in a 2D scan's plane")
+    _subject_arguments(p)
+    p.add_argument("--cell", nargs=3, action="append", required=True, metavar=("NAME", "MODEL", "ADAPTER"),
+                   help="a checkpoint to project: its name, model directory and LoRA adapter ('-' for none)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=project)
+
+    p = sub.add_parser("landscape-gather", help="gather a scan's shards into its CSV and figure")
+    p.add_argument("--subject", required=True)
+    p.add_argument("--scan", required=True)
+    p.add_argument("--shard", type=Path, nargs="+", action="extend", required=True, help="every shard's CSV")
+    p.add_argument("--projections", type=Path, nargs="*", action="extend", default=[],
+                   help="landscape-project's JSON (at most one), marked on a 2D figure")
+    p.add_argument("--out-csv", type=Path, required=True)
+    p.add_argument("--out-figure", type=Path, required=True)
+    p.set_defaults(func=gather)
+
+    p = sub.add_parser("visage", help="VISAGE, basin width and ASR at the origin of every scan; figures")
+    p.add_argument("--scan", type=Path, nargs="+", action="extend", required=True, help="gathered scan CSVs")
+    p.add_argument("--projections", type=Path, nargs="*", action="extend", default=[])
+    p.add_argument("--refusal", type=Path, nargs="*", action="extend", default=[],
+                   help="the subjects' refusal.json files, or evaluation directories holding them (post-attack "
+                        "refusal per subject)")
+    p.add_argument("--post-attack", action="append", default=[], metavar="ATTACK",
+                   help="an attack whose grid counts for the worst post-attack refusal (harmful-prompt attacks)")
+    p.add_argument("--refusal-system-prompt", required=True,
+                   help="the system prompt (name, or none) the refusal table was evaluated under")
+    p.add_argument("--basin-tolerance", type=float, required=True,
+                   help="basin width: the α range where ASR stays within this many points of ASR(0)")
+    p.add_argument("--out-table", type=Path, required=True)
+    p.add_argument("--out-figures", type=Path, required=True)
+    p.set_defaults(func=visage)
