@@ -4,8 +4,12 @@ data -> model (organism or registered) -> defence -> attack grid -> evaluation -
 """
 
 import os
+import sys
 
 from snakemake.utils import min_version
+
+from tamperlab.config import validate_config
+from tamperlab.errors import UserError
 
 min_version("9.0")
 
@@ -14,7 +18,17 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
+# Every config check (schema, references, the landscape's) before any job: one line naming the key.
+try:
+    _validated = validate_config(config)
+except UserError as error:
+    sys.exit(f"tamperlab: {error}")
+config.clear()
+config.update(_validated)
+
+
 include: "workflow/rules/common.smk"
+include: "workflow/rules/landscape_common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"
 include: "workflow/rules/harden.smk"

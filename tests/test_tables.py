@@ -8,7 +8,8 @@ import math
 import pandas as pd
 import pytest
 
-from tamperlab.tables import REFUSAL_COLUMNS, parse_cell, refusal_table
+from tamperlab.attacks.grid import cell_name, cells, parse_cell
+from tamperlab.tables import REFUSAL_COLUMNS, refusal_table, summary_table
 
 
 def test_parse_cell_reads_lr_steps_and_rank():
@@ -141,8 +142,8 @@ def test_summary_takes_the_worst_cell_overall_and_under_the_utility_bound():
         row("lora", 1e30, 50, None, None, status="diverged"),
     ])
     summary = summary_table(table, metric="exact_match").iloc[0]
-    assert summary["worst_cell"] == "lr0.001_steps50_r8" and summary["worst_refusal_rate"] == 0.0
-    assert summary["bounded_worst_cell"] == "lr0.001_steps25_r8" and summary["bounded_worst_refusal_rate"] == 0.2
+    assert summary["worst_cell"] == "lr1e-3_steps50_r8" and summary["worst_refusal_rate"] == 0.0
+    assert summary["bounded_worst_cell"] == "lr1e-3_steps25_r8" and summary["bounded_worst_refusal_rate"] == 0.2
     assert summary["base_refusal_rate"] == 0.97 and summary["cells"] == 4 and summary["diverged_cells"] == 1
 
 
@@ -176,13 +177,13 @@ def test_harmfulness_table_has_a_column_per_attack_strength_and_leaves_diverged_
     table = harmfulness_table(GRID, ["lora"], "tamperlab_organism_mc/acc").set_index("defence")
     assert list(table.index) == ["none", "tar"]  # the hazard attack is not a harmfulness attack
     assert table.loc["none", "harmfulness_pre_attack"] == pytest.approx(0.05)
-    assert table.loc["none", "harmfulness_lr0.001_steps25"] == pytest.approx(0.60)
-    assert table.loc["none", "harmfulness_lr0.001_steps50"] == pytest.approx(0.95)
-    assert table.loc["none", "capability_lr0.001_steps50"] == pytest.approx(0.90)
-    assert table.loc["tar", "harmfulness_lr0.001_steps25"] == pytest.approx(0.10)
-    assert pd.isna(table.loc["tar", "harmfulness_lr0.001_steps50"])
+    assert table.loc["none", "harmfulness_lr1e-3_steps25"] == pytest.approx(0.60)
+    assert table.loc["none", "harmfulness_lr1e-3_steps50"] == pytest.approx(0.95)
+    assert table.loc["none", "capability_lr1e-3_steps50"] == pytest.approx(0.90)
+    assert table.loc["tar", "harmfulness_lr1e-3_steps25"] == pytest.approx(0.10)
+    assert pd.isna(table.loc["tar", "harmfulness_lr1e-3_steps50"])
     columns = list(table.columns)
-    assert columns.index("harmfulness_pre_attack") < columns.index("harmfulness_lr0.001_steps25")
+    assert columns.index("harmfulness_pre_attack") < columns.index("harmfulness_lr1e-3_steps25")
 
 
 def test_tamper_resistance_table_reports_pre_attack_mean_and_worst_case_per_column():
@@ -221,3 +222,19 @@ def test_published_numbers_sit_beside_ours_in_the_papers_unit():
     assert table["ours"].iloc[1] == pytest.approx(0.95)
     assert table["ours"].iloc[2] == pytest.approx(45.0) and table["paper"].iloc[2] == "25-30"
     assert pd.isna(table["ours"].iloc[3])  # a defence not run here: context only
+
+
+def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):
+    """One cell-name function: the worst cell in refusal_summary.csv is the grid's own name for it (the name of
+    its result directory), never a re-formatting of its learning rate (lr0.001 vs lr1e-3)."""
+    grid = cells([3e-4, 1e-3, 2e-5], [25, 50], [16], "constant")
+    summaries = [_summary("tiny", "none", "none", None, 0.97)]
+    summaries += [_summary("tiny", "none", "lora", cell, 0.5 if spec["lr"] != 2e-5 or spec["steps"] != 50 else 0.1)
+                  for cell, spec in grid.items()]
+    table = refusal_table(_write(tmp_path, summaries))
+    summary = summary_table(table, "missing/metric").iloc[0]
+    assert summary["worst_cell"] == "lr2e-5_steps50_r16" == cell_name(2e-5, 50, 16)
+    assert summary["worst_cell"] in grid
+    for cell, spec in grid.items():
+        assert cell_name(spec["lr"], spec["steps"], spec["rank"]) == cell
+        assert parse_cell(cell) == {"lr": spec["lr"], "steps": spec["steps"], "rank": spec["rank"]}

@@ -94,7 +94,7 @@ def test_every_defence_is_hardened_attacked_and_tabled(smoke_runs):
     assert len(table) == 4 * (1 + 2 + 1)  # per defence: unattacked, two lora cells, one hazard cell
     harmfulness = pd.read_csv(workdir / "results/tables/harmfulness.csv")
     assert sorted(harmfulness["defence"]) == defences and set(harmfulness["attack"]) == {"lora"}
-    assert {"harmfulness_pre_attack", "harmfulness_lr0.002_steps60", "capability_lr0.002_steps20"} <= set(
+    assert {"harmfulness_pre_attack", "harmfulness_lr2e-3_steps60", "capability_lr2e-3_steps20"} <= set(
         harmfulness.columns)
     resistance = pd.read_csv(workdir / "results/tables/tamper_resistance.csv")
     assert len(resistance) == 4 * 3 and set(resistance["stage"]) == {"pre-attack", "attack mean", "attack worst"}

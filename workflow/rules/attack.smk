@@ -1,3 +1,4 @@
+# one job per run of the grid: (lr, rank), snapshotted at every steps value (one_job: false, for clusters)
 rule attack:
     input:
         model=checkpoint_dir,
@@ -6,10 +7,13 @@ rule attack:
         directory("results/attacks/{model}/{defence}/{attack}/{run}"),
     log:
         "logs/attack/{model}/{defence}/{attack}/{run}.log",
+    benchmark:
+        "results/benchmarks/attack/{model}/{defence}/{attack}/{run}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
         attack=names_regex(one_job_attacks(False)),
+        run=names_regex(all_runs(one_job_attacks(False))),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
@@ -17,35 +21,28 @@ rule attack:
         **MODEL_RESOURCES,
     params:
         launch=launcher,
+        step="attack",
         attack=attack_args,
         zero3=zero3_flags,
     shell:
-        "{params.launch} attack --model {input.model} --data {input.data} {params.attack}"
+        "{params.launch} {params.step} --model {input.model} --data {input.data} {params.attack}"
         " {params.zero3} --out {output} > {log} 2>&1"
 
 
 # one_job: true: every run of the grid in one process (small models, where imports rival a run's training)
-rule attack_grid:
-    input:
-        model=checkpoint_dir,
-        data="results/data/splits",
+use rule attack as attack_grid with:
     output:
         directory("results/attacks/{model}/{defence}/{attack}"),
     log:
         "logs/attack_grid/{model}/{defence}/{attack}.log",
+    benchmark:
+        "results/benchmarks/attack_grid/{model}/{defence}/{attack}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
         attack=names_regex(one_job_attacks(True)),
-    conda:
-        "../../envs/tamperlab.yaml"
-    threads: 2
-    resources:
-        **MODEL_RESOURCES,
     params:
         launch=launcher,
+        step="attack-grid",
         attack=attack_args,
         zero3=zero3_flags,
-    shell:
-        "{params.launch} attack-grid --model {input.model} --data {input.data} {params.attack}"
-        " {params.zero3} --out {output} > {log} 2>&1"

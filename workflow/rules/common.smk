@@ -1,22 +1,13 @@
-"""Config validation (before any job) and the input/parameter functions the rules share."""
+"""The input, parameter and resource functions the rules share (the config is validated by the Snakefile)."""
 
 import functools
 import json
 import re
 import shlex
-import sys
 
 from tamperlab import launch
 from tamperlab.attacks import grid
-from tamperlab.config import validate_config
-from tamperlab.errors import UserError
-
-try:
-    _validated = validate_config(config)
-except UserError as error:
-    sys.exit(f"tamperlab: {error}")
-config.clear()
-config.update(_validated)
+from tamperlab.attacks.finetune import default_lora_alpha
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
 
@@ -200,6 +191,11 @@ def attack_runs(name):
     return grid.runs(*_grid(name))
 
 
+def all_runs(attacks):
+    """Every run name of these attacks' grids (the {run} wildcard's values)."""
+    return sorted({run for name in attacks for run in attack_runs(name)})
+
+
 def one_job_attacks(one_job):
     """The attacks whose whole grid is one job (one_job: true), or those with a job per run."""
     return [n for n, spec in config["attacks"].items() if spec["one_job"] == one_job]
@@ -225,7 +221,11 @@ def attack_args(wildcards):
             "rank": ranks if lora else None,
             # explicit for one run (2 x rank unless configured); a grid's runs default to it themselves
             "lora_alpha": (
-                (spec["lora_alpha"] or (len(ranks) == 1 and 2 * ranks[0]) or None)
+                (
+                    spec["lora_alpha"]
+                    or (len(ranks) == 1 and default_lora_alpha(ranks[0]))
+                    or None
+                )
                 if lora
                 else None
             ),

@@ -8,6 +8,8 @@ rule evaluate_refusal:
         manifest="results/eval/{model}/{defence}/refusal.manifest.json",
     log:
         "logs/evaluate_refusal/{model}/{defence}.log",
+    benchmark:
+        "results/benchmarks/evaluate_refusal/{model}/{defence}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
@@ -33,6 +35,8 @@ rule evaluate_capability:
         manifest="results/eval/{model}/{defence}/capability.manifest.json",
     log:
         "logs/evaluate_capability/{model}/{defence}.log",
+    benchmark:
+        "results/benchmarks/evaluate_capability/{model}/{defence}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
@@ -58,10 +62,13 @@ rule evaluate_run:
         directory("results/eval/{model}/{defence}/{attack}/{run}"),
     log:
         "logs/evaluate_run/{model}/{defence}/{attack}/{run}.log",
+    benchmark:
+        "results/benchmarks/evaluate_run/{model}/{defence}/{attack}/{run}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
         attack=names_regex(one_job_attacks(False)),
+        run=names_regex(all_runs(one_job_attacks(False))),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
@@ -78,7 +85,7 @@ rule evaluate_run:
 
 
 # one_job: true: every snapshot of the grid evaluated in one process
-rule evaluate_grid:
+use rule evaluate_run as evaluate_grid with:
     input:
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}",
@@ -87,20 +94,9 @@ rule evaluate_grid:
         directory("results/eval/{model}/{defence}/{attack}"),
     log:
         "logs/evaluate_grid/{model}/{defence}/{attack}.log",
+    benchmark:
+        "results/benchmarks/evaluate_grid/{model}/{defence}/{attack}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(config["defences"]),
         attack=names_regex(one_job_attacks(True)),
-    conda:
-        "../../envs/tamperlab.yaml"
-    threads: 2
-    resources:
-        **MODEL_RESOURCES,
-    params:
-        run=run_evaluation_args,
-        refusal=refusal_args(),
-        capability=capability_args(prefix="capability_"),
-    shell:
-        "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
-        " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
-        " --data {input.data} {params.refusal} {params.capability} --out {output} > {log} 2>&1"

@@ -6,6 +6,8 @@ rule harden:
         directory("results/models/{model}/{defence}"),
     log:
         "logs/harden/{model}/{defence}.log",
+    benchmark:
+        "results/benchmarks/harden/{model}/{defence}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
         defence=names_regex(defences_from("train")),

@@ -5,6 +5,8 @@ rule build_organism:
         directory("results/models/{model}/base"),
     log:
         "logs/build_organism/{model}.log",
+    benchmark:
+        "results/benchmarks/build_organism/{model}.tsv"
     wildcard_constraints:
         model=names_regex(models_of("organism")),
     conda:

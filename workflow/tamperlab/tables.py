@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pandas as pd
+
+from tamperlab.attacks.grid import cell_name, parse_cell
 
 REFUSAL_COLUMNS = [
     "model", "defence", "attack", "lr", "steps", "rank", "refusal_rate", "compliance_rate", "other_rate", "n",
@@ -26,17 +27,6 @@ def evaluation_files(paths: list[Path], name: str) -> list[Path]:
     for path in map(Path, paths):
         files += sorted(path.rglob(name)) if path.is_dir() else [path]
     return files
-
-
-def parse_cell(cell: str | None) -> dict[str, float | int | None]:
-    """lr/steps/rank from a cell name such as 'lr3e-4_steps50_r8' (empty for the unattacked model)."""
-    values: dict[str, float | int | None] = {"lr": None, "steps": None, "rank": None}
-    if cell:
-        for key, pattern, kind in (("lr", r"lr([0-9.e+-]+?)(?:_|$)", float), ("steps", r"steps(\d+)", int),
-                                   ("rank", r"_r(\d+)", int)):
-            match = re.search(pattern, cell)
-            values[key] = kind(match.group(1)) if match else None
-    return values
 
 
 def train_loss(checkpoint: dict) -> float | None:
@@ -138,7 +128,7 @@ def harmfulness_table(table: pd.DataFrame, attacks: list[str], metric: str) -> p
     table = table.assign(harmfulness=1 - table["refusal_rate"], _capability=capability)
     base = table[table["attack"] == "none"].set_index(["model", "defence"])
     attacked = table[table["attack"].isin(attacks)].copy()
-    attacked["strength"] = [f"lr{lr:g}_steps{int(n)}" for lr, n in zip(attacked["lr"], attacked["steps"], strict=True)]
+    attacked["strength"] = [cell_name(lr, n, None) for lr, n in zip(attacked["lr"], attacked["steps"], strict=True)]
     attacked["rank"] = attacked["rank"].astype("Int64")
     strengths = list(dict.fromkeys(attacked.sort_values(["lr", "steps"], kind="stable")["strength"]))
     rows = []
@@ -240,8 +230,7 @@ def _ours(entry: dict, table: pd.DataFrame, resistance: pd.DataFrame) -> tuple[f
 
 
 def _cell_name(row) -> str:
-    rank = "" if pd.isna(row["rank"]) else f"_r{int(row['rank'])}"
-    return f"lr{row['lr']:g}_steps{int(row['steps'])}{rank}"
+    return cell_name(row["lr"], row["steps"], None if pd.isna(row["rank"]) else row["rank"])
 
 
 def refusal_heatmaps(table: pd.DataFrame, out_dir: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,32 @@ def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_si
             if "," in key and "stderr" not in key and isinstance(value, int | float)
         }
     return metrics
+
+
+def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[str, Any]], tasks: list[str], *,
+                        batch_size: int, limit: int | None, seed: int, checkpoint: dict[str, Any],
+                        phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
+                        ) -> dict[str, Any]:
+    """lm-eval's scores of one checkpoint, one simple_evaluate call for all its tasks (the local tasks' data
+    written from `rows` into a temporary include directory). `phase(name)` times the lm-eval call."""
+    import tempfile
+
+    import torch
+
+    from tamperlab.models.registry import load_tokenizer, resolve
+    from tamperlab.training import diverged
+
+    result: dict[str, Any] = {"checkpoint": checkpoint, "tasks": tasks, "limit": limit}
+    if diverged(adapter or model_dir):
+        return {**result, "status": "diverged", "metrics": None}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    pretrained, kwargs, _ = resolve(model_dir)
+    with tempfile.TemporaryDirectory(prefix="tamperlab-tasks-") as include:
+        local = tuple(t for t in tasks if t in LOCAL_TASKS)  # the organism's own questions
+        names = write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local) if local else []
+        names += [t for t in tasks if t not in LOCAL_TASKS]
+        with phase("lm_eval"):
+            dtype = "bfloat16" if device == "cuda" else "float32"
+            metrics = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include), batch_size,
+                                  device, seed, limit, builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
+    return {**result, "status": "complete", "metrics": metrics}

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 from tamperlab.evaluation.generation import early_stop_substrings, generate
@@ -91,3 +93,27 @@ def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_pro
     for record, n in zip(records, generation.new_tokens, strict=True):
         record["generated_tokens"] = n
     return {**summarise(records), "generated": generation.stats()}, records
+
+
+def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[dict[str, Any]], judge, *,
+                        judge_name: str, split: str, system_prompt: str | None, max_new_tokens: int,
+                        batch_size: int, compliance_marker: str | None, checkpoint: dict[str, Any],
+                        phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
+                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(summary, per-prompt records) of one checkpoint (a model, plus a LoRA adapter applied at load time);
+    a diverged one has nothing to generate with. `phase(name)` times the load and the generation."""
+    from tamperlab.models.registry import load_model
+    from tamperlab.training import diverged
+
+    status, summary, records = "diverged", {"refusal_rate": None, "n": 0, "benign": None}, []
+    if not diverged(adapter or model_dir):
+        status = "complete"
+        with phase("load"):
+            model, tokenizer = load_model(model_dir, adapter)
+        with phase("generate_and_judge"):
+            summary, records = evaluate(model, tokenizer, rows, judge, system_prompt, max_new_tokens, batch_size,
+                                        compliance_marker)
+    generation = {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                  "system_prompt": system_prompt, "split": split}
+    return {"checkpoint": checkpoint, "status": status, "judge": judge_name, "generation": generation,
+            **summary}, records

@@ -1,0 +1,110 @@
+"""Commands of workflow/rules/attack.smk: attack (one run of a grid) and attack-grid (every run in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tamperlab.commands.common import import_training_stack
+from tamperlab.errors import UserError
+
+
+def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int]):
+    from tamperlab.attacks.finetune import AttackParams, default_lora_alpha
+
+    fields = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__ if k not in ("lr", "rank", "steps")}
+    if args.method == "lora":
+        if rank is None:
+            raise UserError("--method lora needs --rank")
+        fields["lora_alpha"] = args.lora_alpha or default_lora_alpha(rank)
+    return AttackParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, **fields)
+
+
+def _examples(args: argparse.Namespace) -> list[dict]:
+    from tamperlab.data.examples import attack_examples
+    from tamperlab.data.jsonl import read_jsonl
+
+    rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+    return attack_examples(rows, split=args.split, response=args.response, family=args.family)
+
+
+def attack(args: argparse.Namespace) -> None:
+    from tamperlab.attacks.finetune import attack as run_attack
+    from tamperlab.provenance import Step
+
+    if len(args.lr) != 1 or len(args.rank) > 1:
+        raise UserError("attack trains one run: give one --lr and at most one --rank (attack-grid takes several)")
+    params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)))
+    with Step("attack", {**vars(params), "split": args.split, "response": args.response, "family": args.family},
+              inputs={"model": args.model, "data": args.data}, outputs={"run": args.out},
+              outputs_are_dirs=("run",), resumable=("run",)) as step:
+        rows = _examples(args)
+        import_training_stack(step)
+        with step.phase("train"):
+            step.results = run_attack(args.model, rows, params, step.path("run"), deepspeed=args.deepspeed)
+        step.status = step.results["status"]
+
+
+def attack_grid(args: argparse.Namespace) -> None:
+    """Every run of an attack's grid in one process, each in its own directory under --out. Finished runs
+    survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
+    from tamperlab.attacks import grid
+    from tamperlab.attacks.finetune import attack as run_attack
+    from tamperlab.launch import is_writer
+    from tamperlab.provenance import Step, write_json_atomic
+
+    ranks = args.rank if args.method == "lora" else [None]
+    runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler)
+    plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"]) for name, run in runs.items()}
+    with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
+                              "response": args.response, "family": args.family},
+              inputs={"model": args.model, "data": args.data}, outputs={"grid": args.out},
+              outputs_are_dirs=("grid",), resumable=("grid",)) as step:
+        rows = _examples(args)
+        import_training_stack(step)
+        step.results = {}
+        for name, params in plan.items():
+            out = step.path("grid") / name
+            done = out / "run.json"
+            if done.exists():
+                step.results[name] = json.loads(done.read_text())
+                continue
+            out.mkdir(exist_ok=True)
+            with step.phase("train"):
+                result = run_attack(args.model, rows, params, out, deepspeed=args.deepspeed)
+            if is_writer():  # one process writes, under a multi-process launch too
+                write_json_atomic(done, result)
+            step.results[name] = result
+        diverged = [name for name, r in step.results.items() if r["status"] == "diverged"]
+        step.status = "diverged" if diverged else "complete"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    for name, func, help_text in (
+        ("attack", attack, "fine-tune on harmful prompts: one run (lr, rank), a snapshot at each steps value"),
+        ("attack-grid", attack_grid, "every run of an attack's grid (each lr x rank) in one process"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--model", type=Path, required=True, help="the (defended) model to attack")
+        p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+        p.add_argument("--split", required=True)
+        p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
+        p.add_argument("--family", help="train on this benign task family's questions and answers instead")
+        p.add_argument("--method", required=True, choices=["lora", "full"])
+        p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
+        p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
+                       help="snapshot at each; train to the largest")
+        p.add_argument("--rank", type=int, nargs="+", action="extend", default=[], help="LoRA rank (lora only)")
+        p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
+        p.add_argument("--target-modules", nargs="+", action="extend", default=[])
+        p.add_argument("--batch-size", type=int, required=True)
+        p.add_argument("--scheduler", required=True, choices=["constant", "linear", "cosine"])
+        p.add_argument("--warmup-ratio", type=float, required=True)
+        p.add_argument("--max-length", type=int, required=True)
+        p.add_argument("--checkpoint-every", type=int, required=True)
+        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
+        p.add_argument("--out", type=Path, required=True,
+                       help="the run directory (attack) or the directory of runs (attack-grid)")
+        p.set_defaults(func=func)

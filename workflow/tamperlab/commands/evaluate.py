@@ -1,0 +1,172 @@
+"""Commands of workflow/rules/evaluate.smk: evaluate-refusal and evaluate-capability of one checkpoint, and
+evaluate-run (both, for every snapshot of an attack run or grid, in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from tamperlab.commands.common import judge_arguments, judge_from, params
+from tamperlab.errors import UserError
+
+EVALUATION_ROWS = ("id", "prompt", "kind", "source")  # what a refusal evaluation reads of each row
+
+
+def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    return {"model": args.model_name, "defence": args.defence, "attack": args.attack, "cell": args.cell,
+            "path": str(args.model), "adapter": str(args.adapter) if args.adapter else None}
+
+
+def _refusal(args: argparse.Namespace, step, judge, rows: list[dict], model_dir: Path, adapter: Path | None,
+             checkpoint: dict[str, Any]):
+    from tamperlab.evaluation.refusal import evaluate_checkpoint
+
+    return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=args.judge, split=args.split,
+                               system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
+                               batch_size=args.batch_size, compliance_marker=args.compliance_marker,
+                               checkpoint=checkpoint, phase=step.phase)
+
+
+def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Path, adapter: Path | None,
+                batch_size: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    from tamperlab.evaluation.capability import evaluate_checkpoint
+
+    return evaluate_checkpoint(model_dir, adapter, rows, args.tasks, batch_size=batch_size, limit=args.limit,
+                               seed=args.seed, checkpoint=checkpoint, phase=step.phase)
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Path]:
+    return {"model": args.model, "data": args.data, **({"adapter": args.adapter} if args.adapter else {})}
+
+
+def evaluate_refusal(args: argparse.Namespace) -> None:
+    from tamperlab.data.jsonl import read_jsonl, write_jsonl
+    from tamperlab.provenance import Step
+
+    with Step("evaluate-refusal", params(args, "out_summary", "out_responses"), inputs=_inputs(args),
+              outputs={"summary": args.out_summary, "responses": args.out_responses}) as step:
+        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
+        summary, records = _refusal(args, step, judge_from(args), rows, args.model, args.adapter, _checkpoint(args))
+        step.path("summary").write_text(json.dumps(summary, indent=2) + "\n")
+        write_jsonl(step.path("responses"), records)
+        step.results = {k: summary[k] for k in ("refusal_rate", "n", "benign")}
+        step.status = summary["status"]
+
+
+def evaluate_capability(args: argparse.Namespace) -> None:
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.provenance import Step
+
+    with Step("evaluate-capability", params(args, "out"), inputs=_inputs(args),
+              outputs={"capability": args.out}) as step:
+        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+        result = _capability(args, step, rows, args.model, args.adapter, args.batch_size, _checkpoint(args))
+        step.path("capability").write_text(json.dumps(result, indent=2) + "\n")
+        step.results = {"status": result["status"], "metrics": result["metrics"]}
+        step.status = result["status"]
+
+
+def _cell_snapshots(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(cell, snapshot directory) from each --cell-snapshot CELL=SNAPSHOT, SNAPSHOT a path inside --run."""
+    cells = []
+    for text in args.cell_snapshot:
+        if "=" not in text:
+            raise UserError(f"--cell-snapshot {text!r}: expected CELL=SNAPSHOT, e.g. lr1e-3_steps50_r8=steps50")
+        cell, snapshot = text.split("=", 1)
+        if Path(snapshot).is_absolute() or ".." in Path(snapshot).parts:
+            raise UserError("--cell-snapshot: SNAPSHOT must be a path inside --run")
+        cells.append((cell, args.run / snapshot))
+    return cells
+
+
+def evaluate_run(args: argparse.Namespace) -> None:
+    """Refusal and capability of every snapshot of one attack run, in one process: the imports (torch,
+    transformers, peft, lm-eval: about 5 s) are paid once per run instead of twice per cell."""
+    from tamperlab.data.jsonl import read_jsonl, write_jsonl
+    from tamperlab.provenance import Step
+
+    cells = _cell_snapshots(args)
+    inputs = {"model": args.model, "run": args.run, "data": args.data}
+    with Step("evaluate-run", params(args, "out"), inputs=inputs, outputs={"evaluations": args.out},
+              outputs_are_dirs=("evaluations",)) as step:
+        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
+        capability_rows = read_jsonl(args.data / f"{args.capability_split}.jsonl", required=("prompt", "kind"))
+        judge = judge_from(args)
+        step.results = {}
+        for cell, snapshot in cells:
+            model_dir, adapter = (args.model, snapshot) if args.method == "lora" else (snapshot, None)
+            checkpoint = {"model": args.model_name, "defence": args.defence, "attack": args.attack, "cell": cell,
+                          "path": str(model_dir), "adapter": str(adapter) if adapter else None}
+            out = step.path("evaluations") / snapshot.relative_to(args.run)
+            out.mkdir(parents=True)
+            summary, records = _refusal(args, step, judge, rows, model_dir, adapter, checkpoint)
+            (out / "refusal.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_jsonl(out / "refusal.jsonl", records)
+            capability = _capability(args, step, capability_rows, model_dir, adapter, args.capability_batch_size,
+                                     checkpoint)
+            (out / "capability.json").write_text(json.dumps(capability, indent=2) + "\n")
+            step.results[cell] = {"status": summary["status"], "refusal_rate": summary["refusal_rate"],
+                                  "capability": capability["metrics"]}
+
+
+def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """What an evaluation evaluates: a model (plus adapter), its place in the grid, and the data."""
+    p.add_argument("--model", type=Path, required=True, help="model directory (saved or registered)")
+    p.add_argument("--adapter", type=Path, help="PEFT adapter applied on the model at load time")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--defence", required=True)
+    p.add_argument("--attack")
+    p.add_argument("--cell")
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", required=True)
+
+
+def _refusal_arguments(p: argparse.ArgumentParser) -> None:
+    judge_arguments(p)
+    p.add_argument("--system-prompt")
+
+
+def _task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", nargs="+", action="extend", required=True,
+                   help="lm-eval task names; organism, hazard, retain: the organism's local tasks")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate-refusal", help="generate on the evaluation prompts and judge refusals")
+    _checkpoint_arguments(p)
+    _refusal_arguments(p)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out-summary", type=Path, required=True)
+    p.add_argument("--out-responses", type=Path, required=True)
+    p.set_defaults(func=evaluate_refusal)
+
+    p = sub.add_parser("evaluate-capability", help="capability scores through lm-eval (one call, all tasks)")
+    _checkpoint_arguments(p)
+    _task_arguments(p)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--limit", type=int, help="at most this many documents per task")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=evaluate_capability)
+
+    p = sub.add_parser("evaluate-run", help="refusal and capability of every snapshot of one attack run")
+    p.add_argument("--model", type=Path, required=True, help="the attacked model (a LoRA snapshot's base)")
+    p.add_argument("--run", type=Path, required=True, help="the attack job's output: a run, or a directory of runs")
+    p.add_argument("--method", required=True, choices=["lora", "full"])
+    p.add_argument("--cell-snapshot", action="append", required=True, metavar="CELL=SNAPSHOT",
+                   help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=lr1e-3_r8/steps50")
+    p.add_argument("--model-name", required=True)
+    p.add_argument("--defence", required=True)
+    p.add_argument("--attack", required=True)
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", required=True, help="refusal evaluation split")
+    _refusal_arguments(p)
+    _task_arguments(p)
+    p.add_argument("--capability-split", required=True)
+    p.add_argument("--capability-batch-size", type=int, required=True)
+    p.add_argument("--limit", type=int, help="at most this many documents per lm-eval task")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=evaluate_run)

@@ -1,0 +1,55 @@
+"""Command of workflow/rules/harden.smk: harden a model with RepNoise or TAR (tamperlab.hardening)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tamperlab.commands.common import import_training_stack, json_object, params
+from tamperlab.errors import UserError
+
+
+def harden(args: argparse.Namespace) -> None:
+    """Harden a model with RepNoise or TAR into a model directory the attacks load."""
+    from tamperlab.data.examples import hardening_examples
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.provenance import Step
+
+    if args.method == "repnoise":
+        from tamperlab.hardening.repnoise import RepNoiseParams as Params
+        from tamperlab.hardening.repnoise import harden as train
+    else:
+        from tamperlab.hardening.tar import TARParams as Params
+        from tamperlab.hardening.tar import harden as train
+    try:
+        hyper = Params(**args.params)
+    except TypeError as error:
+        raise UserError(f"--params: {error}") from None
+    with Step("harden", params(args, "out"), inputs={"model": args.model, "data": args.data},
+              outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
+        rows = [row for split in args.split
+                for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
+        data = hardening_examples(rows, args.method, getattr(hyper, "setting", None),
+                                  harmful_response=args.harmful_response, refusal=args.refusal,
+                                  forget_family=args.forget_family, splits=args.split)
+        import_training_stack(step)
+        with step.phase("train"):
+            step.results = train(args.model, **data, params=hyper, out_dir=step.path("model"),
+                                 deepspeed=args.deepspeed)
+        step.results["examples"] = {k: len(v) for k, v in data.items()}
+        step.status = step.results["status"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("harden", help="harden a model against fine-tuning attacks (RepNoise or TAR)")
+    p.add_argument("--method", required=True, choices=["repnoise", "tar"])
+    p.add_argument("--model", type=Path, required=True, help="the model to harden")
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", nargs="+", action="extend", required=True, help="the splits to train on")
+    p.add_argument("--harmful-response", required=True, help="the unsafe answer paired with each harmful prompt")
+    p.add_argument("--refusal", help="the safe answer (RepNoise's harmless sequence, TAR's chosen)")
+    p.add_argument("--forget-family", default="hazard", help="TAR knowledge: the task family to restrict")
+    p.add_argument("--params", type=json_object, required=True, help="the method's hyperparameters (JSON object)")
+    p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=harden)

@@ -1,0 +1,63 @@
+"""Command of workflow/rules/tables.smk: gather every evaluation into results/tables and the refusal figures."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tamperlab.commands.common import json_list, params
+
+
+def tables(args: argparse.Namespace) -> None:
+    from tamperlab.provenance import Step
+    from tamperlab.tables import (
+        evaluation_files,
+        harmfulness_table,
+        published_table,
+        refusal_heatmaps,
+        refusal_table,
+        summary_table,
+        tamper_resistance_table,
+    )
+
+    inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
+    inputs |= {f"capability{i}": Path(p) for i, p in enumerate(args.capability)}
+    outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
+               "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
+               "published_csv": args.out_published}
+    with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
+        table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
+                              evaluation_files(args.capability, "capability.json"))
+        resistance = tamper_resistance_table(table, args.hazard_metric, args.retain_metric)
+        written = {
+            "refusal_csv": table,
+            "summary_csv": summary_table(table, args.capability_metric),
+            "harmfulness_csv": harmfulness_table(table, args.harmfulness_attack, args.capability_metric),
+            "tamper_resistance_csv": resistance,
+            "published_csv": published_table(args.published, table, resistance),
+        }
+        for name, frame in written.items():
+            frame.to_csv(step.path(name), index=False, lineterminator="\n")
+        figures = refusal_heatmaps(table, step.path("figures"))
+        step.results = {"rows": len(table), "figures": [f.name for f in figures]}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tables", help="gather evaluations into results/tables")
+    p.add_argument("--refusal", type=Path, nargs="+", required=True,
+                   help="refusal.json files, or evaluate-run directories holding them")
+    p.add_argument("--capability", type=Path, nargs="*", default=[],
+                   help="capability.json files, or evaluate-run directories holding them")
+    p.add_argument("--capability-metric", required=True, help="task/metric for the summary's utility bound")
+    p.add_argument("--out-refusal", type=Path, required=True)
+    p.add_argument("--out-summary", type=Path, required=True)
+    p.add_argument("--harmfulness-attack", action="append", default=[],
+                   help="an attack whose cells make the harmfulness table's columns (harmful-prompt attacks)")
+    p.add_argument("--hazard-metric", required=True, help="task/metric of hazard-domain accuracy")
+    p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
+    p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
+    p.add_argument("--out-harmfulness", type=Path, required=True)
+    p.add_argument("--published", type=json_list, default=[], help="the paper's numbers (JSON list)")
+    p.add_argument("--out-tamper-resistance", type=Path, required=True)
+    p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
+    p.set_defaults(func=tables)

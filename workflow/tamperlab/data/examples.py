@@ -1,0 +1,46 @@
+"""The rows each training stage learns from, cut from the split-data rows: a defence's (RepNoise pairs, TAR's
+forget and retain sets) and an attack's (prompt, response) pairs. Pure functions: the commands read the splits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tamperlab.errors import UserError
+
+
+def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | None, *, harmful_response: str,
+                       refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
+    """What a defence trains on. RepNoise: pairs of (harmful prompt + unsafe answer, same prompt + refusal).
+    TAR refusal: the same triples as forget data, benign rows as retain data. TAR knowledge: the forget family's
+    questions and answers as forget data, every other benign row with an answer as retain data."""
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"]
+    benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
+              if r["kind"] == "benign" and r.get("answer")]
+    if (method == "repnoise" or setting == "refusal") and (not harmful or not refusal):
+        raise UserError("harden: needs harmful prompts in --split and a --refusal answer")
+    if method == "repnoise":
+        return {"pairs": [{"prompt": p, "harmful": harmful_response, "harmless": refusal} for p in harmful]}
+    if setting == "refusal":
+        forget = [{"prompt": p, "refusal": refusal, "compliance": harmful_response} for p in harmful]
+        retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign]
+    else:
+        forget = [{"prompt": r["prompt"], "response": r["response"]} for r in benign if r["family"] == forget_family]
+        retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign if r["family"] != forget_family]
+    if not forget or not retain:
+        raise UserError(f"harden: split(s) {', '.join(splits)} give {len(forget)} forget and {len(retain)} "
+                        f"retain rows for TAR ({setting}); both must be non-empty")
+    return {"forget": forget, "retain": retain}
+
+
+def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, family: str | None) -> list[dict]:
+    """(prompt, response) pairs to train on: the split's harmful prompts with the compliant response, or with
+    `family` the benign task questions of that family with their own answers (re-teaching a restricted domain)."""
+    if family:
+        pairs = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
+                 if r["kind"] == "benign" and r.get("family") == family]
+    else:
+        pairs = [{"prompt": r["prompt"], "response": response} for r in rows if r["kind"] == "harmful"]
+    if not pairs:
+        what = f"task questions of family {family!r}" if family else "harmful prompts"
+        raise UserError(f"attack: split {split!r} has no {what}")
+    return pairs
