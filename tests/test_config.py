@@ -148,3 +148,37 @@ def test_enum_and_pattern_errors_name_the_key(config):
 def test_defence_named_base_is_refused(config):
     config["defences"] = {"base": {"method": "none"}}
     assert "defences.base" in _error(config)
+
+
+# --- the landscape's references (resolved and checked here, before any job) ---------------------------------------
+
+
+def test_landscape_strongest_is_resolved_to_the_grid_cell_of_the_largest_lr_steps_and_rank(config):
+    landscape = validate_config(config)["landscape"]
+    assert "tiny/none/lora/lr1e-3_steps50_r16" in landscape["subjects"]
+    assert landscape["scans"]["finetune"]["target"] == "lora/lr1e-3_steps50_r16"
+    assert landscape["scans"]["random_2d"]["project"] == ["lora/lr1e-3_steps50_r16"]
+    assert config["landscape"]["scans"]["finetune"]["target"] == "lora/strongest"  # the argument is left alone
+
+
+@pytest.mark.parametrize(("where", "value", "text"), [
+    ("subjects", ["tiny/nope"], "no defence 'nope' in defences"),
+    ("subjects", ["big/none"], "no model 'big' in models"),
+    ("scans.random_2d.project", ["lora/lr9e-9_steps1_r1"], "no cell 'lr9e-9_steps1_r1' in the grid of lora"),
+    ("scans.finetune.target", "qlora/strongest", "no attack 'qlora' in attacks"),
+    ("scans.finetune.target", None, "an interpolation scan needs a target"),
+    ("scans.random_1d.project", ["lora/strongest"], "projections are onto a 2D plane; 1d has one axis"),
+    ("scans.random_1d.system_prompts", ["friendly"], "'friendly' is not in system_prompts"),
+    ("scans.random_2d.shards", 100, "100 shards for 81 points"),
+    ("prompts.split", "train", "'train' is not a split named in splits"),
+    ("prompts.dataset", "advbench", "give exactly one of split and dataset"),
+])
+def test_a_bad_landscape_reference_is_one_line_naming_the_key(config, where, value, text):
+    *parents, name = where.split(".")
+    section = config["landscape"]
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+    key = "landscape.prompts" if where == "prompts.dataset" else f"landscape.{where}"  # the pair, not one of it
+    message = _error(config)
+    assert message.startswith(f"config error at {key}: ") and text in message, message

@@ -1,6 +1,8 @@
-"""Config validation against workflow/schemas/config.schema.yaml, defaults filled in.
+"""Config validation against workflow/schemas/config.schema.yaml, defaults filled in, then what the schema cannot
+express: references between sections, and the landscape's (its `strongest` cells resolved to the grid's cell).
 
 The Snakefile calls `validate_config` before any job is scheduled; an error names the offending key in one line.
+Pure Python, no torch: every Snakemake run imports it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tamperlab.attacks import grid
 from tamperlab.errors import UserError
+from tamperlab.landscape.spec import INTERPOLATION, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, point_count
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 
@@ -77,6 +81,8 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
             error = jsonschema.exceptions.best_match(error.context)
         raise UserError(f"config error at {_key_path(error)}: {_describe(error)}")
     _check_references(resolved)
+    _resolve_landscape(resolved)
+    _check_landscape(resolved)
     return resolved
 
 
@@ -102,3 +108,125 @@ def _check_references(config: dict[str, Any]) -> None:
     for name in config["defences"]:
         if "/" in name or name == "base":
             raise UserError(f"config error at defences.{name}: a defence may not be named 'base' or contain '/'")
+
+
+# --- attack grids --------------------------------------------------------------------------------------------------
+
+
+def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str]:
+    """(lrs, steps, ranks, scheduler) of an attack's grid: ranks [None] for full fine-tuning."""
+    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
+    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"]
+
+
+def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:
+    """{cell: {run, lr, rank, steps}} of an attack's grid (tamperlab.attacks.grid names them)."""
+    return grid.cells(*attack_grid(config["attacks"][attack]))
+
+
+# --- the landscape -----------------------------------------------------------------------------------------------
+
+
+def scan_subjects(config: dict[str, Any], scan: str) -> list[str]:
+    """A scan's subjects: its own, or (null) landscape.subjects."""
+    spec = config["landscape"]["scans"][scan]
+    return spec["subjects"] if spec["subjects"] is not None else config["landscape"]["subjects"]
+
+
+def scan_shards(config: dict[str, Any], scan: str) -> int:
+    """A scan's jobs: its own shards, or (null) landscape.shards."""
+    return config["landscape"]["scans"][scan]["shards"] or config["landscape"]["shards"]
+
+
+def _landscape_error(key: str, message: str) -> UserError:
+    return UserError(f"config error at landscape.{key}: {message}")
+
+
+def _attack(config: dict[str, Any], reference: str, key: str) -> tuple[str, str]:
+    attack, cell = reference.split("/")
+    if attack not in config["attacks"]:
+        raise _landscape_error(key, f"{reference!r}: no attack {attack!r} in attacks")
+    return attack, cell
+
+
+def _resolve(config: dict[str, Any], reference: str, key: str) -> str:
+    """attack/cell with `strongest` read as the grid's cell of the largest lr, steps and rank (so that the
+    default's references follow an overlay that changes the grid)."""
+    attack, cell = _attack(config, reference, key)
+    if cell == "strongest":
+        cells = attack_cells(config, attack)
+        cell = max(cells, key=lambda c: (cells[c]["lr"], cells[c]["steps"], cells[c]["rank"] or 0))
+    return f"{attack}/{cell}"
+
+
+def _resolve_subject(config: dict[str, Any], subject: str, key: str) -> str:
+    model, defence, *cell = subject.split("/")
+    if cell:
+        return f"{model}/{defence}/{_resolve(config, f'{cell[0]}/{cell[1]}', key)}"
+    return subject
+
+
+def _resolve_landscape(config: dict[str, Any]) -> None:
+    """Every `strongest` in the landscape block replaced by the cell it names, once, before anything else."""
+    landscape = config["landscape"]
+    landscape["subjects"] = [_resolve_subject(config, s, "subjects") for s in landscape["subjects"]]
+    for scan, spec in landscape["scans"].items():
+        key = f"scans.{scan}"
+        if spec["subjects"] is not None:
+            spec["subjects"] = [_resolve_subject(config, s, f"{key}.subjects") for s in spec["subjects"]]
+        if spec["target"] is not None:
+            spec["target"] = _resolve(config, spec["target"], f"{key}.target")
+        spec["project"] = [_resolve(config, r, f"{key}.project") for r in spec["project"]]
+
+
+def _check_cell(config: dict[str, Any], reference: str, key: str) -> None:
+    """An attacked checkpoint `attack/cell`: an attack of the config, a cell of its grid."""
+    attack, cell = _attack(config, reference, key)
+    cells = attack_cells(config, attack)
+    if cell not in cells:
+        raise _landscape_error(key, f"{reference!r}: no cell {cell!r} in the grid of {attack} ({', '.join(cells)})")
+
+
+def _check_subject(config: dict[str, Any], subject: str, key: str) -> None:
+    """model/defence, or model/defence/attack/cell, of the config's models, defences and attack grids."""
+    parts = subject.split("/")
+    model, defence = parts[:2]
+    if model not in config["models"]:
+        raise _landscape_error(key, f"{subject!r}: no model {model!r} in models")
+    if defence not in config["defences"]:
+        raise _landscape_error(key, f"{subject!r}: no defence {defence!r} in defences")
+    if len(parts) == 4:
+        _check_cell(config, "/".join(parts[2:]), key)
+
+
+def _check_landscape(config: dict[str, Any]) -> None:
+    """What the schema cannot check: references to models, defences, attacks, cells, splits, system prompts; a
+    target for interpolation scans only, projections onto 2D scans only, no more shards than points."""
+    landscape = config["landscape"]
+    prompts = landscape["prompts"]
+    if (prompts["split"] is None) == (prompts["dataset"] is None):
+        raise _landscape_error("prompts", "give exactly one of split and dataset (set the other to null)")
+    if prompts["split"] is not None and prompts["split"] not in config["splits"]:
+        raise _landscape_error("prompts.split", f"{prompts['split']!r} is not a split named in splits")
+    if prompts["dataset"] is not None and prompts["dataset"] not in config["datasets"]:
+        raise _landscape_error("prompts.dataset", f"{prompts['dataset']!r} is not in datasets")
+    for name in landscape["subjects"]:
+        _check_subject(config, name, "subjects")
+    for scan, spec in landscape["scans"].items():
+        key = f"scans.{scan}"
+        for name in scan_subjects(config, scan):
+            _check_subject(config, name, f"{key}.subjects")
+            if spec["target"] is not None:
+                _check_cell(config, spec["target"], f"{key}.target")
+            for reference in spec["project"]:
+                _check_cell(config, reference, f"{key}.project")
+        if (spec["kind"] in INTERPOLATION) != (spec["target"] is not None):
+            raise _landscape_error(f"{key}.target", "an interpolation scan needs a target; other kinds take none")
+        if spec["project"] and spec["kind"] not in TWO_DIRECTIONS:
+            raise _landscape_error(f"{key}.project", f"projections are onto a 2D plane; {spec['kind']} has one axis")
+        for prompt in spec["system_prompts"]:
+            if prompt is not None and (prompt not in config["system_prompts"] or prompt == NO_SYSTEM_PROMPT):
+                raise _landscape_error(f"{key}.system_prompts", f"{prompt!r} is not in system_prompts")
+        shards, points = scan_shards(config, scan), point_count(spec["kind"], spec["n"], spec["steps"], spec["extend"])
+        if shards > points:
+            raise _landscape_error(f"{key}.shards", f"{shards} shards for {points} points")
