@@ -6,33 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import snakemake
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "tests" / "configs" / "smoke.yaml"
-CACHE = REPO / ".cache" / "tamperlab"
-BIN = Path(sys.executable).parent
 CELL = "lr2e-3_steps60_r16"  # the smoke grid's strongest cell
 TIMING = ["perturb_s", "eval_s"]
-
-
-def snakemake(workdir: Path, *flags: str, targets: tuple[str, ...] = (), check: bool = True):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    # Targets first: --configfile and --config take every word that follows them.
-    command = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *flags,
-               "--config", f"cache_dir={CACHE}"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800)
-    if check and result.returncode != 0:
-        raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
-                             f"{result.stderr[-4000:]}")
-    return result
 
 
 def sha256(path: Path) -> str:
@@ -40,11 +22,9 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
+def run(smoke_run) -> Path:
     """The smoke DAG up to the VISAGE table (organism, attack grid, evaluations, every landscape job)."""
-    workdir = tmp_path_factory.mktemp("landscape")
-    snakemake(workdir, "--configfile", str(SMOKE), targets=("results/tables/visage.csv",))
-    return workdir
+    return smoke_run
 
 
 def scan(run: Path, subject: str, name: str) -> pd.DataFrame:
