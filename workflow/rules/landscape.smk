@@ -2,9 +2,7 @@
 # contiguous grid points and gathered into results/landscape/<subject>/<scan>.csv + .png; 2D scans get the
 # projections of attacked cells onto their plane; `visage` turns every scan into results/tables/visage.csv.
 # A subject is model/defence or model/defence/attack/cell (config landscape.subjects, or a scan's own).
-
-
-include: "landscape_common.smk"
+# Input and parameter functions: landscape_common.smk (included by the Snakefile).
 
 
 # one shard of one scan of a model or defended model: ASR at each of its grid points
@@ -16,13 +14,16 @@ rule landscape_scan:
         manifest="results/landscape/{model}/{defence}/shards/{scan}/{shard}of{shards}.manifest.json",
     log:
         "logs/landscape_scan/{model}/{defence}/{scan}/{shard}of{shards}.log",
+    benchmark:
+        "results/benchmarks/landscape_scan/{model}/{defence}/{scan}/{shard}of{shards}.tsv"
     wildcard_constraints:
         **LANDSCAPE_CONSTRAINTS,
-        shard=r"\d+",
-        shards=r"\d+",
+        **SHARD_CONSTRAINTS,
     conda:
         "../../envs/tamperlab.yaml"
     threads: 1
+    resources:
+        **MODEL_RESOURCES,
     params:
         scan=landscape_scan_args,
     shell:
@@ -37,12 +38,12 @@ use rule landscape_scan as landscape_scan_cell with:
         manifest="results/landscape/{model}/{defence}/{attack}/{cell}/shards/{scan}/{shard}of{shards}.manifest.json",
     log:
         "logs/landscape_scan/{model}/{defence}/{attack}/{cell}/{scan}/{shard}of{shards}.log",
+    benchmark:
+        "results/benchmarks/landscape_scan/{model}/{defence}/{attack}/{cell}/{scan}/{shard}of{shards}.tsv"
     wildcard_constraints:
         **LANDSCAPE_CONSTRAINTS,
-        attack=names_regex(config["attacks"]),
-        cell=names_regex(_all_cells()),
-        shard=r"\d+",
-        shards=r"\d+",
+        **CELL_CONSTRAINTS,
+        **SHARD_CONSTRAINTS,
 
 
 # attacked cells' coordinates in a 2D scan's plane, from the same directions on the same kind of device
@@ -54,11 +55,15 @@ rule landscape_project:
         manifest="results/landscape/{model}/{defence}/{scan}_projections.manifest.json",
     log:
         "logs/landscape_project/{model}/{defence}/{scan}.log",
+    benchmark:
+        "results/benchmarks/landscape_project/{model}/{defence}/{scan}.tsv"
     wildcard_constraints:
         **LANDSCAPE_CONSTRAINTS,
     conda:
         "../../envs/tamperlab.yaml"
     threads: 1
+    resources:
+        **MODEL_RESOURCES,
     params:
         project=landscape_project_args,
     shell:
@@ -71,10 +76,11 @@ use rule landscape_project as landscape_project_cell with:
         manifest="results/landscape/{model}/{defence}/{attack}/{cell}/{scan}_projections.manifest.json",
     log:
         "logs/landscape_project/{model}/{defence}/{attack}/{cell}/{scan}.log",
+    benchmark:
+        "results/benchmarks/landscape_project/{model}/{defence}/{attack}/{cell}/{scan}.tsv"
     wildcard_constraints:
         **LANDSCAPE_CONSTRAINTS,
-        attack=names_regex(config["attacks"]),
-        cell=names_regex(_all_cells()),
+        **CELL_CONSTRAINTS,
 
 
 # every shard of a scan into its CSV (grid order) and figure
@@ -118,8 +124,7 @@ use rule landscape_gather as landscape_gather_cell with:
         "logs/landscape_gather/{model}/{defence}/{attack}/{cell}/{scan}.log",
     wildcard_constraints:
         **LANDSCAPE_CONSTRAINTS,
-        attack=names_regex(config["attacks"]),
-        cell=names_regex(_all_cells()),
+        **CELL_CONSTRAINTS,
 
 
 rule visage:

@@ -1,90 +1,22 @@
-"""Input, parameter and target functions of the landscape rules (workflow/rules/landscape.smk): subjects and
-cell references resolved and checked against the config before any job, every scan's CLI flags.
+"""Input, parameter and target functions of the landscape rules (workflow/rules/landscape.smk): every scan's
+subjects, checkpoints and CLI flags. The landscape block is checked, and its `strongest` cells resolved to the
+grid's cell, by tamperlab.config.validate_config before any of this runs.
 """
 
 from types import SimpleNamespace
 
+from tamperlab.config import scan_shards, scan_subjects
+from tamperlab.landscape.spec import GRID_KEYS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS
+
 LANDSCAPE = config["landscape"]
-TWO_DIRECTIONS = ("2d", "interpolation_2d")
-INTERPOLATION = ("interpolation", "interpolation_2d")
 
 
-def _landscape_error(key, message):
-    sys.exit(f"tamperlab: config error at landscape.{key}: {message}")
-
-
-def landscape_subjects(scan):
-    spec = LANDSCAPE["scans"][scan]
-    return spec["subjects"] if spec["subjects"] is not None else LANDSCAPE["subjects"]
-
-
-def landscape_points(spec):
-    path = spec["steps"] + 2 * spec["extend"] + 1
-    return {
-        "1d": spec["n"],
-        "2d": spec["n"] ** 2,
-        "interpolation": path,
-        "interpolation_2d": path * spec["n"],
-    }[spec["kind"]]
-
-
-def landscape_shards(scan):
-    spec = LANDSCAPE["scans"][scan]
-    return spec["shards"] or LANDSCAPE["shards"]
-
-
-def _resolve(reference, key):
-    """attack/cell with `strongest` read as the grid's cell of the largest lr, steps and rank (so that the
-    default's references follow an overlay that changes the grid)."""
-    attack, cell = reference.split("/")
-    if attack not in config["attacks"]:
-        _landscape_error(key, f"{reference!r}: no attack {attack!r} in attacks")
-    if cell == "strongest":
-        cells = attack_cells(attack)
-        cell = max(
-            cells,
-            key=lambda c: (cells[c]["lr"], cells[c]["steps"], cells[c]["rank"] or 0),
-        )
-    return f"{attack}/{cell}"
-
-
-def _resolve_subject(subject, key):
-    model, defence, *cell = subject.split("/")
-    if cell:
-        return f"{model}/{defence}/{_resolve(f'{cell[0]}/{cell[1]}', key)}"
-    return subject
-
-
-def _resolve_references():
-    """Every `strongest` in the landscape block replaced by the cell it names, once, before anything else."""
-    LANDSCAPE["subjects"] = [
-        _resolve_subject(s, "subjects") for s in LANDSCAPE["subjects"]
-    ]
-    for scan, spec in LANDSCAPE["scans"].items():
-        key = f"scans.{scan}"
-        if spec["subjects"] is not None:
-            spec["subjects"] = [
-                _resolve_subject(s, f"{key}.subjects") for s in spec["subjects"]
-            ]
-        if spec["target"] is not None:
-            spec["target"] = _resolve(spec["target"], f"{key}.target")
-        spec["project"] = [_resolve(r, f"{key}.project") for r in spec["project"]]
-
-
-def _cell(model, defence, reference, key):
+def _cell(model, defence, reference):
     """An attacked checkpoint `attack/cell` of (model, defence): the job output that holds it, and the model
     directory and adapter a scan loads (LoRA: the defended model plus the snapshot; full: the snapshot).
     """
     attack, cell = reference.split("/")
-    if attack not in config["attacks"]:
-        _landscape_error(key, f"{reference!r}: no attack {attack!r} in attacks")
-    cells = attack_cells(attack)
-    if cell not in cells:
-        _landscape_error(
-            key,
-            f"{reference!r}: no cell {cell!r} in the grid of {attack} ({', '.join(cells)})",
-        )
-    spec, run = config["attacks"][attack], cells[cell]
+    spec, run = config["attacks"][attack], attack_cells(attack)[cell]
     prefix = f"results/attacks/{model}/{defence}/{attack}"
     job = prefix if spec["one_job"] else f"{prefix}/{run['run']}"
     snapshot = f"{prefix}/{run['run']}/steps{run['steps']}"
@@ -94,17 +26,13 @@ def _cell(model, defence, reference, key):
     return {"inputs": [job], "model": snapshot, "adapter": None}
 
 
-def _subject(subject, key="subjects"):
-    """{subject, model, defence, path (under results/landscape), inputs, model_dir, adapter} of a subject."""
+def _subject(subject):
+    """{subject, model, defence, inputs, model_dir, adapter} of a subject."""
     parts = subject.split("/")
     model, defence = parts[:2]
-    if model not in config["models"]:
-        _landscape_error(key, f"{subject!r}: no model {model!r} in models")
-    if defence not in config["defences"]:
-        _landscape_error(key, f"{subject!r}: no defence {defence!r} in defences")
     found = {"subject": subject, "model": model, "defence": defence}
     if len(parts) == 4:
-        cell = _cell(model, defence, "/".join(parts[2:]), key)
+        cell = _cell(model, defence, "/".join(parts[2:]))
         return {
             **found,
             "inputs": cell["inputs"],
@@ -115,70 +43,12 @@ def _subject(subject, key="subjects"):
     return {**found, "inputs": [base], "model_dir": base, "adapter": None}
 
 
-def _check_landscape():
-    """What the schema cannot check: references to models, defences, attacks, cells, splits, system prompts."""
-    prompts = LANDSCAPE["prompts"]
-    if (prompts["split"] is None) == (prompts["dataset"] is None):
-        _landscape_error(
-            "prompts", "give exactly one of split and dataset (set the other to null)"
-        )
-    if prompts["split"] is not None and prompts["split"] not in config["splits"]:
-        _landscape_error(
-            "prompts.split", f"{prompts['split']!r} is not a split named in splits"
-        )
-    if prompts["dataset"] is not None and prompts["dataset"] not in config["datasets"]:
-        _landscape_error(
-            "prompts.dataset", f"{prompts['dataset']!r} is not in datasets"
-        )
-    for name in LANDSCAPE["subjects"]:
-        _subject(name)
-    for scan, spec in LANDSCAPE["scans"].items():
-        key = f"scans.{scan}"
-        for name in landscape_subjects(scan):
-            subject = _subject(name, f"{key}.subjects")
-            if spec["target"] is not None:
-                _cell(
-                    subject["model"],
-                    subject["defence"],
-                    spec["target"],
-                    f"{key}.target",
-                )
-            for reference in spec["project"]:
-                _cell(subject["model"], subject["defence"], reference, f"{key}.project")
-        if (spec["kind"] in INTERPOLATION) != (spec["target"] is not None):
-            _landscape_error(
-                f"{key}.target",
-                "an interpolation scan needs a target; other kinds take none",
-            )
-        if spec["project"] and spec["kind"] not in TWO_DIRECTIONS:
-            _landscape_error(
-                f"{key}.project",
-                f"projections are onto a 2D plane; {spec['kind']} has one axis",
-            )
-        for prompt in spec["system_prompts"]:
-            if prompt is not None and (
-                prompt not in config["system_prompts"] or prompt == "none"
-            ):
-                _landscape_error(
-                    f"{key}.system_prompts", f"{prompt!r} is not in system_prompts"
-                )
-        if landscape_shards(scan) > landscape_points(spec):
-            _landscape_error(
-                f"{key}.shards",
-                f"{landscape_shards(scan)} shards for {landscape_points(spec)} points",
-            )
-
-
-_resolve_references()
-_check_landscape()
-
-
 def _wildcard_subject(wildcards):
     parts = [wildcards.model, wildcards.defence]
     if "attack" in wildcards.keys():
         parts += [wildcards.attack, wildcards.cell]
     subject = "/".join(parts)
-    if subject not in landscape_subjects(wildcards.scan):
+    if subject not in scan_subjects(config, wildcards.scan):
         raise ValueError(
             f"landscape: {subject} is not a subject of scan {wildcards.scan}"
         )
@@ -193,7 +63,7 @@ def _target(wildcards, subject):
     reference = LANDSCAPE["scans"][wildcards.scan]["target"]
     if reference is None:
         return None
-    return _cell(subject["model"], subject["defence"], reference, "target")
+    return _cell(subject["model"], subject["defence"], reference)
 
 
 def landscape_inputs(wildcards):
@@ -230,17 +100,6 @@ def _subject_flags(wildcards):
     }
 
 
-def landscape_grid(spec):
-    """The grid settings a scan's kind uses: n and extent for random axes, steps and extend for a path."""
-    keys = {
-        "1d": ("n", "extent"),
-        "2d": ("n", "extent"),
-        "interpolation": ("steps", "extend"),
-        "interpolation_2d": ("steps", "extend", "n", "extent"),
-    }[spec["kind"]]
-    return {k: spec[k] for k in keys}
-
-
 def landscape_scan_args(wildcards):
     """Every setting of one shard, explicit: subject, grid, prompts, system prompts, judge, generation."""
     spec = LANDSCAPE["scans"][wildcards.scan]
@@ -248,14 +107,14 @@ def landscape_scan_args(wildcards):
     refusal = config["evaluation"]["refusal"]
     classifier = refusal["classifier"] or {}
     names = [
-        "none" if name is None else f"{name}={config['system_prompts'][name]}"
+        NO_SYSTEM_PROMPT if name is None else f"{name}={config['system_prompts'][name]}"
         for name in spec["system_prompts"]
     ]
     anchor = LANDSCAPE["anchor_every"]
     return cli_flags(
         {
             **_subject_flags(wildcards),
-            **landscape_grid(spec),
+            **{k: spec[k] for k in GRID_KEYS[spec["kind"]]},
             "data": "results/data/splits" if prompts["split"] is not None else None,
             "split": prompts["split"],
             "dataset": (
@@ -281,7 +140,7 @@ def landscape_project_inputs(wildcards):
     subject = _wildcard_subject(wildcards)
     target = _target(wildcards, subject)
     cells = [
-        _cell(subject["model"], subject["defence"], reference, "project")
+        _cell(subject["model"], subject["defence"], reference)
         for reference in LANDSCAPE["scans"][wildcards.scan]["project"]
     ]
     return {
@@ -295,7 +154,7 @@ def landscape_project_args(wildcards):
     subject = _wildcard_subject(wildcards)
     cells = []
     for reference in LANDSCAPE["scans"][wildcards.scan]["project"]:
-        cell = _cell(subject["model"], subject["defence"], reference, "project")
+        cell = _cell(subject["model"], subject["defence"], reference)
         cells.append(f"--cell {reference} {cell['model']} {cell['adapter'] or '-'}")
     return " ".join([cli_flags(_subject_flags(wildcards)), *cells])
 
@@ -307,7 +166,7 @@ def _projects(scan):
 
 def landscape_gather_inputs(wildcards):
     subject = _wildcard_subject(wildcards)
-    n = landscape_shards(wildcards.scan)
+    n = scan_shards(config, wildcards.scan)
     where = landscape_dir(subject["subject"])
     return {
         "shards": [f"{where}/shards/{wildcards.scan}/{k}of{n}.csv" for k in range(n)],
@@ -323,7 +182,7 @@ def landscape_scans():
     """Every gathered scan CSV and every projection file: the visage step's inputs."""
     scans, projections = [], []
     for scan in LANDSCAPE["scans"]:
-        for subject in landscape_subjects(scan):
+        for subject in scan_subjects(config, scan):
             scans.append(f"{landscape_dir(subject)}/{scan}.csv")
             if _projects(scan):
                 projections.append(f"{landscape_dir(subject)}/{scan}_projections.json")
@@ -335,17 +194,6 @@ def visage_targets():
     return ["results/tables/visage.csv"] if landscape_scans()["scans"] else []
 
 
-def _all_cells():
-    return [cell for attack in config["attacks"] for cell in attack_cells(attack)]
-
-
-LANDSCAPE_CONSTRAINTS = {
-    "model": names_regex(config["models"]),
-    "defence": names_regex(config["defences"]),
-    "scan": names_regex(LANDSCAPE["scans"]),
-}
-
-
 def _post_attack_attacks():
     return [name for name, spec in config["attacks"].items() if not spec["family"]]
 
@@ -354,7 +202,7 @@ def visage_evaluations():
     """The refusal evaluations that the VISAGE table reads: each scanned subject's own, and the grids of the
     harmful-prompt attacks on its model and defence (its worst post-attack refusal); not the whole table's.
     """
-    subjects = {s for scan in LANDSCAPE["scans"] for s in landscape_subjects(scan)}
+    subjects = {s for scan in LANDSCAPE["scans"] for s in scan_subjects(config, scan)}
     wanted = set()
     for subject in subjects:
         model, defence, *cell = subject.split("/")
@@ -372,3 +220,18 @@ def visage_evaluations():
 def visage_post_attack_args():
     """The attacks whose cells count as post-attack refusal: those on harmful prompts (not a benign family)."""
     return cli_flags({"post_attack": _post_attack_attacks()})
+
+
+# The landscape rules' wildcards: a subject (model/defence, and attack/cell for an attacked one), a scan, a shard.
+LANDSCAPE_CONSTRAINTS = {
+    "model": names_regex(config["models"]),
+    "defence": names_regex(config["defences"]),
+    "scan": names_regex(LANDSCAPE["scans"]),
+}
+CELL_CONSTRAINTS = {
+    "attack": names_regex(config["attacks"]),
+    "cell": names_regex(
+        [cell for attack in config["attacks"] for cell in attack_cells(attack)]
+    ),
+}
+SHARD_CONSTRAINTS = {"shard": r"\d+", "shards": r"\d+"}
