@@ -128,7 +128,7 @@ def test_a_non_finite_loss_ends_the_cell_as_diverged_and_the_evaluation_says_so(
 
 
 def test_resume_skips_a_checkpoint_that_was_being_written_when_killed(tmp_path):
-    from tamperlab.attacks.finetune import last_complete_checkpoint
+    from tamperlab.training import last_complete_checkpoint
 
     for step, complete in ((4, True), (8, True), (12, False)):
         checkpoint = tmp_path / f"checkpoint-{step}"

@@ -73,8 +73,8 @@ def losses(run_dir: Path, name: str = "loss_log.jsonl") -> list[dict]:
 
 
 def test_the_global_batch_is_split_evenly_over_the_processes():
-    from tamperlab.attacks.finetune import per_device_batch
     from tamperlab.errors import UserError
+    from tamperlab.training import per_device_batch
 
     assert per_device_batch(8, 1) == 8 and per_device_batch(8, 2) == 4
     with pytest.raises(UserError, match="batch_size 6 does not split evenly over 4 processes"):
@@ -84,7 +84,7 @@ def test_the_global_batch_is_split_evenly_over_the_processes():
 def test_under_deepspeed_a_non_finite_gradient_norm_is_divergence_too():
     from types import SimpleNamespace
 
-    from tamperlab.attacks.finetune import went_non_finite
+    from tamperlab.training import went_non_finite
 
     plain, zero3, fp16 = (SimpleNamespace(deepspeed=d, fp16=f) for d, f in ((None, False), ("z.json", False),
                                                                              ("z.json", True)))

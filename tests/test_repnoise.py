@@ -27,6 +27,7 @@ from tamperlab.hardening.repnoise import (
     retain_loss,
     total_loss,
 )
+from tamperlab.training import diverged
 
 PROMPTS = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(8)]
 HARMFUL = [f"Sure, here is how. Step {i}: get what you need and go." for i in range(8)]
@@ -356,4 +357,4 @@ def test_a_non_finite_loss_stops_training_and_is_reported_as_diverged(model_dir,
     monkeypatch.setattr(repnoise, "total_loss", lambda retain, *rest: retain * float("nan"))
     record = harden(model_dir, PAIRS, PARAMS, tmp_path / "out")
     assert record["status"] == "diverged" and record["diverged_at_step"] == 1 and record["steps"] == 1
-    assert (tmp_path / "out/DIVERGED").exists() and not (tmp_path / "out/model.safetensors").exists()
+    assert diverged(tmp_path / "out") and not (tmp_path / "out/model.safetensors").exists()

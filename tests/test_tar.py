@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tamperlab.attacks.finetune import DIVERGED
 from tamperlab.hardening.tar import (
     FORGET,
     SWITCH,
@@ -35,6 +34,7 @@ from tamperlab.hardening.tar import (
     tar_outer_step,
     with_reference_logps,
 )
+from tamperlab.training import DIVERGED
 
 KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}
                     for i in range(12)]

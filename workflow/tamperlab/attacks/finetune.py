@@ -13,20 +13,28 @@ Then every process runs this code; the weight gathers for a save are collective,
 
 from __future__ import annotations
 
-import atexit
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tamperlab.chat import encode_example
-from tamperlab.errors import UserError
-from tamperlab.launch import is_writer, read_zero3_config, world_size
+from tamperlab.training import (
+    CHECKPOINTS,
+    mark_diverged,
+    prepare_sharded_loading,
+    save_trained,
+    train_resuming,
+    trainable_parameters,
+    trainer_arguments,
+    went_non_finite,
+)
 
-CHECKPOINTS = "checkpoints"
-DIVERGED = "DIVERGED"  # marker file in a cell whose training loss became non-finite
+
+def default_lora_alpha(rank: int) -> int:
+    """LoRA's alpha when the config sets none: 2 x rank (Lermen et al.; the rules, commands and runs all ask here)."""
+    return 2 * rank
 
 
 @dataclass
@@ -45,95 +53,8 @@ class AttackParams:
     seed: int
 
 
-def last_complete_checkpoint(directory: Path) -> Path | None:
-    """The newest Trainer checkpoint that was completely written; a kill while one was being saved leaves it
-    partial (the Trainer writes trainer_state.json last), so partial ones are removed (by rank 0), not resumed."""
-    complete = []
-    for checkpoint in directory.glob("checkpoint-*"):
-        if (checkpoint / "trainer_state.json").exists():
-            complete.append(checkpoint)
-        elif is_writer():
-            shutil.rmtree(checkpoint)
-    return max(complete, key=lambda c: int(c.name.rsplit("-", 1)[1]), default=None)
-
-
 def snapshot_name(steps: int) -> str:
     return f"steps{steps}"
-
-
-def per_device_batch(batch_size: int, processes: int) -> int:
-    """Each process's share of the global batch (the Trainer's per_device_train_batch_size)."""
-    if batch_size % processes:
-        raise UserError(f"batch_size {batch_size} does not split evenly over {processes} processes")
-    return batch_size // processes
-
-
-def deepspeed_config(path: Path | None) -> str | None:
-    """The Trainer's `deepspeed` argument, checked first: a config that would save shards fails before training."""
-    if path is None:
-        return None
-    read_zero3_config(path)
-    return str(path)
-
-
-def prepare_sharded_loading(args) -> None:
-    """With a ZeRO-3 config in the TrainingArguments, from_pretrained loads each process's shard only (zero.Init).
-    zero.Init counts the processes through deepspeed.comm, which the Trainer would start only later: start it now
-    (on the process group the TrainingArguments set up), or it counts one and rejects the global batch."""
-    if args.deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed()
-        atexit.unregister(_end_process_group)  # once, however many runs this process trains (attack-grid)
-        atexit.register(_end_process_group)
-
-
-def _end_process_group() -> None:
-    """Leave the process group at exit (a process that exits inside it was seen to abort, rarely). No barrier here:
-    a process that failed must exit, not wait for the others; finished runs already met at their last barrier."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def save_trained(trainer, model, directory: Path) -> None:
-    """model.save_pretrained(directory): a PEFT model's adapter, else the whole model (safetensors).
-
-    Under ZeRO-3 every process holds a shard of each weight, so every process must call this: the gather is a
-    collective, then rank 0 writes the same files a single process would. A PEFT model gathers only its adapter.
-    """
-    if not trainer.is_deepspeed_enabled:
-        model.save_pretrained(directory, safe_serialization=True)
-        return
-    if hasattr(model, "peft_config"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
-            if trainer.is_world_process_zero():
-                model.save_pretrained(directory, safe_serialization=True)
-    else:
-        state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # 16-bit weights, whole only on rank 0
-        if trainer.is_world_process_zero():
-            model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
-
-
-def went_non_finite(args, logs: dict[str, float]) -> bool:
-    """Whether the step just logged diverged: its loss is not finite; under DeepSpeed also its gradient norm.
-
-    A single process applies non-finite gradients and the next loss is non-finite. DeepSpeed skips such a step
-    instead (fp32 and bf16 alike), so without this check the run would go on frozen and end "complete" (under fp16
-    a skip is the loss scaler's routine, not divergence). The step found differs by one between the two.
-    """
-    values = [logs.get("loss")]
-    if args.deepspeed and not args.fp16:
-        values.append(logs.get("grad_norm"))
-    return any(v is not None and not math.isfinite(v) for v in values)
-
-
-def trainable_parameters(model) -> int:
-    """How many weights training changes (under ZeRO-3 a parameter's local tensor is a shard; ds_numel is whole)."""
-    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def _callback_class():
@@ -184,25 +105,17 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
     LoRA snapshots are PEFT adapters (applied on the base at evaluation time); full fine-tuning snapshots are
     whole safetensors models. Returns the training record (loss log, status, diverged step).
     """
-    import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments, set_seed
+    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
     from tamperlab.models.registry import load_model
 
     set_seed(params.seed)
     checkpoints = out_dir / CHECKPOINTS
-    args = TrainingArguments(  # before the model: see prepare_sharded_loading
-        output_dir=str(checkpoints), max_steps=max(params.steps), learning_rate=params.lr,
-        lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_ratio,
-        per_device_train_batch_size=per_device_batch(params.batch_size, world_size()), optim="adamw_torch",
-        weight_decay=0.0,
-        # Log every step, non-finite losses included (the Trainer would otherwise hide them).
-        logging_steps=1, logging_nan_inf_filter=False,
-        save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
-        seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        deepspeed=deepspeed_config(deepspeed),
+    args = trainer_arguments(  # before the model: see prepare_sharded_loading
+        checkpoints, max_steps=max(params.steps), lr=params.lr, batch_size=params.batch_size, seed=params.seed,
+        scheduler=params.scheduler, warmup=params.warmup_ratio, checkpoint_every=params.checkpoint_every,
+        deepspeed=deepspeed,
     )
     prepare_sharded_loading(args)
     model, tokenizer = load_model(base_dir, device=device, dtype=None)
@@ -212,7 +125,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
-            r=params.rank, lora_alpha=params.lora_alpha or 2 * params.rank, lora_dropout=0.0,
+            r=params.rank, lora_alpha=params.lora_alpha or default_lora_alpha(params.rank), lora_dropout=0.0,
             target_modules=params.target_modules, task_type="CAUSAL_LM",
         ))
     tokenizer.padding_side = "right"
@@ -223,9 +136,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
                       callbacks=[snapshots])
     snapshots.trainer = trainer
-    resume = last_complete_checkpoint(checkpoints)
-    trainer.accelerator.wait_for_everyone()  # rank 0 removed partial checkpoints before anyone resumes
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed_from = train_resuming(trainer, checkpoints)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     diverged = snapshots.diverged_at
     if trainer.is_world_process_zero():
@@ -236,12 +147,12 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
             if diverged is not None and (steps >= diverged or not target.exists()):
                 shutil.rmtree(target, ignore_errors=True)
                 target.mkdir()
-                (target / DIVERGED).write_text(json.dumps({"diverged_at_step": diverged}) + "\n")
+                mark_diverged(target, diverged)
     trainer.accelerator.wait_for_everyone()  # every file is written before any process goes on
     return {
         "status": "diverged" if diverged is not None else "complete",
         "diverged_at_step": diverged,
-        "resumed_from_step": int(resume.name.rsplit("-", 1)[1]) if resume else None,
+        "resumed_from_step": resumed_from,
         "final_loss": losses[-1]["loss"] if losses else None,
         "trainable_parameters": trainable_parameters(model),
         "examples": len(encoded),

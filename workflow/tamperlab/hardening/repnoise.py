@@ -37,19 +37,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tamperlab.attacks.finetune import (
-    CHECKPOINTS,
-    DIVERGED,
-    deepspeed_config,
-    last_complete_checkpoint,
-    per_device_batch,
-    prepare_sharded_loading,
-    save_trained,
-    went_non_finite,
-)
 from tamperlab.chat import encode_example
 from tamperlab.errors import UserError
-from tamperlab.launch import world_size
+from tamperlab.training import (
+    CHECKPOINTS,
+    mark_diverged,
+    prepare_sharded_loading,
+    save_trained,
+    train_resuming,
+    trainer_arguments,
+    went_non_finite,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -360,24 +358,17 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
     last complete one. A non-finite loss stops training: out_dir then holds a DIVERGED marker instead of a model.
     Returns the training record (status, steps, final loss terms).
     """
-    import torch
     from datasets import Dataset
-    from transformers import TrainingArguments, set_seed
+    from transformers import set_seed
 
     from tamperlab.models.registry import load_model
 
     set_seed(params.seed)
     checkpoints = out_dir / CHECKPOINTS
-    args = TrainingArguments(  # before the model: see finetune.prepare_sharded_loading
-        output_dir=str(checkpoints), num_train_epochs=params.epochs, max_steps=params.steps or -1,
-        learning_rate=params.lr, lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_ratio,
-        per_device_train_batch_size=per_device_batch(params.batch_size, world_size()), optim="adamw_torch",
-        weight_decay=0.0,
-        logging_steps=1, logging_nan_inf_filter=False,  # every step, non-finite losses included
-        save_strategy="steps", save_steps=params.checkpoint_every, save_total_limit=1,
-        seed=params.seed, data_seed=params.seed, report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
-        deepspeed=deepspeed_config(deepspeed),
+    args = trainer_arguments(  # before the model: see training.prepare_sharded_loading
+        checkpoints, epochs=params.epochs, max_steps=params.steps or -1, lr=params.lr, batch_size=params.batch_size,
+        seed=params.seed, scheduler=params.scheduler, warmup=params.warmup_ratio,
+        checkpoint_every=params.checkpoint_every, deepspeed=deepspeed,
     )
     prepare_sharded_loading(args)
     model, tokenizer = load_model(model_dir, device=device, dtype=None)
@@ -393,9 +384,7 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
         data_collator=lambda batch: collate_pairs(batch, tokenizer.pad_token_id),
         alpha=params.alpha, beta=params.beta, noise_seed=params.seed,
     )
-    resume = last_complete_checkpoint(checkpoints) if checkpoints.exists() else None
-    trainer.accelerator.wait_for_everyone()  # rank 0 removed partial checkpoints before anyone resumes
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    resumed_from = train_resuming(trainer, checkpoints)
 
     log = [{"step": h["step"], "loss": h["loss"], **{t: h[t] for t in TERMS if t in h}}
            for h in trainer.state.log_history if "loss" in h]
@@ -403,7 +392,7 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
     if trainer.is_world_process_zero():
         (out_dir / TRAIN_LOG).write_text("".join(json.dumps(h) + "\n" for h in log))
         if diverged is not None:
-            (out_dir / DIVERGED).write_text(json.dumps({"diverged_at_step": diverged}) + "\n")
+            mark_diverged(out_dir, diverged)
     if diverged is None:
         save_trained(trainer, model, out_dir)  # under ZeRO-3 a collective: every process calls it
         if trainer.is_world_process_zero():
@@ -414,7 +403,7 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
     return {
         "status": "diverged" if diverged is not None else "complete",
         "diverged_at_step": diverged,
-        "resumed_from_step": int(resume.name.rsplit("-", 1)[1]) if resume else None,
+        "resumed_from_step": resumed_from,
         "steps": trainer.state.global_step,
         "final": log[-1] if log else None,
         "pairs": len(rows),

@@ -47,9 +47,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tamperlab.attacks.finetune import DIVERGED
 from tamperlab.chat import encode_example
 from tamperlab.errors import UserError
+from tamperlab.training import mark_diverged, trainable_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -541,7 +541,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     else:
-        (out_dir / DIVERGED).write_text(json.dumps({"diverged_at_step": diverged}) + "\n")
+        mark_diverged(out_dir, diverged)
     phases = ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")
     return {
         "status": "diverged" if diverged is not None else "complete",
@@ -550,7 +550,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
         "final": log[-1] if log else None,
         "mean_phase_s": {k: sum(h[k] for h in log) / len(log) for k in phases} if log else None,
         "random_mapping": rm_log[-1] if rm_log else None,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "trainable_parameters": trainable_parameters(model),
         "rows": {"forget": len(forget), "retain": len(retain)},
         "params": {**asdict(params), "adversary_lrs": list(params.adversary_lrs)},
     }
