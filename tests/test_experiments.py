@@ -298,6 +298,17 @@ def test_lermen_70b_jobs_request_eight_gpus_and_train_under_zero3(dry_runs):
         assert "--deepspeed" in job["shell"], job["shell"]
 
 
+def test_visage_landscape_jobs_on_7b_models_ask_for_their_gpu(dry_runs):
+    """Every landscape job that loads a model (scan shards, projections) asks for what its size class needs: on
+    the VISAGE overlay's 7B models, a GPU and the class's memory, not the cluster's defaults."""
+    loading = [job for job in jobs(dry_runs["peng2024_visage"])
+               if job["rule"].startswith(("landscape_scan", "landscape_project"))]
+    assert len(loading) == 184 + 4  # every scan shard and projection of the four models
+    for job in loading:
+        assert job["resources"].get("gpu") == "1", (job["rule"], job["wildcards"], job["resources"])
+        assert job["resources"].get("mem_mb") == "64000", (job["rule"], job["resources"])
+
+
 def _one(paper_jobs: list[dict], rule: str, **wildcards: str) -> dict[str, list[str]]:
     matches = [job for job in paper_jobs if job["rule"] == rule
                and all(job["wildcards"].get(k) == v for k, v in wildcards.items())]
