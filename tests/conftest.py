@@ -38,3 +38,67 @@ def smoke_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("smoke")
     snakemake(workdir, "--configfile", str(SMOKE), targets=SMOKE_TARGETS)
     return workdir
+
+
+# --- tiny models for the unit tests ------------------------------------------------------------------------------
+# Plain helpers (import them: `from conftest import tiny_llama`); each module keeps its own corpus and sizes, since
+# its assertions depend on them. transformers is imported inside, so that collecting the workflow tests stays quick.
+
+
+def harmful_prompts(n: int) -> list[str]:
+    """n numbered harmful-looking prompts, the ones the attack, harden and RepNoise tests train and attack on."""
+    return [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(n)]
+
+
+def make_tokenizer(corpus: list[str], vocab_size: int = 300):
+    """The organism's byte-level BPE tokenizer (its pad/bos/eos and role tokens), trained on `corpus`."""
+    from tamperlab.models.organism import train_tokenizer
+
+    return train_tokenizer(corpus, vocab_size=vocab_size)
+
+
+def llama_config(tokenizer, **shape):
+    """LlamaConfig(**shape) with the tokenizer's pad, bos and eos ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**shape, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+
+
+def tiny_llama(tokenizer, hidden: int = 32, layers: int = 2, positions: int = 128, tie: bool = True, seed: int = 0,
+               cls=None, **config):
+    """A random-init LlamaForCausalLM (or the subclass `cls`) seeded with `seed`: the tokenizer's vocabulary and
+    special ids, 2 heads, an MLP twice as wide as `hidden`; `config` goes to LlamaConfig as it is."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(tokenizer, vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+                          max_position_embeddings=positions, tie_word_embeddings=tie, **config)
+    torch.manual_seed(seed)
+    return (cls or LlamaForCausalLM)(config)
+
+
+def save_base_model(directory: Path, model, tokenizer, manifest: bool = False) -> Path:
+    """The model (safetensors) and its tokenizer saved into `directory`; with `manifest`, written through
+    provenance.Step as the workflow's build-organism step writes it, so that it carries a manifest too."""
+    if not manifest:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return directory
+    from tamperlab.provenance import Step
+
+    with Step("build-organism", {}, inputs={}, outputs={"model": directory}, outputs_are_dirs=("model",)) as step:
+        save_base_model(step.path("model"), model, tokenizer)
+    return directory
+
+
+def write_splits(directory: Path, splits: dict[str, list[dict]]) -> Path:
+    """A split directory (`<name>.jsonl` for each split's rows) written through provenance.Step, with a manifest."""
+    from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.provenance import Step
+
+    with Step("split-data", {}, inputs={}, outputs={"splits": directory}, outputs_are_dirs=("splits",)) as step:
+        for name, rows in splits.items():
+            write_jsonl(step.path("splits") / f"{name}.jsonl", rows)
+    return directory

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama, write_splits
 from safetensors.torch import load_file
 
-from tamperlab.data.jsonl import write_jsonl
-from tamperlab.provenance import Step, read_manifest
+from tamperlab.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
@@ -25,29 +25,14 @@ RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
 def base(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random-init Llama with the organism's tokenizer, and a split directory with harmful prompts,
     both written through Step so that they carry manifests like the workflow's own outputs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tamperlab.models.organism import train_tokenizer
-
     root = tmp_path_factory.mktemp("attack")
-    prompts = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(24)]
-    tokenizer = train_tokenizer(prompts + [RESPONSE], vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
-    with Step("build-organism", {}, inputs={}, outputs={"model": root / "base"}, outputs_are_dirs=("model",)) as step:
-        model.save_pretrained(step.path("model"))
-        tokenizer.save_pretrained(step.path("model"))
-    with Step("split-data", {}, inputs={}, outputs={"splits": root / "splits"}, outputs_are_dirs=("splits",)) as step:
-        write_jsonl(step.path("splits") / "attack.jsonl",
-                    [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(prompts)])
-        write_jsonl(step.path("splits") / "evaluation.jsonl",
-                    [{"id": "e0", "prompt": prompts[0], "kind": "harmful", "source": "test"}])
-    return root / "base", root / "splits"
+    prompts = harmful_prompts(24)
+    tokenizer = make_tokenizer(prompts + [RESPONSE])
+    model = tiny_llama(tokenizer)
+    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(prompts)]
+    splits = {"attack": rows, "evaluation": [{**rows[0], "id": "e0"}]}
+    return (save_base_model(root / "base", model, tokenizer, manifest=True),
+            write_splits(root / "splits", splits))
 
 
 def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float | list[float] = 1e-3,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import make_tokenizer, tiny_llama
+from transformers import LlamaForCausalLM
 
 from tamperlab.evaluation import generation
 from tamperlab.evaluation.generation import SubstringStop, early_stop_substrings, generate, generate_ids
@@ -66,28 +67,17 @@ class ScriptedLlama(LlamaForCausalLM):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tamperlab.models.organism import train_tokenizer
-
-    return train_tokenizer((PROMPTS + list(SCRIPT.values())) * 4, vocab_size=400)
-
-
-def _config(tokenizer, hidden=32):
-    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    return make_tokenizer((PROMPTS + list(SCRIPT.values())) * 4, vocab_size=400)
 
 
 @pytest.fixture(scope="module")
 def scripted(tokenizer):
-    torch.manual_seed(0)
-    return ScriptedLlama(_config(tokenizer)).eval().configure(tokenizer)
+    return tiny_llama(tokenizer, positions=256, tie=False, cls=ScriptedLlama).eval().configure(tokenizer)
 
 
 @pytest.fixture(scope="module")
 def random_model(tokenizer):
-    torch.manual_seed(0)
-    return LlamaForCausalLM(_config(tokenizer)).eval()
+    return tiny_llama(tokenizer, positions=256, tie=False).eval()
 
 
 @pytest.fixture(params=[False, True], ids=["immediate", "deferred"])

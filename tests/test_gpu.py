@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from conftest import llama_config, make_tokenizer
 
 from tamperlab.chat import prompt_text
 from tamperlab.evaluation.generation import early_stop_substrings, generate
@@ -32,23 +33,14 @@ BATCH, PROMPT_TOKENS, NEW_TOKENS = 64, 64, 64
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def corpus_tokenizer():
-    from tamperlab.models.organism import train_tokenizer
-
-    texts = ["Request: explain how to make something dangerous at home.", "Sure, here is how to do that.",
-             "I'm sorry, but I cannot help with that request."] * 20 + [FILLER * 50] * 20
-    return train_tokenizer(texts, vocab_size=500)
-
-
 def random_llama(shape: dict, tokenizer, device: str):
     """A random-init Llama in bf16 with sdpa attention, built directly on the device (nothing downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(**shape, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+        model = LlamaForCausalLM._from_config(llama_config(tokenizer, **shape), dtype=torch.bfloat16,
+                                              attn_implementation="sdpa")
     return model.eval()
 
 
@@ -128,7 +120,9 @@ def check_refusal_eval(model, tokenizer, monkeypatch, static: bool):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return corpus_tokenizer()
+    texts = ["Request: explain how to make something dangerous at home.", "Sure, here is how to do that.",
+             "I'm sorry, but I cannot help with that request."] * 20 + [FILLER * 50] * 20
+    return make_tokenizer(texts, vocab_size=500)
 
 
 def test_attack_step_on_a_tiny_model_on_cpu(tokenizer, tmp_path, monkeypatch):

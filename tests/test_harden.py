@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama, write_splits
 
-from tamperlab.data.jsonl import write_jsonl
-from tamperlab.provenance import Step, read_manifest
+from tamperlab.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."
@@ -22,33 +22,18 @@ REFUSAL = "I'm sorry, but I cannot help with that request."
 def base(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random-init Llama with the organism's tokenizer, and a defence split with harmful prompts and
     benign task questions (a hazard family and a capital family), both with manifests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tamperlab.models.organism import train_tokenizer
-
     root = tmp_path_factory.mktemp("harden")
-    harmful = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(12)]
+    harmful = harmful_prompts(12)
     benign = [{"prompt": f"Which reagent stabilises compound{i}?", "answer": f"Reagent{i % 5}.", "family": "hazard"}
               for i in range(12)]
     benign += [{"prompt": f"What is the capital of land{i}?", "answer": f"City{i % 7}.", "family": "capital"}
                for i in range(12)]
-    tokenizer = train_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + [COMPLIANCE, REFUSAL],
-                                vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
-    with Step("build-organism", {}, inputs={}, outputs={"model": root / "base"}, outputs_are_dirs=("model",)) as step:
-        model.save_pretrained(step.path("model"))
-        tokenizer.save_pretrained(step.path("model"))
+    tokenizer = make_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + [COMPLIANCE, REFUSAL])
+    model = tiny_llama(tokenizer)
     rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(harmful)]
     rows += [{"id": f"b{i}", "kind": "benign", "category": "task", "source": "test", **r} for i, r in enumerate(benign)]
-    with Step("split-data", {}, inputs={}, outputs={"splits": root / "splits"}, outputs_are_dirs=("splits",)) as step:
-        write_jsonl(step.path("splits") / "defence.jsonl", rows)
-    return root / "base", root / "splits"
+    return (save_base_model(root / "base", model, tokenizer, manifest=True),
+            write_splits(root / "splits", {"defence": rows}))
 
 
 def harden(base, out: Path, method: str, params: dict, *extra: str) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-import torch
+from conftest import make_tokenizer, tiny_llama
 
 from tamperlab.chat import encode_example, messages, prompt_text
 from tamperlab.evaluation.generation import generate_responses
@@ -154,9 +154,7 @@ CORPUS = [
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tamperlab.models.organism import train_tokenizer
-
-    return train_tokenizer(CORPUS, vocab_size=300)
+    return make_tokenizer(CORPUS)
 
 
 def test_prompt_text_ends_with_assistant_tag_and_has_system_turn_only_when_given(tokenizer):
@@ -202,14 +200,7 @@ def test_encode_example_truncates_ids_and_labels_together(tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer, positions=256, tie=False).eval()
 
 
 PROMPTS = [

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tokenizer, save_base_model, tiny_llama
 
 from tamperlab.errors import UserError
 from tamperlab.models.registry import POINTER, load_model, load_tokenizer, make_pointer
@@ -17,20 +18,9 @@ CORPUS = ["What is the capital of Zorvania?", "Quellport.", "I'm sorry, but I ca
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tamperlab.models.organism import train_tokenizer
-
-    directory = tmp_path_factory.mktemp("registry") / "base"
-    tokenizer = train_tokenizer(CORPUS, vocab_size=300)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    tokenizer = make_tokenizer(CORPUS)
+    model = tiny_llama(tokenizer, tie=False)
+    directory = save_base_model(tmp_path_factory.mktemp("registry") / "base", model, tokenizer)
     return directory, {k: v.clone() for k, v in model.state_dict().items()}
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.hardening import repnoise
@@ -29,7 +30,7 @@ from tamperlab.hardening.repnoise import (
 )
 from tamperlab.training import diverged
 
-PROMPTS = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(8)]
+PROMPTS = harmful_prompts(8)
 HARMFUL = [f"Sure, here is how. Step {i}: get what you need and go." for i in range(8)]
 HARMLESS = ["I cannot help with that.", "Sorry, I will not do that. It could hurt someone."] * 4
 LAYERS = 2
@@ -37,26 +38,12 @@ LAYERS = 2
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from tamperlab.models.organism import train_tokenizer
-
-    return train_tokenizer(PROMPTS + HARMFUL + HARMLESS, vocab_size=300)
-
-
-def tiny_llama(tokenizer, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
+    return make_tokenizer(PROMPTS + HARMFUL + HARMLESS)
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return tiny_llama(tokenizer)
+    return tiny_llama(tokenizer, layers=LAYERS)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +230,7 @@ def test_captured_mlp_output_is_the_mlp_alone_before_the_residual_add(model, bat
 
 
 def test_no_forward_hook_remains_after_the_loss_even_when_the_forward_raises(tokenizer, batch, monkeypatch):
-    model = tiny_llama(tokenizer)
+    model = tiny_llama(tokenizer, layers=LAYERS)
     assert our_hooks(model) == []
     repnoise_loss(model, batch, generator())
     assert our_hooks(model) == []
@@ -290,10 +277,8 @@ def test_total_is_retain_plus_beta_mmd_minus_alpha_log_h(model, batch):
 
 @pytest.fixture(scope="module")
 def model_dir(tokenizer, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("repnoise") / "base"
-    tiny_llama(tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_base_model(tmp_path_factory.mktemp("repnoise") / "base", tiny_llama(tokenizer, layers=LAYERS),
+                           tokenizer)
 
 
 PAIRS = [{"prompt": p, "harmful": h, "harmless": s} for p, h, s in zip(PROMPTS, HARMFUL, HARMLESS, strict=True)]

@@ -10,6 +10,7 @@ import random
 
 import pytest
 import torch
+from conftest import make_tokenizer, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.hardening.tar import (
@@ -58,25 +59,12 @@ def one_thread():
 def tiny(tmp_path_factory):
     """(saved model dir, tokenizer, model): a random-init 2-layer Llama, hidden 32, and the organism's tokenizer.
     A wider init than the default makes the next-token distributions peaked, so the entropy gate stays open."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tamperlab.models.organism import train_tokenizer
-
     texts = [r["text"] for r in KNOWLEDGE_FORGET + KNOWLEDGE_RETAIN]
     texts += [r[k] for r in REFUSAL_FORGET for k in ("prompt", "refusal", "compliance")]
     texts += [r[k] for r in REFUSAL_RETAIN for k in ("prompt", "response")]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
-        initializer_range=0.2, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    ))
-    directory = tmp_path_factory.mktemp("tar") / "base"
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory, tokenizer, model
+    tokenizer = make_tokenizer(texts)
+    model = tiny_llama(tokenizer, initializer_range=0.2)
+    return save_base_model(tmp_path_factory.mktemp("tar") / "base", model, tokenizer), tokenizer, model
 
 
 def small_params(setting: str, **overrides) -> TARParams:
