@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "configs" / "smoke.yaml"
@@ -29,6 +30,16 @@ def snakemake(workdir: Path, *flags: str, targets: tuple[str, ...] = (), check: 
         raise AssertionError(f"snakemake failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
                              f"{result.stderr[-4000:]}")
     return result
+
+
+def one_chain_overlay() -> dict:
+    """Cuts the smoke config to one chain (an overlay removes an entry with null): no defence but `none`, no
+    attack but `lora` (the smoke's one run, two snapshots): data -> organism -> attack -> evaluations -> table."""
+    configs = [yaml.safe_load(path.read_text()) for path in (REPO / "config.yaml", SMOKE)]
+    names = {section: {name for config in configs for name in config.get(section) or {}}
+             for section in ("defences", "attacks")}
+    return {"defences": dict.fromkeys(names["defences"] - {"none"}),
+            "attacks": dict.fromkeys(names["attacks"] - {"lora"})}
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import one_chain_overlay  # noqa: E402
 from slurm_cluster import PARTITION, SlurmCluster, can_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -88,16 +89,6 @@ def snakemake_jobs(output: str) -> dict[str, dict]:
             resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
             jobs[fields["jobid"]] = {"rule": match.group(1), "threads": int(fields.get("threads", 1)), **resources}
     return jobs
-
-
-def one_chain_overlay() -> dict:
-    """Cuts the smoke config to one chain (an overlay removes an entry with null): no defence but `none`, no
-    attack but `lora` (the smoke's one run, two snapshots): 10 jobs, the one-chain table's DAG."""
-    configs = [yaml.safe_load(path.read_text()) for path in (REPO / "config.yaml", SMOKE)]
-    names = {section: {name for config in configs for name in config.get(section) or {}}
-             for section in ("defences", "attacks")}
-    return {"defences": dict.fromkeys(names["defences"] - {"none"}),
-            "attacks": dict.fromkeys(names["attacks"] - {"lora"})}
 
 
 @pytest.fixture(scope="module")
