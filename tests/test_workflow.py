@@ -184,6 +184,13 @@ def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path
     ("datasets: {advbench: {shaa256: abc}}", "datasets.advbench.shaa256"),
     ("evaluation: {refusal: {judge: vibes}}", "evaluation.refusal.judge"),
     ("models: {big: {size: 7b}}", "models.big.source"),
+    # the landscape's references, checked with the rest of the config (tamperlab.config)
+    ("landscape: {subjects: [tiny/nope]}", "landscape.subjects"),
+    ("landscape: {scans: {random_2d: {project: [lora/lr9e-9_steps1_r1]}}}", "landscape.scans.random_2d.project"),
+    ("landscape: {scans: {finetune: {target: null}}}", "landscape.scans.finetune.target"),
+    ("landscape: {scans: {random_1d: {system_prompts: [friendly]}}}", "landscape.scans.random_1d.system_prompts"),
+    ("landscape: {scans: {random_2d: {shards: 100}}}", "landscape.scans.random_2d.shards"),
+    ("landscape: {scans: {random_1d: {kind: 3d}}}", "landscape.scans.random_1d.kind"),
 ])
 def test_bad_config_stops_before_any_job_with_one_line_naming_the_key(tmp_path, overlay, key):
     (tmp_path / "bad.yaml").write_text(overlay + "\n")
