@@ -47,7 +47,7 @@ def smoke_run(tmp_path_factory) -> Path:
     """One clean run of the smoke config (tests/configs/smoke.yaml): every defence, attack, evaluation and
     landscape scan, up to the refusal tables and the VISAGE table. Read it; copy it before changing anything."""
     workdir = tmp_path_factory.mktemp("smoke")
-    snakemake(workdir, "--configfile", str(SMOKE), targets=SMOKE_TARGETS)
+    snakemake(workdir, "--configfile", str(SMOKE), targets=SMOKE_TARGETS, timeout=2700)
     return workdir
 
 

@@ -8,6 +8,7 @@ import shlex
 from tamperlab import launch
 from tamperlab.attacks import grid
 from tamperlab.attacks.finetune import default_lora_alpha
+from tamperlab.config import attack_grid as grid_of
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
 
@@ -176,9 +177,7 @@ def refusal_args():
 
 
 def _grid(name):
-    spec = config["attacks"][name]
-    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
-    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"]
+    return grid_of(config["attacks"][name])
 
 
 def attack_cells(name):
