@@ -171,6 +171,18 @@ def test_step_records_its_verified_inputs_with_their_hash_and_manifest(tmp_path)
     }
 
 
+def test_an_input_inside_a_directory_output_links_to_that_directorys_manifest(tmp_path):
+    """One snapshot of an attack grid (a directory inside the grid's output) is vouched for by the grid's manifest:
+    the downstream manifest must name that one, not a manifest the snapshot does not have."""
+    grid = _dir_step(tmp_path)
+    snapshot = grid / "sub"
+    out = tmp_path / "e" / "y.json"
+    with Step("consume", {}, inputs={"adapter": snapshot}, outputs={"out": out}) as step:
+        step.path("out").write_text("ok")
+    link = read_manifest(out)["inputs"]["adapter"]["manifest"]
+    assert link == str(manifest_path(grid)) and manifest_path(grid).exists()
+
+
 # --- verify_input ---------------------------------------------------------------------------------------------
 
 

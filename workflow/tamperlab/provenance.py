@@ -193,8 +193,9 @@ class Step:
         self._upstream = {}
         for key, path in self.inputs.items():
             if key in self.verified:
-                self._upstream[key] = str(manifest_path(path))
                 verify_input(path)
+                # the manifest that vouches for it: its own, or that of the directory output holding it
+                self._upstream[key] = str(manifest_path(_owning_output(Path(path))[0]))
         for key, tmp in self._tmp.items():
             if key not in self.resumable:
                 _remove(tmp)
