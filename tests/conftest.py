@@ -42,6 +42,22 @@ def one_chain_overlay() -> dict:
             "attacks": dict.fromkeys(names["attacks"] - {"lora"})}
 
 
+def assert_same_chain(first: Path, chain: Path) -> None:
+    """Two clean runs agree byte for byte on the chain they share (same machine, same packages): splits,
+    organism, attack adapter, evaluations, and the rows of the table (the one-chain run's refusal.csv is the
+    full run's, less the other defences' and attacks' rows)."""
+    for relative in ("results/data/splits/alignment.jsonl", "results/models/tiny/base/model.safetensors",
+                     "results/attacks/tiny/none/lora/lr2e-3_r16/steps60/adapter_model.safetensors",
+                     "results/eval/tiny/none/refusal.jsonl", "results/eval/tiny/none/capability.json",
+                     "results/eval/tiny/none/lora/lr2e-3_r16/steps60/refusal.jsonl",
+                     "results/eval/tiny/none/lora/lr2e-3_r16/steps60/capability.json"):
+        assert (first / relative).read_bytes() == (chain / relative).read_bytes(), relative
+    full = (first / "results/tables/refusal.csv").read_text().splitlines()
+    rows = (chain / "results/tables/refusal.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 and rows[0] == full[0]  # header, unattacked, two lora cells
+    assert [line for line in full if line.startswith(("tiny,none,none,", "tiny,none,lora,"))] == rows[1:]
+
+
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory) -> Path:
     """One clean run of the smoke config (tests/configs/smoke.yaml): every defence, attack, evaluation and

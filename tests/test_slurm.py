@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import one_chain_overlay  # noqa: E402
+from conftest import assert_same_chain, one_chain_overlay  # noqa: E402
 from slurm_cluster import PARTITION, SlurmCluster, can_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -122,6 +122,12 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
     assert {"prepare_data", "split_data", "build_organism", "tables"} <= rules
     assert any(rule.startswith("attack") for rule in rules) and any(rule.startswith("evaluate") for rule in rules)
     assert any(job["threads"] > 1 for job in planned.values())
+
+
+def test_the_chain_built_on_slurm_is_byte_identical_to_the_local_smoke_run(smoke_on_slurm, smoke_run):
+    """Launch-independent and deterministic: the one chain built job by job through sbatch is, file for file,
+    the chain of the session's local smoke run (tests/test_workflow.py leaves its own rerun to this test)."""
+    assert_same_chain(smoke_run, smoke_on_slurm[0])
 
 
 def test_the_table_built_on_slurm_shows_the_attack_undoing_refusal(smoke_on_slurm):
