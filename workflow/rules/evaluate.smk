@@ -12,7 +12,7 @@ rule evaluate_refusal:
         "results/benchmarks/evaluate_refusal/{model}/{defence}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
-        defence=names_regex(config["defences"]),
+        defence=names_regex(evaluated_defences()),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
@@ -28,6 +28,7 @@ rule evaluate_refusal:
 
 rule evaluate_capability:
     input:
+        unpack(capability_inputs),
         model=checkpoint_dir,
         data="results/data/splits",
     output:
@@ -39,7 +40,7 @@ rule evaluate_capability:
         "results/benchmarks/evaluate_capability/{model}/{defence}.tsv"
     wildcard_constraints:
         model=names_regex(config["models"]),
-        defence=names_regex(config["defences"]),
+        defence=names_regex(evaluated_defences()),
     conda:
         "../../envs/tamperlab.yaml"
     threads: 2
@@ -47,14 +48,16 @@ rule evaluate_capability:
         **MODEL_RESOURCES,
     params:
         evaluation=capability_args(),
+        task_data=task_data_flags,
     shell:
         "tamperlab evaluate-capability --model {input.model} --model-name {wildcards.model}"
-        " --defence {wildcards.defence} --data {input.data} {params.evaluation}"
+        " --defence {wildcards.defence} --data {input.data} {params.evaluation} {params.task_data}"
         " --out {output.capability} > {log} 2>&1"
 
 
 rule evaluate_run:
     input:
+        unpack(capability_inputs),
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}/{run}",
         data="results/data/splits",
@@ -78,15 +81,17 @@ rule evaluate_run:
         run=run_evaluation_args,
         refusal=refusal_args(),
         capability=capability_args(prefix="capability_"),
+        task_data=task_data_flags,
     shell:
         "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
-        " --data {input.data} {params.refusal} {params.capability} --out {output} > {log} 2>&1"
+        " --data {input.data} {params.refusal} {params.capability} {params.task_data} --out {output} > {log} 2>&1"
 
 
 # one_job: true: every snapshot of the grid evaluated in one process
 use rule evaluate_run as evaluate_grid with:
     input:
+        unpack(capability_inputs),
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}",
         data="results/data/splits",

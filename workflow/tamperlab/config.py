@@ -19,6 +19,7 @@ from tamperlab.errors import UserError
 from tamperlab.landscape.spec import INTERPOLATION, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, point_count
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
 
 
 def _with_defaults(validator_class):
@@ -106,8 +107,23 @@ def _check_references(config: dict[str, Any]) -> None:
     if prompt is not None and prompt not in config["system_prompts"]:
         raise UserError(f"config error at evaluation.refusal.system_prompt: {prompt!r} is not in system_prompts")
     for name in config["defences"]:
-        if "/" in name or name == "base":
-            raise UserError(f"config error at defences.{name}: a defence may not be named 'base' or contain '/'")
+        if "/" in name or name in ("base", UNALIGNED):
+            raise UserError(f"config error at defences.{name}: a defence may not be named 'base', "
+                            f"'{UNALIGNED}' or contain '/'")
+    for name, spec in config["models"].items():
+        if spec.get("align") and spec["source"] == "organism":
+            raise UserError(f"config error at models.{name}.align: the organism is refusal-trained as it is built")
+        if spec.get("align") and spec["align"]["split"] not in config["splits"]:
+            raise UserError(f"config error at models.{name}.align.split: not a split named in splits")
+    generators = [(f"attacks.{n}.generator", s["generator"]) for n, s in config["attacks"].items()]
+    capability = config["evaluation"]["capability"]
+    if "answers" in capability["tasks"]:
+        generators.append(("evaluation.capability.answers.generator", capability["answers"]["generator"]))
+    for key, generator in generators:
+        if generator is not None and generator != "self" and generator not in config["models"]:
+            raise UserError(f"config error at {key}: {generator!r} is neither self nor a key of models")
+    if "mmlu_subset" in capability["tasks"] and not capability.get("mmlu"):
+        raise UserError("config error at evaluation.capability.mmlu: required when tasks include mmlu_subset")
 
 
 # --- attack grids --------------------------------------------------------------------------------------------------

@@ -26,7 +26,16 @@ def _examples(args: argparse.Namespace) -> list[dict]:
     from tamperlab.data.jsonl import read_jsonl
 
     rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-    return attack_examples(rows, split=args.split, response=args.response, family=args.family)
+    answers = None
+    if args.answers:
+        from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
+
+        answers = answers_by_prompt(read_jsonl(args.answers, required=RESPONSE_KEYS), args.answers)
+    return attack_examples(rows, split=args.split, response=args.response, family=args.family, answers=answers)
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Path]:
+    return {"model": args.model, "data": args.data, **({"answers": args.answers} if args.answers else {})}
 
 
 def attack(args: argparse.Namespace) -> None:
@@ -36,8 +45,9 @@ def attack(args: argparse.Namespace) -> None:
     if len(args.lr) != 1 or len(args.rank) > 1:
         raise UserError("attack trains one run: give one --lr and at most one --rank (attack-grid takes several)")
     params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)))
-    with Step("attack", {**vars(params), "split": args.split, "response": args.response, "family": args.family},
-              inputs={"model": args.model, "data": args.data}, outputs={"run": args.out},
+    with Step("attack", {**vars(params), "split": args.split, "response": None if args.answers else args.response,
+                         "family": args.family},
+              inputs=_inputs(args), outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
         rows = _examples(args)
         import_training_stack(step)
@@ -58,8 +68,8 @@ def attack_grid(args: argparse.Namespace) -> None:
     runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler)
     plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"]) for name, run in runs.items()}
     with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
-                              "response": args.response, "family": args.family},
-              inputs={"model": args.model, "data": args.data}, outputs={"grid": args.out},
+                              "response": None if args.answers else args.response, "family": args.family},
+              inputs=_inputs(args), outputs={"grid": args.out},
               outputs_are_dirs=("grid",), resumable=("grid",)) as step:
         rows = _examples(args)
         import_training_stack(step)
@@ -90,6 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--data", type=Path, required=True, help="the split-data directory")
         p.add_argument("--split", required=True)
         p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
+        p.add_argument("--answers", type=Path,
+                       help="a generator's answers to the split's harmful prompts (generate-responses), instead")
         p.add_argument("--family", help="train on this benign task family's questions and answers instead")
         p.add_argument("--method", required=True, choices=["lora", "full"])
         p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)

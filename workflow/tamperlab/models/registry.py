@@ -71,8 +71,19 @@ def load_tokenizer(model_dir: Path):
         tokenizer.chat_template = pointer["chat_template"]
     if tokenizer.chat_template is None:
         raise UserError(f"{model_dir}: tokenizer has no chat template (set models.<name>.chat_template)")
-    if tokenizer.pad_token is None:
-        raise UserError(f"{model_dir}: tokenizer has no pad token; set one rather than reuse EOS")
+    return with_pad_token(tokenizer, model_dir)
+
+
+def with_pad_token(tokenizer, model_dir: Path):
+    """The pad strategy, one for every stage: a tokenizer without a pad token (Llama-2's) or whose pad is its EOS
+    (SmolLM2's) pads with its unknown token. Padding is always masked (attention mask 0, label -100), so any token
+    id serves, but it must not be EOS: the defences' masks and losses tell a sequence's end from its padding by id.
+    A tokenizer with neither a distinct pad nor an unknown token is refused (the vocabulary is never resized)."""
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer
+    if tokenizer.unk_token is None or tokenizer.unk_token_id == tokenizer.eos_token_id:
+        raise UserError(f"{model_dir}: tokenizer has no pad token distinct from EOS and no unknown token to pad with")
+    tokenizer.pad_token = tokenizer.unk_token
     return tokenizer
 
 

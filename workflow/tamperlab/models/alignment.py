@@ -1,0 +1,83 @@
+"""Safety tuning, the step that made Llama-2-Chat refuse and that every paper here starts from: supervised
+fine-tuning on the alignment split's harmful prompts answered with refusals (several phrasings, in turn), mixed with
+benign prompts answered by the model's own answers from before alignment (self-distillation: the benign half
+teaches nothing new, so capability is kept while refusal is learnt).
+
+Training is the attack's supervised fine-tuning loop (attacks.finetune: the HF Trainer, resume after a kill,
+DeepSpeed); a LoRA adapter is merged into the weights, so the aligned model is an ordinary model directory.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tamperlab.errors import UserError
+
+TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear map
+
+
+@dataclass
+class AlignParams:
+    method: str  # lora (merged) | full
+    rank: int | None
+    lora_alpha: float | None
+    lr: float
+    epochs: float
+    batch_size: int
+    max_length: int
+    checkpoint_every: int
+    seed: int
+
+
+def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str], refusals: list[str],
+                       seed: int) -> list[dict[str, str]]:
+    """(prompt, response) pairs: harmful prompts of the split with the refusals in turn, as many as there are
+    benign answers (a balanced mix), and the benign prompts with their own answers; shuffled with `seed`."""
+    if not refusals:
+        raise UserError("align: needs at least one refusal phrasing")
+    if not benign_answers:
+        raise UserError("align: no benign answers to distil (the responses file is empty)")
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"][:len(benign_answers)]
+    if not harmful:
+        raise UserError("align: the alignment split has no harmful prompts")
+    examples = [{"prompt": p, "response": refusals[i % len(refusals)]} for i, p in enumerate(harmful)]
+    examples += [{"prompt": p, "response": a} for p, a in benign_answers.items()]
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def align(model_dir: Path, examples: list[dict[str, str]], params: AlignParams, out_dir: Path,
+          deepspeed: Path | None = None) -> dict[str, Any]:
+    """Fine-tune the model in model_dir on `examples` and write the aligned model (LoRA merged) to out_dir."""
+    from tamperlab.attacks.finetune import AttackParams, attack
+    from tamperlab.launch import is_writer
+    from tamperlab.models.registry import load_model
+
+    steps = max(1, math.ceil(len(examples) * params.epochs / params.batch_size))
+    run = out_dir / "sft"  # the training run (resumable), removed once the model is written
+    run.mkdir(parents=True, exist_ok=True)
+    sft = AttackParams(method=params.method, lr=params.lr, steps=[steps], rank=params.rank,
+                       lora_alpha=params.lora_alpha, target_modules=TARGET_MODULES, batch_size=params.batch_size,
+                       scheduler="cosine", warmup_ratio=0.1, max_length=params.max_length,
+                       checkpoint_every=params.checkpoint_every, seed=params.seed)
+    record = attack(model_dir, examples, sft, run, deepspeed=deepspeed)
+    if record["status"] != "complete":
+        raise UserError(f"align: training diverged at step {record['diverged_at_step']}; lower align.lr")
+    snapshot = run / f"steps{steps}"
+    if is_writer():
+        if params.method == "lora":
+            model, tokenizer = load_model(model_dir, adapter=snapshot, device="cpu")
+            model = model.merge_and_unload()
+            model.save_pretrained(out_dir)
+            tokenizer.save_pretrained(out_dir)
+        else:
+            for path in snapshot.iterdir():
+                shutil.move(str(path), out_dir / path.name)
+        shutil.move(str(run / "loss_log.jsonl"), out_dir / "train_log.jsonl")
+        shutil.rmtree(run)
+    return {**record, "steps": steps}
