@@ -68,6 +68,13 @@ def responses_path(generator, model, split, kind):
     return f"results/responses/{name}/{split}-{kind}.jsonl"
 
 
+def responses_args(wildcards):
+    spec = dict(config["responses"])
+    if isinstance(spec["limit"], dict):
+        spec["limit"] = spec["limit"].get(wildcards.split)
+    return cli_flags(spec)
+
+
 def import_args(model):
     spec = config["models"][model]
     keys = ("package", "wheel_sha256", "member", "sha256")
@@ -230,8 +237,9 @@ def capability_inputs(wildcards):
 
 
 def task_data_flags(wildcards, input):
-    return " ".join(
-        f"--task-data {key}={getattr(input, key)}"
+    """ --task-data KEY=FILE for each local task file (a leading space each: none leaves the command as it was)."""
+    return "".join(
+        f" --task-data {key}={getattr(input, key)}"
         for key in ("mmlu", "answers")
         if key in input.keys()
     )

@@ -54,7 +54,7 @@ rule generate_responses:
     resources:
         **MODEL_RESOURCES,
     params:
-        responses=cli_flags(config["responses"]),
+        responses=responses_args,
     shell:
         "tamperlab generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
         " --kind {wildcards.kind} {params.responses} --out {output.responses} > {log} 2>&1"

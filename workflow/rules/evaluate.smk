@@ -51,7 +51,7 @@ rule evaluate_capability:
         task_data=task_data_flags,
     shell:
         "tamperlab evaluate-capability --model {input.model} --model-name {wildcards.model}"
-        " --defence {wildcards.defence} --data {input.data} {params.evaluation} {params.task_data}"
+        " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.task_data}"
         " --out {output.capability} > {log} 2>&1"
 
 
@@ -85,7 +85,7 @@ rule evaluate_run:
     shell:
         "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
-        " --data {input.data} {params.refusal} {params.capability} {params.task_data} --out {output} > {log} 2>&1"
+        " --data {input.data} {params.refusal} {params.capability}{params.task_data} --out {output} > {log} 2>&1"
 
 
 # one_job: true: every snapshot of the grid evaluated in one process

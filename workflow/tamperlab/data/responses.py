@@ -18,9 +18,19 @@ RESPONSE_KEYS = ("id", "prompt", "response")
 
 
 def select(rows: list[dict[str, Any]], kind: str, limit: int | None) -> list[dict[str, Any]]:
-    """The split's rows of one kind, at most `limit` of them, in split order."""
+    """The split's rows of one kind, at most `limit` of them: taken in turn from each category (benign task
+    questions, open requests), each in split order, so that a small limit still holds every category."""
     chosen = [r for r in rows if r["kind"] == kind]
-    return chosen[:limit] if limit else chosen
+    if not limit or limit >= len(chosen):
+        return chosen
+    by_category: dict[Any, list[dict[str, Any]]] = {}
+    for row in chosen:
+        by_category.setdefault(row.get("category"), []).append(row)
+    queues = list(by_category.values())
+    taken: list[dict[str, Any]] = []
+    for depth in range(max(len(q) for q in queues)):
+        taken += [q[depth] for q in queues if depth < len(q)]
+    return taken[:limit]
 
 
 def generate_answers(model_dir: Path, rows: list[dict[str, Any]], *, max_new_tokens: int,

@@ -24,6 +24,7 @@ TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 @dataclass
 class AlignParams:
     method: str  # lora (merged) | full
+    refusal_share: float
     rank: int | None
     lora_alpha: float | None
     lr: float
@@ -35,14 +36,18 @@ class AlignParams:
 
 
 def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str], refusals: list[str],
-                       seed: int) -> list[dict[str, str]]:
-    """(prompt, response) pairs: harmful prompts of the split with the refusals in turn, as many as there are
-    benign answers (a balanced mix), and the benign prompts with their own answers; shuffled with `seed`."""
+                       seed: int, refusal_share: float = 0.5) -> list[dict[str, str]]:
+    """(prompt, response) pairs: harmful prompts of the split with the refusals in turn, as many as make them
+    `refusal_share` of the mix (as far as the split has them), and the benign prompts with their own answers;
+    shuffled with `seed`. Fewer refusals, more benign answers: less over-refusal of harmless requests."""
+    if not 0 < refusal_share < 1:
+        raise UserError(f"align: refusal_share must be between 0 and 1, got {refusal_share}")
     if not refusals:
         raise UserError("align: needs at least one refusal phrasing")
     if not benign_answers:
         raise UserError("align: no benign answers to distil (the responses file is empty)")
-    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"][:len(benign_answers)]
+    wanted = max(1, round(len(benign_answers) * refusal_share / (1 - refusal_share)))
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"][:wanted]
     if not harmful:
         raise UserError("align: the alignment split has no harmful prompts")
     examples = [{"prompt": p, "response": refusals[i % len(refusals)]} for i, p in enumerate(harmful)]

