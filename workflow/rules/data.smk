@@ -71,7 +71,10 @@ rule prepare_mmlu:
         "../../envs/tamperlab.yaml"
     params:
         mmlu=lambda wildcards: cli_flags(
-            {**config["evaluation"]["capability"]["mmlu"], "cache_dir": config["cache_dir"]}
+            {
+                **config["evaluation"]["capability"]["mmlu"],
+                "cache_dir": config["cache_dir"],
+            }
         ),
     shell:
         "tamperlab prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
