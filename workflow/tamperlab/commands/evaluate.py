@@ -50,7 +50,8 @@ def _refusal_rows(args: argparse.Namespace) -> list[dict]:
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
-    return {"model": args.model, "data": args.data, **({"adapter": args.adapter} if args.adapter else {}),
+    adapter = getattr(args, "adapter", None)  # evaluate-run has none: its snapshots come with --run
+    return {"model": args.model, "data": args.data, **({"adapter": adapter} if adapter else {}),
             **{f"task_data_{key}": Path(path) for key, path in getattr(args, "task_data", [])}}
 
 
