@@ -150,7 +150,9 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     build = next(line for line in commands if " build-organism " in line)
     for flag in ("--hidden-size 128", "--epochs 8", "--learning-rate 0.003", "--seed 0", "--refusal"):
         assert flag in build
-    grid = next(line for line in commands if " attack-grid " in line)  # the organism's grid is one job
+    # the organism's LoRA grid is one job (picked by its output: the order of jobs in -n is not fixed)
+    grid = next(line for line in commands
+                if " attack-grid " in line and "--out results/attacks/tiny/none/lora " in line)
     assert "--lr 0.0003 --lr 0.001" in grid and "--rank 4 --rank 16" in grid
 
 
