@@ -67,7 +67,7 @@ def _file_task_rows(key: str, task_data: dict[str, Path], tokenizer) -> list[dic
     return rows
 
 
-def write_organism_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, directory: Path,
+def write_local_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, directory: Path,
                          keys: tuple[str, ...] = ("organism",),
                          task_data: dict[str, Path] | None = None) -> list[str]:
     """Task YAMLs and their data in `directory` (an lm-eval include path) for the local task keys;
@@ -106,10 +106,11 @@ def model_args(pretrained: str, kwargs: dict[str, Any], adapter: Path | None, dt
 
 
 def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_size: int, device: str,
-                seed: int, limit: int | None = None, builtin_tasks: bool = True) -> dict[str, dict[str, float]]:
-    """{task: {metric: value}} from one lm-eval call over all tasks. Indexing lm-eval's built-in tasks
-    costs about 4.5 s a call here, so it is skipped when every task is a local one. MMLU's subset also gets its
-    accuracy per subject, from lm-eval's per-document records."""
+                seed: int, limit: int | None = None,
+                builtin_tasks: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
+    """({task: {metric: value}}, MMLU's accuracy by subject or None) from one lm-eval call over all tasks; the
+    accuracy by subject comes from lm-eval's per-document records. Indexing lm-eval's built-in tasks costs about
+    4.5 s a call here, so it is skipped when every task is a local one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
@@ -125,9 +126,8 @@ def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_si
             key.split(",")[0]: round(float(value), 4) for key, value in values.items()
             if "," in key and "stderr" not in key and isinstance(value, int | float)
         }
-    if "tamperlab_mmlu" in tasks:
-        metrics["tamperlab_mmlu_by_subject"] = by_subject(results["samples"]["tamperlab_mmlu"])
-    return metrics
+    subjects = by_subject(results["samples"]["tamperlab_mmlu"]) if "tamperlab_mmlu" in tasks else None
+    return metrics, subjects
 
 
 def by_subject(samples: list[dict[str, Any]]) -> dict[str, float]:
@@ -158,14 +158,15 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[s
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pretrained, kwargs, _ = resolve(model_dir)
     with tempfile.TemporaryDirectory(prefix="tamperlab-tasks-") as include:
-        local = tuple(t for t in tasks if t in LOCAL_TASKS)  # the organism's own questions
-        names = (write_organism_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local, task_data)
+        local = tuple(t for t in tasks if t in LOCAL_TASKS)  # tasks whose YAML and data tamperlab writes
+        names = (write_local_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local, task_data)
                  if local else [])
         names += [t for t in tasks if t not in LOCAL_TASKS]
         with phase("lm_eval"):
             dtype = "bfloat16" if device == "cuda" else "float32"
-            metrics = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include), batch_size,
-                                  device, seed, limit, builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
-    subjects = metrics.pop("tamperlab_mmlu_by_subject", None)  # kept apart: the tables take one column per metric
+            metrics, subjects = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include),
+                                            batch_size, device, seed, limit,
+                                            builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
+    # by subject kept apart from the metrics: the tables take one column per metric
     return {**result, "status": "complete", "metrics": metrics,
             **({"mmlu_by_subject": subjects} if subjects else {})}
