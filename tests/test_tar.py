@@ -35,6 +35,7 @@ from tamperlab.hardening.tar import (
     tar_outer_step,
     with_reference_logps,
 )
+from tamperlab.errors import UserError
 from tamperlab.training import DIVERGED
 
 KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}
@@ -231,6 +232,57 @@ def test_adversary_sampling_is_deterministic_for_a_seed_and_covers_both_data_typ
     assert all(0 <= m < 64 for m in switch_points)
     assert 0.55 < sum(switch_points) / len(switch_points) / 64 < 0.78  # Beta(6, 3) has mean 2/3
     assert 0.2 < len(switch_points) / len(first) < 0.46
+
+
+def test_switch_fraction_zero_never_samples_the_switch_adversary():
+    """The authors' DPO run trains its adversaries on harmful completions only (adversary_dist_types
+    harmful_completions:1.0): switch_fraction 0 must mean no switch adversary, ever."""
+    params = small_params("refusal", inner_steps=8, adversary_lrs=(2e-6, 2e-5, 4e-5), switch_fraction=0.0)
+    rng = random.Random(0)
+    drawn = [sample_adversary(rng, params) for _ in range(5000)]
+    assert {a.data for a in drawn} == {FORGET}
+    assert all(a.switch_step is None for a in drawn)
+    assert {a.lr for a in drawn} == {2e-6, 2e-5, 4e-5}
+
+
+def test_retain_loss_with_a_separate_anchor_is_the_official_formula(tiny):
+    """Start model one tiny Llama, anchor another (different seed): L_retain = CE + mean over hidden states
+    (embeddings included) of the mean over every position of ‖h_anchor − h_θ‖₂, as obj_model_mse_representations
+    computes it, here by hand on an unpadded batch."""
+    _, tokenizer, _ = tiny
+    model, anchor = tiny_llama(tokenizer, seed=3), tiny_llama(tokenizer, seed=4).eval()
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    with torch.no_grad():
+        ours = retain_loss(model, anchor, batch).item()
+        out = model(input_ids=ids, output_hidden_states=True)
+        base = anchor(input_ids=ids, output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[:, :-1].double(), dim=-1)
+    ce = -logp.gather(-1, ids[:, 1:, None]).mean().item()
+    layers = [((b.double() - h.double()) ** 2).sum(-1).sqrt().mean().item()
+              for b, h in zip(base.hidden_states, out.hidden_states, strict=True)]
+    assert len(layers) == model.config.num_hidden_layers + 1
+    distance = sum(layers) / len(layers)
+    assert distance > 0.1  # the anchor really is another model
+    assert ours == pytest.approx(ce + distance, rel=1e-5)
+    # without the representation term (the authors' DPO run): CE alone
+    with torch.no_grad():
+        assert retain_loss(model, None, batch).item() == pytest.approx(ce, rel=1e-5)
+
+
+def test_harden_anchors_the_retain_loss_to_the_anchor_model(tiny, tmp_path):
+    base, tokenizer, _ = tiny
+    params = small_params("knowledge", outer_steps=1, inner_steps=2, tr_every=2)
+    other = save_base_model(tmp_path / "anchor", tiny_llama(tokenizer, seed=5, initializer_range=0.2), tokenizer)
+    runs = {"start": harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "start"),
+            "other": harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "other", anchor_dir=other)}
+    assert runs["start"]["anchor"] is None and runs["other"]["anchor"] == str(other)
+    # at θ = θ_start the distance to the start model is 0; to another model it is not
+    assert runs["other"]["final"]["retain_loss"] > runs["start"]["final"]["retain_loss"] + 0.1
+    wide = save_base_model(tmp_path / "wide", tiny_llama(tokenizer, hidden=48), tokenizer)
+    with pytest.raises(UserError, match="anchor"):
+        harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "wide_run", anchor_dir=wide)
 
 
 @pytest.mark.parametrize("setting", ["knowledge", "refusal"])

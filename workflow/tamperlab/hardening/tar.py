@@ -14,15 +14,21 @@ Adversarial meta-learning, first order. Each outer step:
 
     L_TR      knowledge: −mean token entropy on forget text, gated off at ln|V|    (`entropy_tr_loss`)
               refusal:   sigmoid DPO, refusal ≻ compliance, reference = start model  (`dpo_loss`)
-    L_retain  CE on retain data + mean over layers of ‖h_θ − h_start‖₂            (`retain_loss`)
+    L_retain  CE on retain data + mean over layers of ‖h_θ − h_anchor‖₂           (`retain_loss`)
+              (the distance term off with retain_representations, as in the authors' DPO script)
 
 The knowledge setting starts from the Random Mapping safeguard (`random_mapping_safeguard`): on forget text every
 layer's h_{ℓ,t} is pushed towards a fixed random vector R[token_t] (loss 1 − |cos|) while retain CE is kept.
 
-Constants from the authors' scripts (run_tar_bio.sh, run_tar_dpo.sh): K = 64, tr_every = 4, schedule 0.0625,
-λ_TR = 4 (bio) / 0.1 (DPO), adversary lr ∈ {2e-6, 2e-5, 4e-5}, switch point M ~ Beta(6, 3)·K, outer lr 2e-5 with
-32 warmup steps. N in "w_j / N" is the number of adversaries sampled per outer step (tar_num_tasks_sampled:
-1 for bio, 2 for DPO), as in the code and in the paper's Algorithm 1.
+Constants from the authors' scripts. run_tar_bio.sh (the defaults here): K = 64, tr_every = 4, schedule 0.0625,
+λ_TR = 4, adversary lr ∈ {2e-6, 2e-5, 4e-5}, switch share 0.33 with M ~ Beta(6, 3)·K, outer lr 2e-5 with 32 warmup
+steps, N = 1, retain loss with the representation term, starting from the Random-Mapped checkpoint.
+run_tar_dpo.sh (refusal; in the repository's history at fae6509, deleted by the next commit): K = 8 with L_TR at
+every inner step (tar_inner_loop_subsample 1), λ_TR = 0.1, outer lr 6e-5, 100 outer steps, N = 2, harmful
+completions only (switch share 0), batch 4 × 2 accumulation steps, and no --retain_representations (retain loss =
+CE only). The paper's Table 12 (via TamperBench) lists K = 64 and batch 64 for this setting instead. N in
+"w_j / N" is the number of adversaries sampled per outer step (tar_num_tasks_sampled), as in the code and in the
+paper's Algorithm 1.
 
 Departures from the authors' code (the pitfalls the paper's re-evaluations list, plus what a single process
 needs): any HF causal LM (no FSDP-v1 internals); losses are masked (entropy over answer/forget tokens only, not
@@ -30,9 +36,10 @@ padding; representation distance over real tokens only; random mapping over real
 held-out split of the forget data, never from the adversary's loader; the pad token is never EOS; plain AdamW with
 linear warmup stands in for schedule-free AdamW; the entropy gate is per evaluation (the code gates the summed TR
 loss against a bound, and the bio script switches that off with --unbounded); one batch size for the adversary,
-the TR batch and the retain batch (the bio script uses 4 for the adversary, 8 elsewhere); the representation
-anchor is the model that `harden` starts from (the code anchors to the original Instruct model: the same thing
-when `harden` runs Random Mapping itself, since the frozen copy is taken before it).
+the TR batch and the retain batch (the bio script uses 4 for the adversary, 8 elsewhere). The representation
+anchor is a setting of its own (`anchor_dir`; default the model `harden` starts from, copied before any Random
+Mapping): the code anchors to the original Instruct model (retain_model_name) while it starts the bio run from
+the Random-Mapped checkpoint, so either pass that Instruct model as the anchor or run Random Mapping here.
 """
 
 from __future__ import annotations
@@ -85,6 +92,7 @@ class TARParams:
     holdout_fraction: float = 0.25  # share of the forget rows kept out of the adversary's reach, for x_TR
     random_mapping_steps: int = 0  # knowledge: Random Mapping steps run before TAR (0: the model has it already)
     random_mapping_lr: float = 2e-5
+    retain_representations: bool = True  # L_retain's ‖h_θ − h_anchor‖ term (bio script: on; DPO script: off)
 
 
 @dataclass
@@ -280,15 +288,18 @@ def representation_distance(hidden_states: Sequence[torch.Tensor], base_hidden_s
     return torch.stack(per_layer).mean()
 
 
-def retain_loss(model: nn.Module, frozen_model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def retain_loss(model: nn.Module, anchor: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """TAR's L_retain (Tamirisa et al. 2024, §4.1, obj_model_mse_representations): next-token CE on retain data
-    plus the representation distance to the frozen start model."""
+    plus the representation distance to the frozen anchor model; CE only when anchor is None (the authors' DPO
+    run, obj_standard_max_next_token)."""
     import torch
 
+    if anchor is None:
+        return model(**batch, use_cache=False).loss
     out = model(**batch, output_hidden_states=True, use_cache=False)
     with torch.no_grad():
-        base = frozen_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            output_hidden_states=True, use_cache=False)
+        base = anchor(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      output_hidden_states=True, use_cache=False)
     return out.loss + representation_distance(out.hidden_states, base.hidden_states, batch["attention_mask"])
 
 
@@ -406,10 +417,12 @@ def adversary_inner_loop(model: nn.Module, adversary: Adversary, data: TARData, 
     return stats
 
 
-def tar_outer_step(model: nn.Module, frozen: nn.Module, outer_optimizer: torch.optim.Optimizer,
-                   adversaries: Sequence[Adversary], data: TARData, params: TARParams) -> dict[str, Any]:
+def tar_outer_step(model: nn.Module, frozen: nn.Module | None, outer_optimizer: torch.optim.Optimizer,
+                   adversaries: Sequence[Adversary], data: TARData, params: TARParams,
+                   anchor: nn.Module | None = None) -> dict[str, Any]:
     """One TAR outer step (Algorithm 1): inner loops from θ for each adversary, then the retain gradient at θ plus
     the accumulated TR gradients, then one outer optimizer step. The step is skipped if a loss is non-finite.
+    frozen is the start model (DPO's π_ref); anchor the retain loss's representation anchor (None: frozen).
 
     Returns the losses and each phase's wall time: inner_s (adversary SFT steps), tr_s (x_TR reference log-probs
     and L_TR forward/backward/accumulation), restore_s (snapshot and restores), retain_s (retain loss, adding the
@@ -437,7 +450,8 @@ def tar_outer_step(model: nn.Module, frozen: nn.Module, outer_optimizer: torch.o
 
     t0 = _now()
     outer_optimizer.zero_grad(set_to_none=True)
-    loss = params.lambda_retain * retain_loss(model, frozen, next(data.retain))
+    anchor = (anchor if anchor is not None else frozen) if params.retain_representations else None
+    loss = params.lambda_retain * retain_loss(model, anchor, next(data.retain))
     loss.backward()
     for n, p in model.named_parameters():
         if n in tr_grads:
@@ -481,9 +495,14 @@ def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], r
 
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
-           out_dir: Path, device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
+           out_dir: Path, device: str | None = None, deepspeed: Path | None = None,
+           anchor_dir: Path | None = None) -> dict[str, Any]:
     """Run TAR on the model in model_dir and save it (safetensors, with its tokenizer) into out_dir, beside
     tar_log.jsonl (per outer step: adversaries, losses, phase wall times).
+
+    anchor_dir: the retain loss's representation anchor, a model of the same architecture and vocabulary (the
+    authors anchor the bio run, which starts from a Random-Mapped checkpoint, to the original Instruct model);
+    None: the start model as loaded, before any Random Mapping.
 
     Rows are described in `make_data`. In the knowledge setting with random_mapping_steps > 0, Random Mapping runs
     first. A non-finite loss stops training: out_dir then holds a DIVERGED marker instead of a model.
@@ -504,7 +523,17 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"{model_dir}: TAR needs a pad token distinct from EOS")
     model.train()
-    frozen = copy.deepcopy(model).eval().requires_grad_(False)  # the start model: representation anchor, π_ref
+    anchor = None
+    if anchor_dir is not None:
+        anchor, _ = load_model(anchor_dir, device=device, dtype=None)
+        anchor.eval().requires_grad_(False)
+        shape = ("vocab_size", "hidden_size", "num_hidden_layers")
+        if any(getattr(anchor.config, k) != getattr(model.config, k) for k in shape):
+            raise UserError(f"TAR anchor {anchor_dir}: its {', '.join(shape)} differ from {model_dir}'s")
+    # The start model: DPO's π_ref, and the anchor unless one is given (a second 8B copy only where it is used).
+    frozen = None
+    if params.setting == "refusal" or (anchor is None and params.retain_representations):
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
     device_of = next(model.parameters()).device
     data = make_data(tokenizer, forget, retain, params, device_of)
 
@@ -521,7 +550,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     for step in range(1, params.outer_steps + 1):
         adversaries = [sample_adversary(rng, params) for _ in range(params.adversaries_per_step)]
         lr = outer_optimizer.param_groups[0]["lr"]
-        stats = tar_outer_step(model, frozen, outer_optimizer, adversaries, data, params)
+        stats = tar_outer_step(model, frozen, outer_optimizer, adversaries, data, params, anchor)
         if stats["finite"]:  # a skipped outer step does not advance the warmup
             warmup.step()
         tr = stats["tr_losses"]
@@ -552,5 +581,6 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
         "random_mapping": rm_log[-1] if rm_log else None,
         "trainable_parameters": trainable_parameters(model),
         "rows": {"forget": len(forget), "retain": len(retain)},
+        "anchor": str(anchor_dir) if anchor_dir is not None else None,
         "params": {**asdict(params), "adversary_lrs": list(params.adversary_lrs)},
     }
