@@ -14,7 +14,7 @@ per table, row and column, whether our value lies where the reference's own samp
   in the **Wilson score 95% interval** of the reference (p ± a z = 1.96 score interval of a binomial share of n;
   unlike p ± 1.96·√(p(1−p)/n) it is not empty at p = 0 or 1). A mean or minimum over cells is judged with the
   n of one cell: wider than its own sampling error, so what is flagged is flagged for certain.
-- **VISAGE** (visage_mean, visage_official_1d; 0–100): a mean over scan points of a score in [0, 100]; judged as
+- **VISAGE** (visage_mean, visage_official_1d, visage_plateau_1d; 0–100): a mean over scan points of a score in [0, 100]; judged as
   a share of the points it averages (`points`, or those of the official segment) with the Wilson interval on
   value/100. A mean of n values in [0, 1] varies at most as much as a binomial share of n (Bhatia–Davis), so
   the interval is wide (±20 points at 21 points) and a flag is a real change.
@@ -59,7 +59,7 @@ KEYS = {
 RATES_WITH_ROW_N = {"refusal_rate", "compliance_rate", "other_rate"}  # refusal.csv: n in the row
 REFUSAL_RATES = {"refusal_rate", "base_refusal_rate", "worst_refusal_rate", "bounded_worst_refusal_rate",
                  "subject_refusal_rate", "worst_post_attack_refusal_rate"}  # elsewhere: n from refusal.csv
-VISAGE_SCORES = {"visage_mean", "visage_official_1d"}
+VISAGE_SCORES = {"visage_mean", "visage_official_1d", "visage_plateau_1d"}
 ON_GRID = {"basin_width": "alpha", "official_segment_min": "alpha", "official_segment_max": "alpha",
            "basin_width_beta": "beta"}
 PERCENT = {"asr_at_origin", "asr_at_target"}
