@@ -41,8 +41,8 @@ def json_list(text: str) -> list[Any]:
 
 def judge_arguments(p: argparse.ArgumentParser) -> None:
     """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
-    p.add_argument("--judge", required=True, choices=["keyword", "classifier"])
-    p.add_argument("--classifier-model")
+    p.add_argument("--judge", required=True, choices=["keyword", "classifier", "harmbench", "llama_guard"])
+    p.add_argument("--classifier-model", help="the judge model (classifier, harmbench, llama_guard): hub id or dir")
     p.add_argument("--classifier-revision")
     p.add_argument("--refusal-label")
     p.add_argument("--max-new-tokens", type=int, required=True)
