@@ -206,7 +206,7 @@ def test_published_numbers_sit_beside_ours_in_the_papers_unit():
     from tamperlab.tables import published_table, tamper_resistance_table
 
     resistance = tamper_resistance_table(GRID, "tamperlab_hazard_mc/acc", "tamperlab_retain_mc/acc")
-    entry = {"model": "tiny", "cell": None, "benchmark": "advbench", "relation": "=", "source": "paper"}
+    entry = {"model": "tiny", "cell": None, "relation": "=", "source": "paper"}  # no benchmark: the pooled rate
     published = [
         {**entry, "table": "refusal", "defence": "none", "attack": "lora", "metric": "asr", "value": 90.0,
          "unit": "percent"},
@@ -222,6 +222,134 @@ def test_published_numbers_sit_beside_ours_in_the_papers_unit():
     assert table["ours"].iloc[1] == pytest.approx(0.95)
     assert table["ours"].iloc[2] == pytest.approx(45.0) and table["paper"].iloc[2] == "25-30"
     assert pd.isna(table["ours"].iloc[3])  # a defence not run here: context only
+
+
+def test_refusal_table_has_each_sources_rate_and_n(tmp_path):
+    summary = {**_summary("tiny", "none", None, None, 0.8, n=20),
+               "by_source": {"harmbench": {"refusal_rate": 0.6, "n": 10}, "advbench": {"refusal_rate": 1.0, "n": 10}}}
+    row = refusal_table(_write(tmp_path, [summary])).iloc[0]
+    assert row["refusal_rate@advbench"] == 1.0 and row["refusal_rate@harmbench"] == 0.6
+    assert row["n@advbench"] == 10 and row["n@harmbench"] == 10
+
+
+# Two sources: advbench refused more than the made-up "dna" set; the lowest cell differs between them.
+BY_SOURCE = GRID[GRID["defence"] == "none"].assign(**{
+    "refusal_rate@advbench": [0.99, 0.50, 0.10, 0.95], "n@advbench": [100, 100, 100, 100],
+    "refusal_rate@dna": [0.90, 0.20, 0.30, 0.85], "n@dna": [50, 50, 50, 50]})
+ENTRY = {"table": "refusal", "model": "tiny", "defence": "none", "cell": None, "relation": "=", "source": "paper",
+         "value": 90.0, "unit": "percent"}
+
+
+def test_published_refusal_numbers_are_looked_up_by_benchmark():
+    from tamperlab.tables import published_table
+
+    published = [{**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "advbench"},
+                 {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "dna"},
+                 {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": ["advbench", "dna"]},
+                 {**ENTRY, "attack": "none", "metric": "refusal_rate", "benchmark": "dna", "unit": "fraction"},
+                 {**ENTRY, "attack": "lora", "metric": "asr"}]
+    table = published_table(published, BY_SOURCE, pd.DataFrame())
+    ours = list(table["ours"])
+    assert ours[0] == pytest.approx(90.0)  # worst lora cell on advbench: refusal 0.10
+    assert ours[1] == pytest.approx(80.0)  # on dna: refusal 0.20, another cell
+    # pooled by n: cell 25 (0.5·100 + 0.2·50) / 150 = 0.4, cell 50 (0.1·100 + 0.3·50) / 150 = 1/6
+    assert ours[2] == pytest.approx(100 * (1 - 1 / 6))
+    assert ours[3] == pytest.approx(0.90)
+    assert ours[4] == pytest.approx(95.0)  # no benchmark: the pooled refusal_rate column
+    assert list(table["benchmark"][:3]) == ["advbench", "dna", "advbench+dna"]
+    assert table["ours_from"].iloc[1] == "refusal.csv lora on dna"
+
+
+def test_an_unknown_benchmark_is_refused_in_one_line():
+    from tamperlab.errors import UserError
+    from tamperlab.tables import published_table
+
+    entry = {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "refusalbench"}
+    with pytest.raises(UserError) as error:
+        published_table([entry], BY_SOURCE, pd.DataFrame())
+    message = str(error.value)
+    assert "\n" not in message and "refusalbench" in message and "refusal tiny/none/lora asr" in message
+    assert "advbench, dna" in message
+    # a benchmark on a capability metric names nothing the table can look up
+    entry = {**ENTRY, "attack": "none", "metric": "mmlu/acc", "benchmark": "advbench"}
+    with pytest.raises(UserError, match="mmlu/acc: a benchmark applies to refusal rates"):
+        published_table([entry], BY_SOURCE, pd.DataFrame())
+
+
+def test_published_visage_numbers_come_from_visage_csv_for_the_named_system_prompt():
+    from tamperlab.tables import published_table
+
+    visage = pd.DataFrame([
+        {"subject": "llama/none", "scan": "random_1d", "kind": "1d", "system_prompt": "none",
+         "visage_official_1d": 61.0, "visage_mean": 55.0},
+        {"subject": "llama/none", "scan": "random_1d", "kind": "1d", "system_prompt": "llama2_default",
+         "visage_official_1d": 85.32, "visage_mean": 80.0},
+        {"subject": "llama/none", "scan": "random_2d", "kind": "2d", "system_prompt": "none",
+         "visage_official_1d": None, "visage_mean": 32.5},
+        {"subject": "llama/none", "scan": "finetune", "kind": "interpolation", "system_prompt": "llama2_default",
+         "visage_official_1d": None, "visage_mean": None},
+    ])
+    entry = {"table": "visage", "model": "llama", "defence": "none", "attack": "none", "cell": None,
+             "relation": "=", "source": "paper", "value": 85.0, "unit": "percent"}
+    published = [{**entry, "metric": "visage_1d", "system_prompt": "llama2_default"},
+                 {**entry, "metric": "visage_1d", "system_prompt": None},
+                 {**entry, "metric": "visage_2d"},
+                 {**entry, "metric": "visage_2d", "system_prompt": "llama2_default"},  # not scanned in 2D
+                 {**entry, "metric": "visage_1d", "unit": "fraction", "system_prompt": "llama2_default"}]
+    table = published_table(published, GRID, pd.DataFrame(), visage)
+    assert table["ours"].iloc[0] == pytest.approx(85.32)
+    assert table["ours_from"].iloc[0] == "visage.csv random_1d llama2_default visage_official_1d"
+    assert table["system_prompt"].iloc[0] == "llama2_default"
+    assert table["ours"].iloc[1] == pytest.approx(61.0)
+    assert table["ours"].iloc[2] == pytest.approx(32.5)
+    assert pd.isna(table["ours"].iloc[3])
+    assert table["ours"].iloc[4] == pytest.approx(0.8532)
+    # without a landscape there is no visage.csv: empty, not an error
+    assert published_table(published[:1], GRID, pd.DataFrame())["ours"].isna().all()
+
+
+def _default_config() -> dict:
+    import yaml
+
+    from tamperlab.config import SCHEMA_PATH
+
+    return yaml.safe_load((SCHEMA_PATH.parents[2] / "config.yaml").read_text())
+
+
+def _config_error(published: list[dict]) -> str:
+    from tamperlab.config import validate_config
+    from tamperlab.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        validate_config({**_default_config(), "published": published})
+    return str(error.value)
+
+
+def test_the_config_check_refuses_an_unknown_benchmark_in_one_line():
+    from tamperlab.config import validate_config
+
+    entry = {**ENTRY, "table": "refusal", "attack": "lora", "metric": "asr", "value": 90.0}
+    # the default evaluates advbench (harmbench has no evaluation share): both the plain and a pooled list pass
+    validate_config({**_default_config(), "published": [{**entry, "benchmark": "advbench"},
+                                                        {**entry, "benchmark": ["advbench"]}]})
+    for benchmark in ("refusalbench", "harmbench", ["advbench", "made_up"]):
+        message = _config_error([{**entry, "benchmark": "advbench"}, {**entry, "benchmark": benchmark}])
+        assert "\n" not in message and message.startswith("config error at published[1] (refusal tiny/none/lora asr)")
+        assert "unknown benchmark" in message and "(those: advbench)" in message
+    message = _config_error([{**entry, "metric": "mmlu/acc", "benchmark": "advbench"}])
+    assert "a benchmark applies to refusal rates" in message
+
+
+def test_the_config_check_knows_the_landscapes_data_set_and_system_prompts():
+    entry = {**ENTRY, "table": "visage", "attack": "none", "metric": "visage_1d", "value": 60.0}
+    from tamperlab.config import validate_config
+
+    # the default's landscape scans the evaluation split's harmful prompts (advbench) under `default`/`safety`
+    validate_config({**_default_config(), "published": [{**entry, "benchmark": "advbench",
+                                                         "system_prompt": "safety"}]})
+    assert "unknown benchmark 'harmbench'" in _config_error([{**entry, "benchmark": "harmbench"}])
+    assert "system prompt 'llama2_default' is not in system_prompts" in _config_error(
+        [{**entry, "system_prompt": "llama2_default"}])
 
 
 def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):

@@ -1,7 +1,15 @@
+def published_visage():
+    """visage.csv, where the config has a landscape and published VISAGE numbers to put beside it (only then:
+    otherwise the tables need not wait for the scans)."""
+    wanted = any(entry["table"] == "visage" for entry in config["published"])
+    return visage_targets() if wanted else []
+
+
 rule tables:
     input:
         refusal=evaluations("refusal.json"),
         capability=evaluations("capability.json"),
+        visage=published_visage(),
     output:
         refusal=report(
             "results/tables/refusal.csv",
@@ -42,10 +50,11 @@ rule tables:
     params:
         metric=config["evaluation"]["capability"]["metric"],
         tables=tables_args(),
+        visage=lambda wildcards, input: f" --visage {input.visage}" if input.visage else "",
     shell:
         "tamperlab tables --refusal {input.refusal} --capability {input.capability}"
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
         " --out-tamper-resistance {output.tamper_resistance}"
-        " --out-published {output.published} > {log} 2>&1"
+        " --out-published {output.published}{params.visage} > {log} 2>&1"

@@ -84,6 +84,7 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
     _check_references(resolved)
     _resolve_landscape(resolved)
     _check_landscape(resolved)
+    _check_published(resolved)
     return resolved
 
 
@@ -99,9 +100,10 @@ def _check_references(config: dict[str, Any]) -> None:
     split = config["evaluation"]["refusal"]["split"]
     if split not in config["splits"]:
         raise UserError(f"config error at evaluation.refusal.split: {split!r} is not a split named in splits")
-    judge = config["evaluation"]["refusal"]["judge"]
-    if judge != "keyword" and not config["evaluation"]["refusal"].get("classifier"):
-        raise UserError(f"config error at evaluation.refusal.classifier: required when judge is {judge!r}")
+    if config["evaluation"]["refusal"]["judge"] == "classifier" and not config["evaluation"]["refusal"].get(
+        "classifier"
+    ):
+        raise UserError("config error at evaluation.refusal.classifier: required when judge is 'classifier'")
     prompt = config["evaluation"]["refusal"]["system_prompt"]
     if prompt is not None and prompt not in config["system_prompts"]:
         raise UserError(f"config error at evaluation.refusal.system_prompt: {prompt!r} is not in system_prompts")
@@ -123,6 +125,51 @@ def _check_references(config: dict[str, Any]) -> None:
             raise UserError(f"config error at {key}: {generator!r} is neither self nor a key of models")
     if "mmlu_subset" in capability["tasks"] and not capability.get("mmlu"):
         raise UserError("config error at evaluation.capability.mmlu: required when tasks include mmlu_subset")
+
+
+# --- published numbers ----------------------------------------------------------------------------------------
+
+RATE_METRICS = ("refusal_rate", "asr", "harmfulness")  # the refusal evaluation's; the last two are 1 - refusal
+
+
+def published_benchmarks(entry: dict[str, Any]) -> list[str]:
+    """The sources a published number is on: none (the pooled evaluation), one, or several pooled."""
+    benchmark = entry.get("benchmark")
+    return [] if benchmark is None else [benchmark] if isinstance(benchmark, str) else list(benchmark)
+
+
+def published_name(entry: dict[str, Any]) -> str:
+    """How an error names a published entry: table, subject and metric."""
+    subject = "/".join(str(entry.get(k)) for k in ("model", "defence", "attack", "cell") if entry.get(k))
+    return f"{entry.get('table')} {subject} {entry.get('metric')}"
+
+
+def _check_published(config: dict[str, Any]) -> None:
+    """A published entry's benchmark names a data set its number is looked up on (results/tables/published.csv):
+    for a refusal rate, one whose prompts the refusal evaluation uses; for VISAGE, the landscape's data set. A
+    VISAGE entry's system prompt is a key of system_prompts. Checked here so a run stops at start-up."""
+    def harmful_in(split: str | None) -> list[str]:
+        return [name for name, spec in config["datasets"].items()
+                if spec.get("kind") == "harmful" and (spec.get("splits") or {}).get(split, 0) > 0]
+
+    evaluated = harmful_in(config["evaluation"]["refusal"]["split"])
+    landscape = (config.get("landscape") or {}).get("prompts") or {}
+    for i, entry in enumerate(config["published"]):
+        where = f"config error at published[{i}] ({published_name(entry)})"
+        if entry["table"] == "visage":  # the landscape's prompts: a data set's, or a split's harmful ones
+            known = [landscape["dataset"]] if landscape.get("dataset") else harmful_in(landscape.get("split"))
+            prompt = entry.get("system_prompt")
+            if prompt is not None and prompt not in config["system_prompts"]:
+                raise UserError(f"{where}: system prompt {prompt!r} is not in system_prompts")
+        elif entry["metric"] in RATE_METRICS:
+            known = evaluated
+        elif published_benchmarks(entry):
+            raise UserError(f"{where}: a benchmark applies to refusal rates ({', '.join(RATE_METRICS)}) and VISAGE "
+                            "only")
+        for benchmark in published_benchmarks(entry):
+            if benchmark not in known:
+                raise UserError(f"{where}: unknown benchmark {benchmark!r}: not a data set its number is measured "
+                                f"on here (those: {', '.join(known) or 'none'})")
 
 
 # --- attack grids --------------------------------------------------------------------------------------------------

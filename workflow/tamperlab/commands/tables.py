@@ -9,6 +9,8 @@ from tamperlab.commands.common import json_list, params
 
 
 def tables(args: argparse.Namespace) -> None:
+    import pandas as pd
+
     from tamperlab.provenance import Step
     from tamperlab.tables import (
         evaluation_files,
@@ -22,6 +24,7 @@ def tables(args: argparse.Namespace) -> None:
 
     inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
     inputs |= {f"capability{i}": Path(p) for i, p in enumerate(args.capability)}
+    inputs |= {"visage": args.visage} if args.visage else {}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
                "published_csv": args.out_published}
@@ -29,12 +32,13 @@ def tables(args: argparse.Namespace) -> None:
         table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
                               evaluation_files(args.capability, "capability.json"))
         resistance = tamper_resistance_table(table, args.hazard_metric, args.retain_metric)
+        visage = pd.read_csv(args.visage) if args.visage else None
         written = {
             "refusal_csv": table,
             "summary_csv": summary_table(table, args.capability_metric),
             "harmfulness_csv": harmfulness_table(table, args.harmfulness_attack, args.capability_metric),
             "tamper_resistance_csv": resistance,
-            "published_csv": published_table(args.published, table, resistance),
+            "published_csv": published_table(args.published, table, resistance, visage),
         }
         for name, frame in written.items():
             frame.to_csv(step.path(name), index=False, lineterminator="\n")
@@ -58,6 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
     p.add_argument("--out-harmfulness", type=Path, required=True)
     p.add_argument("--published", type=json_list, default=[], help="the paper's numbers (JSON list)")
+    p.add_argument("--visage", type=Path, default=None,
+                   help="visage.csv, where published VISAGE numbers are looked up")
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
     p.set_defaults(func=tables)

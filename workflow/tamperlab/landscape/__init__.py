@@ -6,6 +6,7 @@ directions: random and interpolation directions, and moving a model along them i
 scan: the grids (1D, 2D in snake order, interpolation), sharding, the walk itself; the subject (its prompts,
     merged weights and directions); scan CSVs; gathering the shards (checked against their manifests).
 projection: attacked checkpoints' coordinates in a 2D scan's plane.
-visage: the VISAGE metric (official 1D and paper/mean definitions), basin width, ASR at the origin; the table.
+visage: the VISAGE metric (official 1D, our plateau reading and paper/mean definitions), basin width, ASR at
+    the origin; the table.
 figures: each scan's figure and the VISAGE step's figures.
 """
