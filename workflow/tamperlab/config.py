@@ -100,10 +100,9 @@ def _check_references(config: dict[str, Any]) -> None:
     split = config["evaluation"]["refusal"]["split"]
     if split not in config["splits"]:
         raise UserError(f"config error at evaluation.refusal.split: {split!r} is not a split named in splits")
-    if config["evaluation"]["refusal"]["judge"] == "classifier" and not config["evaluation"]["refusal"].get(
-        "classifier"
-    ):
-        raise UserError("config error at evaluation.refusal.classifier: required when judge is 'classifier'")
+    judge = config["evaluation"]["refusal"]["judge"]
+    if judge != "keyword" and not config["evaluation"]["refusal"].get("classifier"):
+        raise UserError(f"config error at evaluation.refusal.classifier: required when judge is {judge!r}")
     prompt = config["evaluation"]["refusal"]["system_prompt"]
     if prompt is not None and prompt not in config["system_prompts"]:
         raise UserError(f"config error at evaluation.refusal.system_prompt: {prompt!r} is not in system_prompts")
