@@ -182,3 +182,46 @@ def test_a_bad_landscape_reference_is_one_line_naming_the_key(config, where, val
     key = "landscape.prompts" if where == "prompts.dataset" else f"landscape.{where}"  # the pair, not one of it
     message = _error(config)
     assert message.startswith(f"config error at {key}: ") and text in message, message
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.mark.parametrize("where", ["models", "datasets", "defences", "classifier"])
+@pytest.mark.parametrize("revision", ["main", "PLACEHOLDER-pin-a-40-hex-commit", "<pin>", COMMIT[:-1], COMMIT.upper()])
+def test_a_hub_revision_that_is_not_a_commit_stops_at_start_up_naming_the_key(config, where, revision):
+    """A placeholder or branch name is refused before any job runs (not when the job reaches the hub)."""
+    hub = {"source": "hf", "id": "org/name", "revision": revision}
+    if where == "models":
+        config["models"]["hubmodel"], key = hub, "models.hubmodel.revision"
+    elif where == "datasets":
+        config["datasets"]["hubdata"] = {**hub, "kind": "harmful", "splits": {"evaluation": 1.0}}
+        key = "datasets.hubdata.revision"
+    elif where == "defences":
+        config["defences"]["release"], key = {**hub, "method": "repnoise"}, "defences.release.revision"
+    else:
+        config.setdefault("evaluation", {}).setdefault("refusal", {}).update(
+            judge="classifier", classifier={"model": "org/judge", "revision": revision, "refusal_label": "SAFE"})
+        key = "evaluation.refusal.classifier.revision"
+    message = _error(config)
+    assert message.startswith(f"config error at {key}: ") and "40-hex commit" in message, message
+    assert repr(revision) in message
+
+
+def test_a_hub_revision_that_is_a_commit_is_accepted(config):
+    config["models"]["hubmodel"] = {"source": "hf", "id": "org/name", "revision": COMMIT}
+    config.setdefault("evaluation", {}).setdefault("refusal", {}).update(
+        judge="classifier", classifier={"model": "./judge", "revision": None, "refusal_label": "SAFE"})  # a local directory
+    resolved = validate_config(config)
+    assert resolved["models"]["hubmodel"]["revision"] == COMMIT
+
+
+def test_a_tar_anchor_names_a_model_and_defaults_to_none(config):
+    config["defences"]["tar_anchored"] = {"method": "tar", "anchor": "tiny"}
+    resolved = validate_config(config)
+    assert resolved["defences"]["tar_anchored"]["anchor"] == "tiny"
+    assert resolved["defences"]["none"]["anchor"] is None
+    config["defences"]["tar_anchored"]["anchor"] = "nosuchmodel"
+    assert _error(config).startswith("config error at defences.tar_anchored.anchor: 'nosuchmodel'")
+    config["defences"]["tar_anchored"] = {"method": "repnoise", "anchor": "tiny"}
+    assert _error(config).startswith("config error at defences.tar_anchored.anchor: only a TAR")

@@ -24,12 +24,13 @@ BIN = Path(sys.executable).parent
 
 PAPERS = ("lermen2023", "rosati2024_repnoise", "tamirisa2024_tar", "peng2024_visage")
 
-# The one value an unknown hub revision may take: not a commit, so the hub refuses it and a run stops early.
-# Every use must be listed here (and in the overlay's comments): a new one is a test failure, not a silent gap.
+# The one value an unknown hub revision may take. It is not a commit, so the config check refuses it at start-up:
+# an overlay holding one does not run until it is pinned (write the entry out commented instead). Every use must
+# be listed here (and in the overlay's comments): a new one is a test failure, not a silent gap.
 PLACEHOLDER = "PLACEHOLDER-pin-a-40-hex-commit"
 PLACEHOLDERS = {
     "lermen2023": set(),
-    "rosati2024_repnoise": {"defences.repnoise_release", "evaluation.refusal.classifier"},
+    "rosati2024_repnoise": {"evaluation.refusal.classifier"},
     "tamirisa2024_tar": set(),
     "peng2024_visage": set(),
 }
@@ -42,10 +43,11 @@ EXPECTED_JOBS = {
     # 3 models x 1 defence x (3 lr x 3 ranks) runs; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
     "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 3, "attack": 27, "evaluate_run": 27,
                    "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1},
-    # 1 model x 3 defences (none, trained, released) x (3 lr x 2 steps + 2 lr x 3 steps) cosine runs
+    # 1 model x 2 defences (none, trained; the release is commented until pinned) x (3 lr x 2 steps + 2 lr x 3
+    # steps) cosine runs
     "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,
-                            "register_defence": 1, "attack": 36, "evaluate_run": 36, "evaluate_refusal": 3,
-                            "evaluate_capability": 3, "tables": 1, "all": 1},
+                            "attack": 24, "evaluate_run": 24, "evaluate_refusal": 2,
+                            "evaluate_capability": 2, "tables": 1, "all": 1},
     # 1 model x 3 defences (none, TAR refusal, TAR bio) x (3 full + 2 LoRA + 3 hazard) runs
     "tamirisa2024_tar": {"prepare_data": 4, "split_data": 1, "register_model": 1, "harden": 2, "attack": 24,
                          "evaluate_run": 24, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
@@ -286,10 +288,22 @@ def flags(command: str) -> dict[str, list[str]]:
     return parsed
 
 
+class _DryRuns(dict):
+    """paper -> its dry run's output, run on first use: a paper whose config is refused fails its own tests only."""
+
+    def __init__(self, tmp_path_factory):
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, paper: str) -> str:
+        self[paper] = dry_run(self.tmp_path_factory.mktemp(paper), paper)
+        return self[paper]
+
+
 @pytest.fixture(scope="module")
 def dry_runs(tmp_path_factory):
     """One `snakemake all -n -p` per overlay, each in its own empty directory."""
-    return {paper: dry_run(tmp_path_factory.mktemp(paper), paper) for paper in PAPERS}
+    return _DryRuns(tmp_path_factory)
 
 
 def papers_jobs(paper: str, output: str) -> list[dict]:
@@ -369,8 +383,6 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
     params = json.loads(harden["--params"][0])
     assert params == {**params, "lr": 2e-5, "batch_size": 8, "alpha": 1.0, "beta": 0.001, "scheduler": "cosine",
                       "warmup_ratio": 0.1, "max_length": 128, "epochs": 1.0}
-    release = _one(own, "register_defence", model="llama2-7b-chat", defence="repnoise_release")
-    assert release["--id"] == ["domenicrosati/repnoise_0.001_beta"]
     attack = _one(own, "attack", model="llama2-7b-chat", defence="repnoise", attack="full",
                   run="lr3e-5_steps2500")
     assert attack["--method"] == ["full"] and attack["--lr"] == ["3e-05"] and attack["--steps"] == ["2500"]
@@ -391,12 +403,16 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
 def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_runs):
     own = papers_jobs("tamirisa2024_tar", dry_runs["tamirisa2024_tar"])
     refusal = json.loads(_one(own, "harden", defence="tar_refusal")["--params"][0])
-    assert refusal == {**refusal, "setting": "refusal", "outer_steps": 100, "inner_steps": 64, "outer_lr": 6e-5,
-                       "batch_size": 64, "lambda_tr": 0.1, "adversary_lrs": [2e-6, 2e-5, 4e-5],
-                       "adversaries_per_step": 2}
-    bio = json.loads(_one(own, "harden", defence="tar_bio")["--params"][0])
-    assert bio == {**bio, "setting": "knowledge", "outer_steps": 750, "inner_steps": 64, "lambda_tr": 4.0,
-                   "outer_lr": 2e-5}
+    # run_tar_dpo.sh: K = 8, L_TR every step, harmful completions only, batch 4 x 2, CE-only retain loss
+    assert refusal == {**refusal, "setting": "refusal", "outer_steps": 100, "inner_steps": 8, "tr_every": 1,
+                       "outer_lr": 6e-5, "batch_size": 8, "lambda_tr": 0.1, "adversary_lrs": [2e-6, 2e-5, 4e-5],
+                       "adversaries_per_step": 2, "switch_fraction": 0.0, "retain_representations": False}
+    bio_job = _one(own, "harden", defence="tar_bio")
+    bio = json.loads(bio_job["--params"][0])
+    assert bio == {**bio, "setting": "knowledge", "outer_steps": 750, "inner_steps": 64, "tr_every": 4,
+                   "lambda_tr": 4.0, "outer_lr": 2e-5, "switch_fraction": 0.33, "random_mapping_steps": 750,
+                   "retain_representations": True}
+    assert "--anchor" not in bio_job  # anchored to the start model, copied before Random Mapping
     lora = _one(own, "attack", defence="tar_refusal", attack="lora", run="lr4e-5_r16")
     assert lora["--rank"] == ["16"] and lora["--lora-alpha"] == ["32"] and lora["--steps"] == ["100", "250", "500"]
     hazard = _one(own, "attack", defence="tar_bio", attack="hazard_full", run="lr2e-6")
@@ -417,3 +433,30 @@ def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):
     assert attack["--lr"] == ["5e-05"] and attack["--method"] == ["full"]
     evaluation = _one(own, "evaluate_refusal", model="mistral-7b-instruct")
     assert evaluation["--max-new-tokens"] == ["512"] and "--system-prompt" not in evaluation
+
+
+def test_tar_refusal_defence_resolves_to_no_switch_adversary():
+    """The refusal run's adversaries train on harmful completions only (run_tar_dpo.sh): the overlay must not
+    inherit the schema's bio default switch_fraction 0.33."""
+    from tamperlab.config import validate_config
+
+    defences = validate_config(merged("tamirisa2024_tar"))["defences"]
+    assert defences["tar_refusal"]["tar"]["switch_fraction"] == 0
+    assert defences["tar_bio"]["tar"]["switch_fraction"] == 0.33 and defences["tar_bio"]["anchor"] is None
+
+
+def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
+    """defences.<d>.anchor names a model: its base directory becomes an input of the harden job and its --anchor."""
+    extra = tmp_path / "anchor.yaml"
+    extra.write_text(yaml.safe_dump({"defences": {"tar_bio": {"anchor": "llama3-8b-instruct"}}}))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    command = [str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "-n",
+               "-p", "--configfile", str(EXPERIMENTS / "tamirisa2024_tar.yaml"), str(extra),
+               "--config", f"cache_dir={CACHE}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    own = papers_jobs("tamirisa2024_tar", result.stdout + result.stderr)
+    bio = [job for job in own if job["rule"] == "harden" and job["wildcards"]["defence"] == "tar_bio"]
+    assert len(bio) == 1 and flags(bio[0]["shell"])["--anchor"] == ["results/models/llama3-8b-instruct/base"]
+    refusal = [job for job in own if job["rule"] == "harden" and job["wildcards"]["defence"] == "tar_refusal"]
+    assert "--anchor" not in flags(refusal[0]["shell"])

@@ -1,7 +1,14 @@
+def harden_anchor(wildcards):
+    """TAR's representation anchor (defences.<d>.anchor), a model of this config; none: the start model."""
+    anchor = config["defences"][wildcards.defence].get("anchor")
+    return f"results/models/{anchor}/base" if anchor else []
+
+
 rule harden:
     input:
         model="results/models/{model}/base",
         data="results/data/splits",
+        anchor=harden_anchor,
     output:
         directory("results/models/{model}/{defence}"),
     log:
@@ -20,9 +27,10 @@ rule harden:
         launch=launcher,
         harden=harden_args,
         zero3=zero3_flags,
+        anchor=lambda wildcards, input: f"--anchor {input.anchor}" if input.anchor else "",
     shell:
         "{params.launch} harden --model {input.model} --data {input.data} {params.harden}"
-        " {params.zero3} --out {output} > {log} 2>&1"
+        " {params.anchor} {params.zero3} --out {output} > {log} 2>&1"
 
 
 # a released hardened checkpoint (e.g. the RepNoise or TAR release) stands in for training

@@ -19,6 +19,7 @@ from tamperlab.errors import UserError
 from tamperlab.landscape.spec import INTERPOLATION, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, point_count
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
+COMMIT_PATTERN = "^[0-9a-f]{40}$"  # the schema's pattern for hub `revision:` keys
 UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
 
 
@@ -55,6 +56,8 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{error.instance!r} is not of type {error.validator_value}"
     if error.validator == "enum":
         return f"{error.instance!r} is not one of {error.validator_value}"
+    if error.validator == "pattern" and error.validator_value == COMMIT_PATTERN:
+        return f"{error.instance!r} is not a 40-hex commit hash: pin the hub revision before a run"
     return error.message
 
 
@@ -106,10 +109,15 @@ def _check_references(config: dict[str, Any]) -> None:
     prompt = config["evaluation"]["refusal"]["system_prompt"]
     if prompt is not None and prompt not in config["system_prompts"]:
         raise UserError(f"config error at evaluation.refusal.system_prompt: {prompt!r} is not in system_prompts")
-    for name in config["defences"]:
+    for name, spec in config["defences"].items():
         if "/" in name or name in ("base", UNALIGNED):
             raise UserError(f"config error at defences.{name}: a defence may not be named 'base', "
                             f"'{UNALIGNED}' or contain '/'")
+        anchor = spec.get("anchor")
+        if anchor is not None and (spec["method"] != "tar" or spec["source"] != "train"):
+            raise UserError(f"config error at defences.{name}.anchor: only a TAR defence trained here has one")
+        if anchor is not None and anchor not in config["models"]:
+            raise UserError(f"config error at defences.{name}.anchor: {anchor!r} is not a key of models")
     for name, spec in config["models"].items():
         if spec.get("align") and spec["source"] == "organism":
             raise UserError(f"config error at models.{name}.align: the organism is refusal-trained as it is built")

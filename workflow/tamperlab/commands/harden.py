@@ -25,7 +25,12 @@ def harden(args: argparse.Namespace) -> None:
         hyper = Params(**args.params)
     except TypeError as error:
         raise UserError(f"--params: {error}") from None
-    with Step("harden", params(args, "out"), inputs={"model": args.model, "data": args.data},
+    inputs, extra = {"model": args.model, "data": args.data}, {}
+    if args.anchor is not None:
+        if args.method != "tar":
+            raise UserError("--anchor: only TAR's retain loss has a representation anchor")
+        inputs["anchor"], extra["anchor_dir"] = args.anchor, args.anchor
+    with Step("harden", params(args, "out"), inputs=inputs,
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
         rows = [row for split in args.split
                 for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
@@ -35,7 +40,7 @@ def harden(args: argparse.Namespace) -> None:
         import_training_stack(step)
         with step.phase("train"):
             step.results = train(args.model, **data, params=hyper, out_dir=step.path("model"),
-                                 deepspeed=args.deepspeed)
+                                 deepspeed=args.deepspeed, **extra)
         step.results["examples"] = {k: len(v) for k, v in data.items()}
         step.status = step.results["status"]
 
@@ -49,6 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--harmful-response", required=True, help="the unsafe answer paired with each harmful prompt")
     p.add_argument("--refusal", help="the safe answer (RepNoise's harmless sequence, TAR's chosen)")
     p.add_argument("--forget-family", default="hazard", help="TAR knowledge: the task family to restrict")
+    p.add_argument("--anchor", type=Path, help="TAR: the model the retain loss anchors hidden states to "
+                   "(default: the model to harden, as it starts)")
     p.add_argument("--params", type=json_object, required=True, help="the method's hyperparameters (JSON object)")
     p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
     p.add_argument("--out", type=Path, required=True)
