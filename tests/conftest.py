@@ -19,9 +19,16 @@ BIN = Path(sys.executable).parent
 SMOKE_TARGETS = ("results/tables/refusal.csv", "results/tables/visage.csv")
 
 
+def snakemake_env() -> dict[str, str]:
+    """The environment of a local (not SLURM) Snakemake run: this environment's tamperlab on PATH, and no SLURM
+    configuration. The SLURM executor plugin asks `scontrol show config` for MinJobAge when Snakemake starts; where
+    SLURM's tools are installed but no controller runs (after the SLURM test, say) that waits ~10 s per start."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_CONF": os.devnull}
+
+
 def snakemake(workdir: Path, *flags: str, targets: tuple[str, ...] = (), check: bool = True, timeout: int = 1800):
     """`snakemake TARGETS -s Snakefile -d WORKDIR FLAGS` with this environment's tamperlab on PATH."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = snakemake_env()
     # Targets first: --configfile and --config take every word that follows them.
     command = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *flags,
                "--config", f"cache_dir={CACHE}"]

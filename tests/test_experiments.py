@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import snakemake_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -30,7 +30,7 @@ PAPERS = ("lermen2023", "rosati2024_repnoise", "tamirisa2024_tar", "peng2024_vis
 PLACEHOLDER = "PLACEHOLDER-pin-a-40-hex-commit"
 PLACEHOLDERS = {
     "lermen2023": set(),
-    "rosati2024_repnoise": {"evaluation.refusal.classifier"},
+    "rosati2024_repnoise": set(),
     "tamirisa2024_tar": set(),
     "peng2024_visage": set(),
 }
@@ -232,7 +232,7 @@ def test_visage_system_prompts_are_the_official_codes_and_are_scanned():
 
 
 def dry_run(workdir: Path, paper: str) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = snakemake_env()
     # Targets first: --configfile and --config take every word that follows them.
     command = [str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "-d", str(workdir), "-n", "-p",
                "--configfile", str(EXPERIMENTS / f"{paper}.yaml"), "--config", f"cache_dir={CACHE}"]
@@ -391,8 +391,11 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
     strong = {job["wildcards"]["run"] for job in own if job["wildcards"].get("attack") == "full_strong"}
     assert "lr3e-4_steps5000" in strong and len(strong) == 6
     evaluation = _one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250")
-    assert evaluation["--judge"] == ["classifier"] and evaluation["--refusal-label"] == ["LABEL_1"]
-    assert evaluation["--classifier-model"] == ["domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier"]
+    # the paper's DeBERTa classifier awaits a pinned revision (written out, commented); HarmBench's judges meanwhile
+    assert evaluation["--judge"] == ["harmbench"]
+    assert evaluation["--classifier-model"] == ["cais/HarmBench-Llama-2-13b-cls"]
+    assert "#     model: domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier" in (
+        EXPERIMENTS / "rosati2024_repnoise.yaml").read_text()
     assert evaluation["--max-new-tokens"] == ["50"]
     assert evaluation["--tasks"] == ["truthfulqa_mc2", "mmlu", "hellaswag", "arc_easy"]
     data = _one(own, "prepare_data", dataset="beavertails_test")
@@ -449,7 +452,7 @@ def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
     """defences.<d>.anchor names a model: its base directory becomes an input of the harden job and its --anchor."""
     extra = tmp_path / "anchor.yaml"
     extra.write_text(yaml.safe_dump({"defences": {"tar_bio": {"anchor": "llama3-8b-instruct"}}}))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = snakemake_env()
     command = [str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path / "work"), "-n",
                "-p", "--configfile", str(EXPERIMENTS / "tamirisa2024_tar.yaml"), str(extra),
                "--config", f"cache_dir={CACHE}"]

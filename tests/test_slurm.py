@@ -121,7 +121,8 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
     rules = {job["rule"] for job in planned.values()}
     assert {"prepare_data", "split_data", "build_organism", "tables"} <= rules
     assert any(rule.startswith("attack") for rule in rules) and any(rule.startswith("evaluate") for rule in rules)
-    assert any(job["threads"] > 1 for job in planned.values())
+    # A job on a model runs with its size class's CPUs (the smoke config's one per job) and asked sbatch for them.
+    assert all(job["threads"] == int(job["cpus_per_task"]) == 1 for job in planned.values() if "cpus_per_task" in job)
 
 
 def test_the_chain_built_on_slurm_is_byte_identical_to_the_local_smoke_run(smoke_on_slurm, smoke_run):

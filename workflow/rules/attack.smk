@@ -17,7 +17,7 @@ rule attack:
         run=names_regex(all_runs(one_job_attacks(False))),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

@@ -400,3 +400,23 @@ MODEL_RESOURCES = {
     key: functools.partial(model_resource, key)
     for key in ("gpu", "cpus_per_task", "mem_mb", "runtime")
 }
+
+
+def model_threads(wildcards):
+    """Threads of a job on a model = its size class's cpus_per_task (Snakemake caps them at --cores and exports
+    them as OMP_NUM_THREADS, which torch follows). Where a job is mostly Python start-up (a tiny organism), one CPU
+    per job lets two jobs run at once on a laptop (tests/configs/smoke.yaml)."""
+    return model_resource("cpus_per_task", wildcards)
+
+
+def harden_anchor(wildcards):
+    """TAR's representation anchor (defences.<d>.anchor), a model of this config; none: the start model."""
+    anchor = config["defences"][wildcards.defence].get("anchor")
+    return f"results/models/{anchor}/base" if anchor else []
+
+
+def published_visage():
+    """visage.csv, where the config has a landscape and published VISAGE numbers to put beside it (only then:
+    otherwise the tables need not wait for the scans)."""
+    wanted = any(entry["table"] == "visage" for entry in config["published"])
+    return visage_targets() if wanted else []

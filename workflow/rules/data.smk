@@ -50,7 +50,7 @@ rule generate_responses:
         kind="harmful|benign",
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

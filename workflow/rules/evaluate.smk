@@ -15,7 +15,7 @@ rule evaluate_refusal:
         defence=names_regex(evaluated_defences()),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:
@@ -43,7 +43,7 @@ rule evaluate_capability:
         defence=names_regex(evaluated_defences()),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:
@@ -74,7 +74,7 @@ rule evaluate_run:
         run=names_regex(all_runs(one_job_attacks(False))),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

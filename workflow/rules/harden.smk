@@ -1,9 +1,3 @@
-def harden_anchor(wildcards):
-    """TAR's representation anchor (defences.<d>.anchor), a model of this config; none: the start model."""
-    anchor = config["defences"][wildcards.defence].get("anchor")
-    return f"results/models/{anchor}/base" if anchor else []
-
-
 rule harden:
     input:
         model="results/models/{model}/base",
@@ -20,7 +14,7 @@ rule harden:
         defence=names_regex(defences_from("train")),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

@@ -21,7 +21,7 @@ rule landscape_scan:
         **SHARD_CONSTRAINTS,
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 1
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:
@@ -61,7 +61,7 @@ rule landscape_project:
         **LANDSCAPE_CONSTRAINTS,
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 1
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

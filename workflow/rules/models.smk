@@ -11,7 +11,7 @@ rule build_organism:
         model=names_regex(models_of("organism")),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:
@@ -59,7 +59,7 @@ rule import_model:
         model=names_regex(models_of("pypi-wheel", aligned=False)),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:
@@ -95,7 +95,7 @@ rule align:
         model=names_regex(aligned_models()),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: 2
+    threads: model_threads
     resources:
         **MODEL_RESOURCES,
     params:

@@ -1,10 +1,3 @@
-def published_visage():
-    """visage.csv, where the config has a landscape and published VISAGE numbers to put beside it (only then:
-    otherwise the tables need not wait for the scans)."""
-    wanted = any(entry["table"] == "visage" for entry in config["published"])
-    return visage_targets() if wanted else []
-
-
 rule tables:
     input:
         refusal=evaluations("refusal.json"),
