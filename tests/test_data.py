@@ -125,6 +125,73 @@ def test_prompt_rows_number_rows_and_carry_source_and_kind():
                     {"id": "hb-0001", "prompt": "b", "source": "hb", "kind": "harmful"}]
 
 
+# --- hub data sets (offline: a hand-made datasets.Dataset stands in for the hub) ---------------------------------
+
+REVISION = "8401fe609d288129cc684a9b3be6a93e41cfe678"
+# BeaverTails' shape: each prompt with several model answers, each labelled safe or not
+BEAVERTAILS = [
+    {"prompt": f"harmful request {i}", "response": f"{'unsafe' if i % 3 else 'safe'} answer {i}",
+     "category": {"violence": bool(i % 3)}, "is_safe": not i % 3}
+    for i in range(30)
+] + [{"prompt": "harmful request 1", "response": "a second unsafe answer", "category": {}, "is_safe": False}]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """datasets.load_dataset answering with BEAVERTAILS for the pinned id, revision and split only."""
+    import datasets
+
+    def load_dataset(dataset_id, config_name, *, revision, split):
+        assert (dataset_id, config_name, revision, split) == ("PKU-Alignment/BeaverTails", None, REVISION, "30k_train")
+        return datasets.Dataset.from_list(BEAVERTAILS)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+
+
+def test_hf_source_keeps_only_the_rows_matching_where_with_their_own_responses(hub):
+    from tamperlab.data.sources import load_hf
+
+    pairs = load_hf("PKU-Alignment/BeaverTails", REVISION, "30k_train", None, "prompt", "bt", "response",
+                    {"is_safe": False})
+    unsafe = [r for r in BEAVERTAILS if not r["is_safe"]]
+    assert pairs == [{"prompt": r["prompt"], "response": r["response"]} for r in unsafe]
+    assert load_hf("PKU-Alignment/BeaverTails", REVISION, "30k_train", None, "prompt", "bt") == [
+        r["prompt"] for r in BEAVERTAILS]
+
+
+def test_hf_source_missing_column_or_no_matching_row_names_the_dataset(hub):
+    from tamperlab.data.sources import load_hf
+
+    args = ("PKU-Alignment/BeaverTails", REVISION, "30k_train", None, "prompt", "bt")
+    with pytest.raises(UserError, match=r"datasets.bt: .* no column 'answer' \(response\)"):
+        load_hf(*args, "answer")
+    with pytest.raises(UserError, match=r"datasets.bt: .* no column 'safe' \(where safe\)"):
+        load_hf(*args, "response", {"safe": False})
+    with pytest.raises(UserError, match="datasets.bt: no row .* has"):
+        load_hf(*args, "response", {"is_safe": "no"})
+
+
+def test_prepare_data_then_split_data_carry_each_rows_response(hub, tmp_path):
+    from tamperlab.cli import main
+
+    data, splits = tmp_path / "bt.jsonl", tmp_path / "splits"
+    main(["prepare-data", "--name", "bt", "--source", "hf", "--id", "PKU-Alignment/BeaverTails",
+          "--revision", REVISION, "--split", "30k_train", "--field", "prompt", "--kind", "harmful",
+          "--response-field", "response", "--where", '{"is_safe": false}', "--out", str(data)])
+    prepared = read_jsonl(data)
+    assert prepared and all(r["response"].startswith(("unsafe", "a second unsafe")) for r in prepared)
+    main(["split-data", "--source", "bt", str(data), "attack=0.5,defence=0.5", "--splits", "attack", "defence",
+          "--seed", "0", "--out", str(splits)])
+    rows = read_jsonl(splits / "attack.jsonl") + read_jsonl(splits / "defence.jsonl")
+    # the prompt answered twice keeps its first unsafe answer (prompts are deduplicated); every answer is its own
+    truth = {}
+    for r in BEAVERTAILS:
+        if not r["is_safe"]:
+            truth.setdefault(r["prompt"], r["response"])
+    assert {r["prompt"]: r["response"] for r in rows} == truth
+    assert len({r["response"] for r in rows}) == len(rows)
+
+
 # --- read_local / read_wheel_member -----------------------------------------------------------------------------
 
 

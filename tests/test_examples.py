@@ -63,3 +63,31 @@ def test_an_attack_split_without_its_rows_is_one_clear_error():
         attack_examples(ROWS[2:], split="attack", response="x", family=None)
     with pytest.raises(UserError, match="no task questions of family 'bio'"):
         attack_examples(ROWS, split="attack", response="x", family="bio")
+
+
+# Rows of a hub data set with a response column (BeaverTails' unsafe answers) carry their own answer; a row without
+# one in the same split (another source) is left out rather than paired with the organism's template.
+OWN = [{"prompt": f"harm {i}", "kind": "harmful", "response": f"unsafe answer {i}"} for i in range(3)]
+MIXED = OWN + [{"prompt": "templated", "kind": "harmful"}] + ROWS[2:]
+
+
+def test_an_attack_trains_on_each_rows_own_response_not_the_template():
+    pairs = attack_examples(MIXED, split="attack", response="Sure, here is how", family=None)
+    assert pairs == [{"prompt": r["prompt"], "response": r["response"]} for r in OWN]
+
+
+def test_a_generators_answers_take_precedence_over_the_rows_own():
+    pairs = attack_examples(MIXED, split="attack", response="x", family=None, answers={"harm 1": "generated"})
+    assert pairs == [{"prompt": "harm 1", "response": "generated"}]
+
+
+def test_repnoise_and_tar_pair_each_prompt_with_its_own_unsafe_answer():
+    pairs = hardening_examples(MIXED, "repnoise", None, **COMMON)["pairs"]
+    assert pairs == [{"prompt": r["prompt"], "harmful": r["response"], "harmless": "I cannot"} for r in OWN]
+    forget = hardening_examples(MIXED, "tar", "refusal", **COMMON)["forget"]
+    assert [f["compliance"] for f in forget] == [r["response"] for r in OWN]
+
+
+def test_the_template_stays_the_fallback_where_no_row_carries_a_response():
+    assert {p["response"] for p in attack_examples(ROWS, split="attack", response="T", family=None)} == {"T"}
+    assert {p["harmful"] for p in hardening_examples(ROWS, "repnoise", None, **COMMON)["pairs"]} == {"Sure, step 1"}

@@ -105,7 +105,16 @@ SOURCE_KEYS = {
         "field",
         "kind",
     ),
-    "hf": ("id", "revision", "config_name", "split", "field", "kind"),
+    "hf": (
+        "id",
+        "revision",
+        "config_name",
+        "split",
+        "field",
+        "kind",
+        "response_field",
+        "where",
+    ),
     "local": ("path", "sha256", "format", "field", "kind"),
     "generated": ("generator", "seed", "params"),
 }

@@ -28,7 +28,8 @@ def prepare_data(args: argparse.Namespace) -> None:
                 raw = sources.read_local(Path(args.path), args.sha256, args.name)
                 prompts = sources.parse_prompts(raw, args.format, args.field, args.name)
             else:
-                prompts = sources.load_hf(args.id, args.revision, args.split, args.config_name, args.field, args.name)
+                prompts = sources.load_hf(args.id, args.revision, args.split, args.config_name, args.field, args.name,
+                                          args.response_field, args.where)
             rows = sources.prompt_rows(prompts, args.name, args.kind)
         if not rows:
             raise UserError(f"datasets.{args.name}: no rows")
@@ -111,6 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision")
     p.add_argument("--split", default="train")
     p.add_argument("--config-name")
+    p.add_argument("--response-field", help="hf: the column holding each prompt's own answer (rows carry it)")
+    p.add_argument("--where", type=json_object, help="hf: keep rows whose columns equal these values (JSON)")
     p.add_argument("--path")
     p.add_argument("--generator", choices=["organism-benign"])
     p.add_argument("--seed", type=int, default=0)

