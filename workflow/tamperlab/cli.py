@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tamperlab import logs
 from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, tables
 from tamperlab.errors import UserError
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     command = "tamperlab"
+    logs.setup()  # the one place logging is configured
     try:
         args = build_parser().parse_args(argv)
         command = f"tamperlab {args.command}"

@@ -46,17 +46,21 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tamperlab.chat import encode_example
 from tamperlab.errors import UserError
-from tamperlab.training import mark_diverged, trainable_parameters
+from tamperlab.logs import Progress
+from tamperlab.training import CHECKPOINTS, mark_diverged, trainable_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +73,7 @@ SWITCH_BETA = (6.0, 3.0)  # M ~ Beta(6, 3)·K: the switch adversary spends most 
 # p·log p misses ln|V| by ≤ 5e-6 nats at |V| = 128k (measured), so 1e-3 nats means "at the maximum" with margin.
 ENTROPY_TOLERANCE = 1e-3
 TAR_LOG = "tar_log.jsonl"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -93,6 +98,7 @@ class TARParams:
     random_mapping_steps: int = 0  # knowledge: Random Mapping steps run before TAR (0: the model has it already)
     random_mapping_lr: float = 2e-5
     retain_representations: bool = True  # L_retain's ‖h_θ − h_anchor‖ term (bio script: on; DPO script: off)
+    checkpoint_every: int = 25  # outer steps between resumable checkpoints (no effect on the result)
 
 
 @dataclass
@@ -112,10 +118,10 @@ class Adversary:
 class TARData:
     """Endless batch streams. The adversary sees only `forget` and `adversary_retain`; `heldout` supplies x_TR."""
 
-    forget: Iterator[dict]  # forget-domain SFT batches (refusal: harmful prompt + compliance)
-    adversary_retain: Iterator[dict]  # retain batches for the switch adversary's first phase
-    retain: Iterator[dict]  # retain batches for the outer retain loss
-    heldout: Iterator[dict]  # x_TR: knowledge, forget text; refusal, {"chosen": refusal, "rejected": compliance}
+    forget: BatchStream  # forget-domain SFT batches (refusal: harmful prompt + compliance)
+    adversary_retain: BatchStream  # retain batches for the switch adversary's first phase
+    retain: BatchStream  # retain batches for the outer retain loss
+    heldout: BatchStream  # x_TR: knowledge, forget text; refusal, {"chosen": refusal, "rejected": compliance}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -156,14 +162,34 @@ def collate_preference(pairs: list[tuple[dict, dict]], pad_token_id: int, device
     return {"chosen": {k: v[:n] for k, v in both.items()}, "rejected": {k: v[n:] for k, v in both.items()}}
 
 
-def batch_stream(items: list, batch_size: int, collate_fn: Callable[[list], Any], seed: str) -> Iterator[Any]:
-    """Endless epochs over items, reshuffled each epoch by its own seeded RNG (streams never share a sequence)."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(items)))
-        rng.shuffle(order)
-        for start in range(0, len(order), batch_size):
-            yield collate_fn([items[i] for i in order[start:start + batch_size]])
+class BatchStream:
+    """Endless epochs over items, reshuffled each epoch by its own seeded RNG (streams never share a sequence).
+    An iterator rather than a generator, so that its position can be checkpointed and restored (resume)."""
+
+    def __init__(self, items: list, batch_size: int, collate_fn: Callable[[list], Any], seed: str):
+        self.items, self.batch_size, self.collate_fn = items, batch_size, collate_fn
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+        self.position = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self.position >= len(self.order):  # a new epoch
+            self.order = list(range(len(self.items)))
+            self.rng.shuffle(self.order)
+            self.position = 0
+        index = self.order[self.position:self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.collate_fn([self.items[i] for i in index])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "position": self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.order, self.position = list(state["order"]), state["position"]
 
 
 def make_data(tokenizer: Any, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
@@ -184,7 +210,7 @@ def make_data(tokenizer: Any, forget: list[dict[str, str]], retain: list[dict[st
     length, pad, seed = params.max_length, tokenizer.pad_token_id, params.seed
 
     def stream(items: list, name: str, fn: Callable = collate) -> Iterator:
-        return batch_stream(items, params.batch_size, lambda b: fn(b, pad, device), f"{seed}:{name}")
+        return BatchStream(items, params.batch_size, lambda b: fn(b, pad, device), f"{seed}:{name}")
 
     retain_examples = [encode_row(tokenizer, r, "response", length) for r in retain]
     if params.setting == "refusal":
@@ -479,7 +505,7 @@ def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], r
     vectors = random_vectors(model.config.vocab_size, model.config.hidden_size, seed,
                              next(model.parameters()).device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    log = []
+    history, progress = [], Progress(log, "TAR random mapping step", steps)
     for step in range(steps):
         retain, forget = next(retain_batches), next(forget_batches)
         optimizer.zero_grad(set_to_none=True)
@@ -489,9 +515,69 @@ def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], r
         rm = random_mapping_loss(hidden, forget["input_ids"], forget["attention_mask"], vectors)
         (lm + rm).backward()
         optimizer.step()
-        log.append({"step": step + 1, "retain_ce": lm.item(), "random_mapping": rm.item()})
+        history.append({"step": step + 1, "retain_ce": lm.item(), "random_mapping": rm.item()})
+        progress.update(step + 1, f"retain_ce {lm.item():.4g}, random_mapping {rm.item():.4g}")
     optimizer.zero_grad(set_to_none=True)
-    return log
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints: out_dir/checkpoints/step-<n>.pt after every checkpoint_every-th outer step, removed at the end
+
+
+def rng_states() -> dict[str, Any]:
+    """Every global RNG (python, numpy, torch CPU and CUDA): dropout and anything else may draw from them."""
+    import numpy as np
+    import torch
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> None:
+    """Write state as directory/step-<step>.pt, atomically: into a .tmp file, fsynced, then renamed, so a kill
+    mid-write leaves a .tmp that never counts as a checkpoint. Older checkpoints are removed once it is in place."""
+    import torch
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path, tmp = directory / f"step-{step}.pt", directory / f"step-{step}.pt.tmp"
+    with open(tmp, "wb") as handle:
+        torch.save(state, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    for old in directory.glob("step-*.pt"):
+        if old != path:
+            old.unlink()
+
+
+def load_checkpoint(directory: Path, run: str) -> dict[str, Any] | None:
+    """The latest complete checkpoint of this very run (same `run` key: hyperparameters, model, anchor), or None.
+    Partial writes (.tmp) and checkpoints of another run (the config changed since) are removed."""
+    import torch
+
+    for tmp in directory.glob("step-*.pt.tmp"):
+        tmp.unlink()
+    found = sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    if not found:
+        return None
+    state = torch.load(found[-1], map_location="cpu", weights_only=False)  # written by this job: RNG states, logs
+    if state["run"] != run:
+        log.warning("TAR: %s is from other settings; starting over", found[-1])
+        shutil.rmtree(directory)
+        return None
+    return state
 
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
@@ -506,7 +592,10 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
 
     Rows are described in `make_data`. In the knowledge setting with random_mapping_steps > 0, Random Mapping runs
     first. A non-finite loss stops training: out_dir then holds a DIVERGED marker instead of a model.
-    Returns the training record (status, steps, final losses, mean phase timings).
+    Every checkpoint_every outer steps the whole state (weights, optimizer, warmup, adversary sampler, data
+    streams, global RNGs, logs) goes to out_dir/checkpoints; a rerun into the same out_dir continues from the
+    latest one, bit for bit as if never stopped. Returns the training record (status, steps, final losses, mean
+    phase timings).
     """
     import torch
 
@@ -518,6 +607,13 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
         raise UserError(f"TAR: unknown setting {params.setting!r} (expected one of {', '.join(SETTINGS)})")
     if params.tr_every < 1 or params.inner_steps < params.tr_every:
         raise UserError(f"TAR: inner_steps ({params.inner_steps}) must be ≥ tr_every ({params.tr_every}) ≥ 1")
+    if params.checkpoint_every < 1:
+        raise UserError(f"TAR: checkpoint_every must be ≥ 1 (got {params.checkpoint_every})")
+    checkpoints = out_dir / CHECKPOINTS
+    # What must match for a checkpoint to be continued (checkpoint_every does not change the result)
+    run = json.dumps({"params": {**asdict(params), "adversary_lrs": list(params.adversary_lrs), "checkpoint_every":
+                                 None}, "model": str(model_dir), "anchor": str(anchor_dir)}, sort_keys=True)
+    resume = load_checkpoint(checkpoints, run) if checkpoints.is_dir() else None
     torch.manual_seed(params.seed)
     model, tokenizer = load_model(model_dir, device=device, dtype=None)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
@@ -538,7 +634,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     data = make_data(tokenizer, forget, retain, params, device_of)
 
     rm_log: list[dict[str, float]] = []
-    if params.setting == "knowledge" and params.random_mapping_steps > 0:
+    if params.setting == "knowledge" and params.random_mapping_steps > 0 and resume is None:
         rm_log = random_mapping_safeguard(model, data.forget, data.adversary_retain, params.random_mapping_steps,
                                           params.random_mapping_lr, params.seed)
 
@@ -546,38 +642,63 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     warmup = torch.optim.lr_scheduler.LambdaLR(outer_optimizer,
                                                lambda s: min(1.0, (s + 1) / max(1, params.warmup_steps)))
     rng = random.Random(params.seed)
-    log, diverged = [], None
-    for step in range(1, params.outer_steps + 1):
+    history, diverged, first = [], None, 1
+    if resume is not None:  # everything the next outer step reads, as it was after step resume["step"]
+        model.load_state_dict(resume["model"])
+        outer_optimizer.load_state_dict(resume["optimizer"])
+        warmup.load_state_dict(resume["scheduler"])
+        rng.setstate(resume["adversary_rng"])
+        for name, stream_state in resume["streams"].items():
+            getattr(data, name).load_state_dict(stream_state)
+        set_rng_states(resume["rng"])
+        history, rm_log, first = resume["log"], resume["random_mapping_log"], resume["step"] + 1
+        log.info("TAR: resuming after outer step %d/%d from %s", resume["step"], params.outer_steps, checkpoints)
+    resume = None  # its tensors are copied in; let them go
+    progress = Progress(log, "TAR outer step", params.outer_steps, start=first - 1)
+    for step in range(first, params.outer_steps + 1):
         adversaries = [sample_adversary(rng, params) for _ in range(params.adversaries_per_step)]
         lr = outer_optimizer.param_groups[0]["lr"]
         stats = tar_outer_step(model, frozen, outer_optimizer, adversaries, data, params, anchor)
         if stats["finite"]:  # a skipped outer step does not advance the warmup
             warmup.step()
         tr = stats["tr_losses"]
-        log.append({
+        history.append({
             "step": step, "outer_lr": lr, "adversaries": [asdict(a) for a in adversaries],
             "retain_loss": stats["retain_loss"], "tr_loss": sum(tr) / len(tr) if tr else None,
             "tr_weighted_sum": sum(stats["tr_weighted"]), "adversary_loss": stats["adversary_losses"][-1],
             **{k: stats[k] for k in ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")},
         })
+        h = history[-1]
+        tr_loss = "none" if h["tr_loss"] is None else f"{h['tr_loss']:.4g}"
+        progress.update(step, f"retain_loss {h['retain_loss']:.4g}, tr_loss {tr_loss}, tr_weighted_sum "
+                        f"{h['tr_weighted_sum']:.4g}, adversary_loss {h['adversary_loss']:.4g}, outer_lr {lr:.3g}, "
+                        f"step {h['step_s']:.1f}s", force=True)  # every step: they are minutes apart
         if not stats["finite"]:
             diverged = step
             break
+        if step % params.checkpoint_every == 0 and step < params.outer_steps:
+            save_checkpoint(checkpoints, step, {
+                "run": run, "step": step, "model": model.state_dict(), "optimizer": outer_optimizer.state_dict(),
+                "scheduler": warmup.state_dict(), "adversary_rng": rng.getstate(),
+                "streams": {f.name: getattr(data, f.name).state_dict() for f in fields(data)}, "rng": rng_states(),
+                "log": history, "random_mapping_log": rm_log})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TAR_LOG).write_text("".join(json.dumps(h) + "\n" for h in log))
+    (out_dir / TAR_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
     if diverged is None:
         model.save_pretrained(out_dir, safe_serialization=True)
         tokenizer.save_pretrained(out_dir)
     else:
         mark_diverged(out_dir, diverged)
+    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is the model, not how it got there
     phases = ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")
     return {
         "status": "diverged" if diverged is not None else "complete",
         "diverged_at_step": diverged,
-        "steps": len(log),
-        "final": log[-1] if log else None,
-        "mean_phase_s": {k: sum(h[k] for h in log) / len(log) for k in phases} if log else None,
+        "steps": len(history),
+        "final": history[-1] if history else None,
+        "mean_phase_s": {k: sum(h[k] for h in history) / len(history) for k in phases} if history else None,
+        "resumed_from_step": first - 1 if first > 1 else None,
         "random_mapping": rm_log[-1] if rm_log else None,
         "trainable_parameters": trainable_parameters(model),
         "rows": {"forget": len(forget), "retain": len(retain)},
