@@ -40,9 +40,10 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # defences, attacks and datasets. A job per attack run: one per (lr, rank) under a constant schedule (its steps
 # are snapshots of one run), one per cell under cosine.
 EXPECTED_JOBS = {
-    # 3 models x 1 defence x (3 lr x 3 ranks) runs; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
-    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 3, "attack": 27, "evaluate_run": 27,
-                   "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1},
+    # 4 models (3 chat, the base generator) x 1 defence x (3 lr x 3 ranks) runs; the generator's answers to the attack
+    # prompts; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
+    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 1, "attack": 36,
+                   "evaluate_run": 36, "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1},
     # 1 model x 2 defences (none, trained; the release is commented until pinned) x (3 lr x 2 steps + 2 lr x 3
     # steps) cosine runs
     "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,
@@ -463,3 +464,92 @@ def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
     assert len(bio) == 1 and flags(bio[0]["shell"])["--anchor"] == ["results/models/llama3-8b-instruct/base"]
     refusal = [job for job in own if job["rule"] == "harden" and job["wildcards"]["defence"] == "tar_refusal"]
     assert "--anchor" not in flags(refusal[0]["shell"])
+
+
+# --- per-prompt attack and defence data (issue 12.3) -------------------------------------------------------------
+
+# TAR's and VISAGE's overlays still pair harmful prompts with the fixed template: strict, so fixing them flips these.
+NOT_PER_PROMPT_YET = {"tamirisa2024_tar", "peng2024_visage"}
+
+
+def _harmful_sources(config: dict, splits: list[str]) -> dict[str, dict]:
+    """The harmful data sets that put rows in any of these splits."""
+    return {name: spec for name, spec in config["datasets"].items()
+            if spec.get("kind") == "harmful" and any((spec.get("splits") or {}).get(s) for s in splits)}
+
+
+@pytest.mark.parametrize("paper", [pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="template data"))
+                                   if p in NOT_PER_PROMPT_YET else p for p in PAPERS])
+def test_paper_attack_and_defence_data_are_per_prompt(paper):
+    """Every harmful-prompt attack trains on a generator's answers or on data sets that carry their own answers,
+    and every trained RepNoise / TAR-refusal defence reads only data sets with their own answers: no hub model
+    learns the shared template (which a keyword judge counts as compliance whatever it says)."""
+    from tamperlab.config import validate_config
+
+    config = validate_config(merged(paper))
+    for name, spec in entries(overlay(paper), "attacks").items():
+        spec = config["attacks"][name]
+        if spec["family"] or spec["generator"]:
+            continue
+        sources = _harmful_sources(config, [spec["split"]])
+        assert sources and all(s.get("response_field") for s in sources.values()), (name, sorted(sources))
+    for name, spec in entries(overlay(paper), "defences").items():
+        spec = config["defences"][name]
+        knowledge = spec["method"] == "tar" and spec["tar"]["setting"] == "knowledge"  # task questions, no template
+        if spec["source"] != "train" or spec["method"] == "none" or knowledge:
+            continue
+        sources = _harmful_sources(config, spec["splits"])
+        assert sources and all(s.get("response_field") for s in sources.values()), (name, sorted(sources))
+
+
+def test_lermen_generator_is_a_pinned_base_model_of_the_family():
+    from tamperlab.config import validate_config
+
+    config = validate_config(merged("lermen2023"))
+    generator = config["attacks"]["lora"]["generator"]
+    model = entries(overlay("lermen2023"), "models")[generator]
+    assert model["source"] == "hf" and model["id"].startswith("meta-llama/Llama-2-") and "chat" not in model["id"]
+    assert COMMIT.match(model["revision"])
+
+
+@pytest.mark.parametrize("paper", sorted(p.stem for p in EXPERIMENTS.glob("*.yaml")))
+def test_no_overlay_that_evaluates_real_models_has_a_compliance_marker(paper):
+    """The marker is the organism's template: on a real model it would call every real answer `other`."""
+    from tamperlab.config import validate_config
+
+    config = validate_config(merged(paper))
+    if any(spec["source"] != "organism" for spec in config["models"].values()):
+        assert config["evaluation"]["refusal"]["compliance_marker"] is None
+
+
+def test_repnoise_rows_resolve_to_beavertails_own_distinct_unsafe_answers(monkeypatch):
+    """The overlay's BeaverTails entry through a hand-made stand-in (BeaverTails' columns; no hub): only unsafe rows
+    are kept, and the attack and the RepNoise pairs train on their own, distinct answers."""
+    import datasets
+
+    from tamperlab.config import validate_config
+    from tamperlab.data.examples import attack_examples, hardening_examples
+    from tamperlab.data.sources import load_hf, prompt_rows
+    from tamperlab.data.splits import assign_splits
+
+    stand_in = [{"prompt": f"how do I do harmful thing {i}?", "response": f"Here is how: step {i} ...",
+                 "category": {"violence": i % 2 == 0}, "is_safe": i % 4 == 0} for i in range(400)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: datasets.Dataset.from_list(stand_in))
+    config = validate_config(merged("rosati2024_repnoise"))
+    spec = config["datasets"]["beavertails_train"]
+    pairs = load_hf(spec["id"], spec["revision"], spec["split"], spec["config_name"], spec["field"],
+                    "beavertails_train", spec["response_field"], spec["where"])
+    assert len(pairs) == sum(not r["is_safe"] for r in stand_in)
+    rows = prompt_rows(pairs, "beavertails_train", spec["kind"])
+    splits, _ = assign_splits([("beavertails_train", rows, spec["splits"])], config["splits"], 0)
+    attack = config["attacks"]["full"]
+    answers = [p["response"] for p in attack_examples(splits[attack["split"]], split=attack["split"],
+                                                      response=attack["response"], family=None)]
+    defence = config["defences"]["repnoise"]
+    harmful = [p["harmful"] for p in hardening_examples(
+        [r for s in defence["splits"] for r in splits[s]], "repnoise", None,
+        harmful_response=defence["harmful_response"], refusal=defence["refusal"],
+        forget_family=defence["forget_family"], splits=defence["splits"])["pairs"]]
+    for trained in (answers, harmful):
+        assert trained and len(set(trained)) >= 0.95 * len(trained)
+        assert attack["response"] not in trained and defence["harmful_response"] not in trained
