@@ -313,3 +313,34 @@ def test_a_non_finite_loss_is_a_diverged_result_without_a_model(tiny, tmp_path):
     record = harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "out")
     assert record["status"] == "diverged" and record["diverged_at_step"] == 1
     assert (tmp_path / "out" / DIVERGED).is_file() and not (tmp_path / "out/model.safetensors").exists()
+
+
+def test_each_outer_step_logs_a_line_with_its_loss_terms_elapsed_time_and_eta(tiny, tmp_path, caplog):
+    import logging
+    import re
+
+    base, _, _ = tiny
+    caplog.set_level(logging.INFO, logger="tamperlab")
+    harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, small_params("knowledge", outer_steps=3, inner_steps=2),
+           tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TAR outer step")]
+    assert len(lines) == 3, lines
+    pattern = (r"TAR outer step (\d+)/3: retain_loss \S+, tr_loss \S+, tr_weighted_sum \S+, adversary_loss \S+, "
+               r"outer_lr \S+, step \S+s, elapsed (\d+):(\d\d):(\d\d), eta (\d+):(\d\d):(\d\d)$")
+    matches = [re.match(pattern, line) for line in lines]
+    assert all(matches), lines
+    assert [int(m[1]) for m in matches] == [1, 2, 3]
+    assert [int(m[5]) * 3600 + int(m[6]) * 60 + int(m[7]) for m in matches][-1] == 0  # nothing left at the end
+
+
+def test_progress_lines_are_rate_limited_but_the_last_always_comes(caplog):
+    import logging
+
+    from tamperlab.logs import Progress, clock
+
+    caplog.set_level(logging.INFO, logger="tamperlab.test")
+    progress = Progress(logging.getLogger("tamperlab.test"), "batch", 5, every=3600)
+    for i in range(1, 6):
+        progress.update(i)
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == ["batch 5/5"]
+    assert clock(3725.4) == "1:02:05"

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from tamperlab.chat import prompt_text
+from tamperlab.logs import Progress
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +189,7 @@ def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None
     max_cache_len = max(lengths, default=0) + max_new_tokens if static else None
     responses: list[str] = [""] * len(texts)
     counts, stopped, steps = [0] * len(texts), [False] * len(texts), 0
+    progress = Progress(log, "generation: prompts", len(order))  # a line every 10 s at most
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         # The same batch size for every batch under a static cache: fill the last one up (outputs dropped).
@@ -200,6 +202,7 @@ def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None
         decoded = tokenizer.batch_decode(out.new_tokens[:len(index)], skip_special_tokens=True)
         for row, (i, text) in enumerate(zip(index, decoded, strict=True)):
             responses[i], counts[i], stopped[i] = text.strip(), out.lengths[row], out.stopped[row]
+        progress.update(start + len(index))
     result = Generation(responses, counts, stopped, steps, bool(stop_substrings))
     log.info("generation: %s", result.stats())
     return result

@@ -18,6 +18,7 @@ on the same kind of device; gathering checks this from the shards' manifests.
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -32,6 +33,7 @@ from tamperlab.errors import UserError
 from tamperlab.evaluation.refusal import evaluate
 from tamperlab.landscape.directions import Direction, InterpolationDirection, Perturbation, RandomDirection
 from tamperlab.landscape.spec import INTERPOLATION, KINDS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS
+from tamperlab.logs import Progress
 
 # A scan CSV's columns (a shard's and a gathered scan's alike), and how read_scan_csv parses them.
 SCAN_COLUMNS = ["subject", "scan", "kind", "target", "i", "j", "alpha", "beta", "system_prompt", "asr", "refusal_rate",
@@ -151,6 +153,7 @@ def run_scan(model: nn.Module, tokenizer: Any, points: Sequence[Point], directio
     anchor_every = anchor_period(model, anchor_every)
     perturbation = Perturbation(model, directions)
     rows: list[dict[str, Any]] = []
+    progress = Progress(logging.getLogger(__name__), "landscape: point", len(points))  # a line every 10 s at most
     try:
         for count, point in enumerate(points):
             start = time.perf_counter()
@@ -165,6 +168,7 @@ def run_scan(model: nn.Module, tokenizer: Any, points: Sequence[Point], directio
             eval_s = time.perf_counter() - start
             for result in [results] if isinstance(results, Mapping) else results:
                 rows.append(_row(point, result, perturb_s, eval_s))
+            progress.update(count + 1, f"coefficients {point.coefficients}")
     finally:
         perturbation.restore()
     return rows
