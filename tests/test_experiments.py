@@ -42,8 +42,8 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 EXPECTED_JOBS = {
     # 4 models (3 chat, the base generator) x 1 defence x (3 lr x 3 ranks) runs; the generator's answers to the attack
     # prompts; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
-    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 1, "attack": 36,
-                   "evaluate_run": 36, "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1},
+    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 1, "attack": 27,
+                   "evaluate_run": 27, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1},
     # 1 model x 2 defences (none, trained; the release is commented until pinned) x (3 lr x 2 steps + 2 lr x 3
     # steps) cosine runs
     "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,

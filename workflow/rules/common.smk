@@ -278,12 +278,12 @@ def _grid(name):
 
 
 def attack_cells(name):
-    """{cell: {run, lr, rank, steps}} for an attack's grid (tamperlab.attacks.grid names them)."""
+    """{cell: {run, lr, rank, steps, seed}} for an attack's grid (tamperlab.attacks.grid names them)."""
     return grid.cells(*_grid(name))
 
 
 def attack_runs(name):
-    """{run: {lr, rank, steps: [...]}} for an attack's grid."""
+    """{run: {lr, rank, seed, steps: [...]}} for an attack's grid."""
     return grid.runs(*_grid(name))
 
 
@@ -292,20 +292,31 @@ def all_runs(attacks):
     return sorted({run for name in attacks for run in attack_runs(name)})
 
 
+def several_seeds():
+    """Whether any attack trains its grid under several seeds (a grid dimension: tamperlab.attacks.grid)."""
+    return any(len(_grid(name)[4]) > 1 for name in config["attacks"])
+
+
+def seeds_table():
+    """The tables rule's refusal_seeds.csv output, where an attack has several seeds ({} otherwise)."""
+    return {"seeds": "results/tables/refusal_seeds.csv"} if several_seeds() else {}
+
+
 def one_job_attacks(one_job):
     """The attacks whose whole grid is one job (one_job: true), or those with a job per run."""
     return [n for n, spec in config["attacks"].items() if spec["one_job"] == one_job]
 
 
 def attack_args(wildcards):
-    """The attack's settings, and the learning rate and rank of one run (or every lr and rank of the grid)."""
+    """The attack's settings, and the learning rate, rank and seed of one run (or every lr, rank and seed of the
+    grid)."""
     spec = config["attacks"][wildcards.attack]
     lora = spec["method"] == "lora"
     if "run" in wildcards.keys():
         run = attack_runs(wildcards.attack)[wildcards.run]
-        lrs, ranks, steps = [run["lr"]], [run["rank"]], run["steps"]
+        lrs, ranks, steps, seeds = [run["lr"]], [run["rank"]], run["steps"], [run["seed"]]
     else:
-        lrs, steps, ranks, _ = _grid(wildcards.attack)
+        lrs, steps, ranks, _, seeds = _grid(wildcards.attack)
     return cli_flags(
         {
             "split": spec["split"],
@@ -332,7 +343,7 @@ def attack_args(wildcards):
             "warmup_ratio": spec["warmup_ratio"],
             "max_length": spec["max_length"],
             "checkpoint_every": spec["checkpoint_every"],
-            "seed": spec["seed"],
+            "seed": seeds,  # one seed: `--seed N` as before; attack-grid trains each of several
         }
     )
 
@@ -370,13 +381,14 @@ def run_evaluation_args(wildcards):
 def evaluations(name):
     """Every unattacked checkpoint's `name` (refusal.json, capability.json), then every attack job's
     evaluation directory (which holds both for each snapshot)."""
+    studied = [m for m, spec in config["models"].items() if not spec["generator_only"]]
     unattacked = [
         f"results/eval/{model}/{defence}/{name}"
-        for model in config["models"]
+        for model in studied
         for defence in config["defences"]
     ] + [f"results/eval/{model}/{UNALIGNED}/{name}" for model in aligned_models()]
     attacked = []
-    for model in config["models"]:
+    for model in studied:
         for defence in config["defences"]:
             for attack, spec in config["attacks"].items():
                 prefix = f"results/eval/{model}/{defence}/{attack}"
