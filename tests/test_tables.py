@@ -13,14 +13,16 @@ from tamperlab.tables import REFUSAL_COLUMNS, refusal_table, summary_table
 
 
 def test_parse_cell_reads_lr_steps_and_rank():
-    assert parse_cell("lr3e-4_steps50_r8") == {"lr": 3e-4, "steps": 50, "rank": 8}
+    assert parse_cell("lr3e-4_steps50_r8") == {"lr": 3e-4, "steps": 50, "rank": 8, "seed": None}
+    assert parse_cell("lr3e-4_steps50_r8_s2") == {"lr": 3e-4, "steps": 50, "rank": 8, "seed": 2}
 
 
 @pytest.mark.parametrize(("cell", "expected"), [
-    ("lr1e-3_steps100_r16", {"lr": 1e-3, "steps": 100, "rank": 16}),
-    ("lr0.0002_steps5_r4", {"lr": 2e-4, "steps": 5, "rank": 4}),
-    ("lr2e-05_steps1000_r64", {"lr": 2e-5, "steps": 1000, "rank": 64}),
-    ("lr1e-4_steps20", {"lr": 1e-4, "steps": 20, "rank": None}),  # full fine-tuning: no rank
+    ("lr1e-3_steps100_r16", {"lr": 1e-3, "steps": 100, "rank": 16, "seed": None}),
+    ("lr0.0002_steps5_r4", {"lr": 2e-4, "steps": 5, "rank": 4, "seed": None}),
+    ("lr2e-05_steps1000_r64", {"lr": 2e-5, "steps": 1000, "rank": 64, "seed": None}),
+    ("lr1e-4_steps20", {"lr": 1e-4, "steps": 20, "rank": None, "seed": None}),  # full fine-tuning: no rank
+    ("lr1e-4_steps20_s1", {"lr": 1e-4, "steps": 20, "rank": None, "seed": 1}),  # one seed of several
 ])
 def test_parse_cell_variants(cell, expected):
     values = parse_cell(cell)
@@ -31,7 +33,7 @@ def test_parse_cell_variants(cell, expected):
 
 @pytest.mark.parametrize("cell", [None, ""])
 def test_parse_cell_of_unattacked_model_is_all_none(cell):
-    assert parse_cell(cell) == {"lr": None, "steps": None, "rank": None}
+    assert parse_cell(cell) == {"lr": None, "steps": None, "rank": None, "seed": None}
 
 
 def _summary(model, defence, attack, cell, refusal_rate, n=10, status="complete"):
@@ -365,4 +367,4 @@ def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):
     assert summary["worst_cell"] in grid
     for cell, spec in grid.items():
         assert cell_name(spec["lr"], spec["steps"], spec["rank"]) == cell
-        assert parse_cell(cell) == {"lr": spec["lr"], "steps": spec["steps"], "rank": spec["rank"]}
+        assert parse_cell(cell) == {"lr": spec["lr"], "steps": spec["steps"], "rank": spec["rank"], "seed": None}

@@ -36,6 +36,8 @@ rule tables:
             category="Tables",
         ),
         manifest="results/tables/refusal.manifest.json",
+        # each cell's mean and sd over seeds, where an attack has several (one seed: the command as before)
+        **seeds_table(),
     log:
         "logs/tables.log",
     conda:
@@ -44,10 +46,11 @@ rule tables:
         metric=config["evaluation"]["capability"]["metric"],
         tables=tables_args(),
         visage=lambda wildcards, input: f" --visage {input.visage}" if input.visage else "",
+        seeds=lambda wildcards, output: f" --out-seeds {output.seeds}" if "seeds" in output.keys() else "",
     shell:
         "tamperlab tables --refusal {input.refusal} --capability {input.capability}"
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
         " --out-tamper-resistance {output.tamper_resistance}"
-        " --out-published {output.published}{params.visage} > {log} 2>&1"
+        " --out-published {output.published}{params.visage}{params.seeds} > {log} 2>&1"

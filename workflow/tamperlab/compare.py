@@ -81,6 +81,15 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def wilson95(successes: int, n: int) -> tuple[float, float] | tuple[None, None]:
+    """The Wilson 95% interval of `successes` of `n`, rounded like the rates ((None, None) for n = 0): every rate
+    of an evaluation carries it (refusal.json's `wilson95`, refusal.csv's <rate>_lo and <rate>_hi)."""
+    if not n:
+        return None, None
+    low, high = wilson_interval(successes / n, n)
+    return round(low, 4), round(high, 4)
+
+
 @dataclass
 class Comparison:
     """The long-form comparison (one row per compared cell or missing row/column/table) and its summary."""

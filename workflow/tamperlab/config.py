@@ -182,10 +182,11 @@ def _check_published(config: dict[str, Any]) -> None:
 # --- attack grids --------------------------------------------------------------------------------------------------
 
 
-def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str]:
-    """(lrs, steps, ranks, scheduler) of an attack's grid: ranks [None] for full fine-tuning."""
+def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str, list[int]]:
+    """(lrs, steps, ranks, scheduler, seeds) of an attack's grid: ranks [None] for full fine-tuning; seeds
+    [seed] unless the attack lists several."""
     ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
-    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"]
+    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"], spec.get("seeds") or [spec["seed"]]
 
 
 def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:

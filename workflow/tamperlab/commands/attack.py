@@ -10,15 +10,16 @@ from tamperlab.commands.common import import_training_stack
 from tamperlab.errors import UserError
 
 
-def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int]):
+def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int], seed: int):
     from tamperlab.attacks.finetune import AttackParams, default_lora_alpha
 
-    fields = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__ if k not in ("lr", "rank", "steps")}
+    fields = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__
+              if k not in ("lr", "rank", "steps", "seed")}
     if args.method == "lora":
         if rank is None:
             raise UserError("--method lora needs --rank")
         fields["lora_alpha"] = args.lora_alpha or default_lora_alpha(rank)
-    return AttackParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, **fields)
+    return AttackParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, seed=seed, **fields)
 
 
 def _examples(args: argparse.Namespace) -> list[dict]:
@@ -42,9 +43,10 @@ def attack(args: argparse.Namespace) -> None:
     from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.provenance import Step
 
-    if len(args.lr) != 1 or len(args.rank) > 1:
-        raise UserError("attack trains one run: give one --lr and at most one --rank (attack-grid takes several)")
-    params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)))
+    if len(args.lr) != 1 or len(args.rank) > 1 or len(args.seed) != 1:
+        raise UserError("attack trains one run: give one --lr, one --seed and at most one --rank (attack-grid "
+                        "takes several)")
+    params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)), args.seed[0])
     with Step("attack", {**vars(params), "split": args.split, "response": None if args.answers else args.response,
                          "family": args.family},
               inputs=_inputs(args), outputs={"run": args.out},
@@ -65,8 +67,9 @@ def attack_grid(args: argparse.Namespace) -> None:
     from tamperlab.provenance import Step, write_json_atomic
 
     ranks = args.rank if args.method == "lora" else [None]
-    runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler)
-    plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"]) for name, run in runs.items()}
+    runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler, args.seed)
+    plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"], run["seed"])
+            for name, run in runs.items()}
     with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
                               "response": None if args.answers else args.response, "family": args.family},
               inputs=_inputs(args), outputs={"grid": args.out},
@@ -115,7 +118,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--warmup-ratio", type=float, required=True)
         p.add_argument("--max-length", type=int, required=True)
         p.add_argument("--checkpoint-every", type=int, required=True)
-        p.add_argument("--seed", type=int, required=True)
+        p.add_argument("--seed", type=int, nargs="+", action="extend", required=True,
+                       help="attack-grid: several train every run once per seed (run names end in _s<seed>)")
         p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
         p.add_argument("--out", type=Path, required=True,
                        help="the run directory (attack) or the directory of runs (attack-grid)")

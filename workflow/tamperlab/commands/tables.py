@@ -15,9 +15,11 @@ def tables(args: argparse.Namespace) -> None:
     from tamperlab.tables import (
         evaluation_files,
         harmfulness_table,
+        mean_over_seeds,
         published_table,
         refusal_heatmaps,
         refusal_table,
+        seed_table,
         summary_table,
         tamper_resistance_table,
     )
@@ -27,22 +29,24 @@ def tables(args: argparse.Namespace) -> None:
     inputs |= {"visage": args.visage} if args.visage else {}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
-               "published_csv": args.out_published}
+               "published_csv": args.out_published, **({"seeds_csv": args.out_seeds} if args.out_seeds else {})}
     with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
                               evaluation_files(args.capability, "capability.json"))
-        resistance = tamper_resistance_table(table, args.hazard_metric, args.retain_metric)
+        cells = mean_over_seeds(table)  # one row per cell (means over seeds) for the per-cell tables; one seed: table
+        resistance = tamper_resistance_table(cells, args.hazard_metric, args.retain_metric)
         visage = pd.read_csv(args.visage) if args.visage else None
         written = {
             "refusal_csv": table,
             "summary_csv": summary_table(table, args.capability_metric),
-            "harmfulness_csv": harmfulness_table(table, args.harmfulness_attack, args.capability_metric),
+            "harmfulness_csv": harmfulness_table(cells, args.harmfulness_attack, args.capability_metric),
             "tamper_resistance_csv": resistance,
-            "published_csv": published_table(args.published, table, resistance, visage),
+            "published_csv": published_table(args.published, cells, resistance, visage),
+            **({"seeds_csv": seed_table(table)} if args.out_seeds else {}),
         }
         for name, frame in written.items():
             frame.to_csv(step.path(name), index=False, lineterminator="\n")
-        figures = refusal_heatmaps(table, step.path("figures"))
+        figures = refusal_heatmaps(cells, step.path("figures"))
         step.results = {"rows": len(table), "figures": [f.name for f in figures]}
 
 
@@ -66,4 +70,5 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="visage.csv, where published VISAGE numbers are looked up")
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
+    p.add_argument("--out-seeds", type=Path, help="each cell's mean and sd over its seeds (grids of several seeds)")
     p.set_defaults(func=tables)

@@ -120,11 +120,12 @@ def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_si
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         log_samples="tamperlab_mmlu" in tasks,
     )
+    # each metric with lm-eval's standard error beside it (<metric>_stderr; absent where lm-eval gives "N/A")
     metrics = {}
     for task, values in results["results"].items():
         metrics[task] = {
             key.split(",")[0]: round(float(value), 4) for key, value in values.items()
-            if "," in key and "stderr" not in key and isinstance(value, int | float)
+            if "," in key and isinstance(value, int | float) and not isinstance(value, bool)
         }
     subjects = by_subject(results["samples"]["tamperlab_mmlu"]) if "tamperlab_mmlu" in tasks else None
     return metrics, subjects
