@@ -553,3 +553,20 @@ def test_repnoise_rows_resolve_to_beavertails_own_distinct_unsafe_answers(monkey
     for trained in (answers, harmful):
         assert trained and len(set(trained)) >= 0.95 * len(trained)
         assert attack["response"] not in trained and defence["harmful_response"] not in trained
+
+
+def test_organism_seeds_trains_the_default_grid_under_three_seeds_per_defence(dry_runs):
+    """experiments/organism_seeds.yaml: the default's four defences, each attacked by the LoRA grid under seeds
+    0, 1, 2 (one attack-grid job per defence, every run named _s<seed>), the tables with refusal_seeds.csv."""
+    output = dry_runs["organism_seeds"]
+    assert job_stats(output) == {"prepare_data": 3, "split_data": 1, "build_organism": 1, "harden": 3,
+                                 "attack_grid": 4, "evaluate_grid": 4, "evaluate_refusal": 4,
+                                 "evaluate_capability": 4, "tables": 1, "all": 1}
+    grids = [job for job in jobs(output) if job["rule"] == "attack_grid"]
+    assert all(flags(job["shell"])["--seed"] == ["0", "1", "2"] for job in grids)
+    (evaluation,) = [job for job in jobs(output) if job["rule"] == "evaluate_grid"
+                     and job["wildcards"]["defence"] == "none"]
+    snapshots = flags(evaluation["shell"])["--cell-snapshot"]
+    assert len(snapshots) == 8 * 3 and "lr1e-3_steps50_r16_s2=lr1e-3_r16_s2/steps50" in snapshots
+    (tables,) = [job for job in jobs(output) if job["rule"] == "tables"]
+    assert "--out-seeds results/tables/refusal_seeds.csv" in tables["shell"]

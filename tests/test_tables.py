@@ -368,3 +368,127 @@ def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):
     for cell, spec in grid.items():
         assert cell_name(spec["lr"], spec["steps"], spec["rank"]) == cell
         assert parse_cell(cell) == {"lr": spec["lr"], "steps": spec["steps"], "rank": spec["rank"], "seed": None}
+
+
+# --- uncertainty: Wilson intervals, lm-eval's stderr, seeds ------------------------------------------------------
+
+
+@pytest.mark.parametrize(("successes", "n", "expected"), [
+    (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (5, 10, (0.2366, 0.7634)), (0, 0, (None, None)),
+])
+def test_wilson95_gives_the_known_intervals(successes, n, expected):
+    from tamperlab.compare import wilson95
+
+    assert wilson95(successes, n) == expected
+
+
+def test_every_rate_of_refusal_csv_has_its_wilson_interval(tmp_path):
+    from tamperlab.compare import wilson95
+
+    summary = _summary("tiny", "none", None, None, 0.5)  # 5 of 10; tasks 1 of 20, requests 3 of 30
+    summary.update(compliance_rate=0.0, other_rate=0.5, by_source={"advbench": {"refusal_rate": 1.0, "n": 10}})
+    row = refusal_table(_write(tmp_path, [summary])).iloc[0]
+    assert (row["refusal_rate_lo"], row["refusal_rate_hi"]) == (0.2366, 0.7634)
+    assert (row["compliance_rate_lo"], row["compliance_rate_hi"]) == (0.0, 0.2775)
+    assert (row["other_rate_lo"], row["other_rate_hi"]) == (0.2366, 0.7634)
+    assert (row["false_refusal_tasks_lo"], row["false_refusal_tasks_hi"]) == wilson95(1, 20)
+    assert (row["false_refusal_requests_lo"], row["false_refusal_requests_hi"]) == wilson95(3, 30)
+    assert (row["exact_match_lo"], row["exact_match_hi"]) == wilson95(18, 20)
+    assert (row["refusal_rate_lo@advbench"], row["refusal_rate_hi@advbench"]) == (0.7225, 1.0)
+    assert {"refusal_rate@advbench", "n@advbench"} <= set(row.index)
+
+
+def test_refusal_json_carries_the_intervals_under_refusal_csvs_names():
+    from tamperlab.evaluation.refusal import summarise
+
+    records = [{"kind": "harmful", "source": "advbench", "refused": i < 5, "outcome": "refused" if i < 5 else "other",
+                "prompt_has_refusal_keyword": False, "category": None} for i in range(10)]
+    intervals = summarise(records)["wilson95"]
+    assert intervals["refusal_rate"] == intervals["refusal_rate@advbench"] == [0.2366, 0.7634]
+    assert intervals["compliance_rate"] == [0.0, 0.2775]
+    assert intervals["false_refusal_tasks"] is None  # no benign task questions
+
+
+def test_lm_evals_stderr_is_kept_beside_each_metric(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    from tamperlab.evaluation.capability import run_lm_eval
+
+    results = {"results": {"task": {"alias": "task", "acc,none": 0.5, "acc_stderr,none": 0.05,
+                                    "acc_norm,none": 0.6, "acc_norm_stderr,none": "N/A"}}}
+    fake = types.ModuleType("lm_eval")
+    fake.simple_evaluate = lambda **kwargs: results
+    tasks = types.ModuleType("lm_eval.tasks")
+    tasks.TaskManager = lambda **kwargs: None
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.tasks", tasks)
+    metrics, _ = run_lm_eval("pretrained=x", ["task"], None, 1, "cpu", 0)
+    assert metrics == {"task": {"acc": 0.5, "acc_stderr": 0.05, "acc_norm": 0.6}}  # N/A: no stderr
+
+    path = tmp_path / "capability.json"
+    path.write_text(json.dumps({"checkpoint": _summary("tiny", "none", None, None, 0.9)["checkpoint"],
+                                "metrics": metrics}))
+    row = refusal_table(_write(tmp_path, [_summary("tiny", "none", None, None, 0.9)]), [path]).iloc[0]
+    assert row["task/acc"] == 0.5 and row["task/acc_stderr"] == 0.05
+
+
+def _seeded(tmp_path):
+    """Hand-made per-seed evaluations: cell A's seeds refuse 0.0, 0.5, 1.0 (mean 0.5, sd 0.5), cell B's 0.2 each
+    (mean 0.2, sd 0), cell C's seed 2 diverged."""
+    summaries = [_summary("tiny", "none", None, None, 0.9)]
+    for seed, (a, b, c) in enumerate([(0.0, 0.2, 0.6), (0.5, 0.2, 0.8), (1.0, 0.2, None)]):
+        summaries += [_summary("tiny", "none", "lora", f"lr1e-3_steps50_r16_s{seed}", a),
+                      _summary("tiny", "none", "lora", f"lr3e-4_steps50_r16_s{seed}", b),
+                      _summary("tiny", "none", "lora", f"lr3e-4_steps25_r16_s{seed}", c,
+                               status="complete" if c is not None else "diverged")]
+    return refusal_table(_write(tmp_path, summaries))
+
+
+def test_refusal_csv_keeps_a_row_per_seed(tmp_path):
+    table = _seeded(tmp_path)
+    assert len(table) == 10 and str(table["seed"].dtype) == "Int64"
+    assert table[table["lr"] == 1e-3]["seed"].tolist() == [0, 1, 2]
+    assert pd.isna(table.loc[0, "seed"])  # the unattacked row: no seed
+
+
+def test_seed_table_gives_each_cells_mean_and_sd_over_its_seeds(tmp_path):
+    from tamperlab.tables import seed_table
+
+    seeds = seed_table(_seeded(tmp_path)).set_index(["attack", "lr", "steps"])
+    a, b, c = seeds.loc[("lora", 1e-3, 50)], seeds.loc[("lora", 3e-4, 50)], seeds.loc[("lora", 3e-4, 25)]
+    assert a["seeds"] == 3 and a["refusal_rate"] == pytest.approx(0.5) and a["refusal_rate_sd"] == pytest.approx(0.5)
+    assert b["refusal_rate"] == pytest.approx(0.2) and b["refusal_rate_sd"] == pytest.approx(0.0)
+    # a diverged seed is left out of the mean and counted
+    assert c["seeds"] == 2 and c["diverged_seeds"] == 1 and c["refusal_rate"] == pytest.approx(0.7)
+    assert c["refusal_rate_sd"] == pytest.approx(0.1414, abs=1e-4)
+    base = seeds[seeds.index.get_level_values("attack") == "none"]
+    assert base["seeds"].tolist() == [1] and pd.isna(base["refusal_rate_sd"].iloc[0])  # one seed: no sd
+
+
+def test_the_summary_takes_the_worst_cell_by_its_mean_over_seeds(tmp_path):
+    summary = summary_table(_seeded(tmp_path), "missing/metric").iloc[0]
+    # one seed of lr1e-3 reached 0.0, but its mean (0.5) is above lr3e-4_steps50's steady 0.2
+    assert summary["worst_cell"] == "lr3e-4_steps50_r16" and summary["worst_refusal_rate"] == pytest.approx(0.2)
+    assert summary["worst_refusal_rate_sd"] == pytest.approx(0.0)
+    assert summary["cells"] == 3 and summary["seeds"] == 3 and summary["diverged_cells"] == 1
+
+
+def test_one_seed_tables_are_the_tables_as_they_were(tmp_path):
+    from tamperlab.tables import mean_over_seeds
+
+    table = refusal_table(_write(tmp_path, [_summary("tiny", "none", None, None, 0.9),
+                                            _summary("tiny", "none", "lora", "lr3e-4_steps50_r8", 0.5)]))
+    assert mean_over_seeds(table) is table
+    summary = summary_table(table, "missing/metric").iloc[0]
+    assert summary["seeds"] == 1 and pd.isna(summary["worst_refusal_rate_sd"]) and summary["worst_refusal_rate"] == 0.5
+
+
+def test_the_per_cell_tables_read_the_means_over_seeds(tmp_path):
+    from tamperlab.tables import harmfulness_table, mean_over_seeds
+
+    table = _seeded(tmp_path)
+    cells = mean_over_seeds(table)
+    assert len(cells) == 4 and list(cells.columns) == list(table.columns) and cells["seed"].isna().all()
+    harm = harmfulness_table(cells, ["lora"], "missing/metric").iloc[0]
+    assert harm["harmfulness_lr1e-3_steps50"] == pytest.approx(0.5)
