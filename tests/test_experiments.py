@@ -54,7 +54,7 @@ EXPECTED_JOBS = {
                          "evaluate_run": 24, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
                          "all": 1},
     # 4 models x 1 defence x 1 run (5/25/50 steps snapshotted)
-    "peng2024_visage": {"prepare_data": 3, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
+    "peng2024_visage": {"prepare_data": 4, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
                         "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1,
                         # 4 models x (3 1D shards + 21 2D rows + 1 interpolation + 21 interpolation x random rows)
                         "landscape_scan": 184, "landscape_gather": 16, "landscape_project": 4, "visage": 1},
@@ -469,7 +469,7 @@ def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
 # --- per-prompt attack and defence data (issue 12.3) -------------------------------------------------------------
 
 # TAR's and VISAGE's overlays still pair harmful prompts with the fixed template: strict, so fixing them flips these.
-NOT_PER_PROMPT_YET = {"tamirisa2024_tar", "peng2024_visage"}
+NOT_PER_PROMPT_YET: set[str] = set()
 
 
 def _harmful_sources(config: dict, splits: list[str]) -> dict[str, dict]:
