@@ -88,3 +88,21 @@ def test_attack_trains_one_seed_and_attack_grid_one_run_per_seed(tmp_path, monke
     with pytest.raises(KeyboardInterrupt) as stopped:
         attack.attack_grid(build_parser().parse_args(["attack-grid", *common]))
     assert stopped.value.args[0] == {"lr1e-3_r4_s0": 0, "lr1e-3_r4_s1": 1}
+
+
+def test_compare_keys_refusal_rows_by_seed_and_reads_tables_from_before_seeds(tmp_path):
+    import pandas as pd
+
+    from tamperlab.compare import compare
+
+    def run(name, rows):
+        (tmp_path / name / "tables").mkdir(parents=True)
+        pd.DataFrame(rows).to_csv(tmp_path / name / "tables" / "refusal.csv", index=False)
+        return tmp_path / name
+
+    cell = {"model": "tiny", "defence": "none", "attack": "lora", "lr": 1e-3, "steps": 50, "rank": 16, "n": 100}
+    seeded = run("seeded", [{**cell, "seed": s, "refusal_rate": 0.5} for s in (0, 1, 2)])
+    comparison = compare(seeded, seeded)  # three rows of one cell, one per seed: no duplicate key
+    assert comparison.ok and comparison.summary.iloc[0]["cells"] == 3 * 2  # n and refusal_rate of each seed
+    before = run("before", [{**cell, "refusal_rate": 0.5}])  # no seed column: one seed
+    assert compare(run("one_seed", [{**cell, "seed": None, "refusal_rate": 0.5}]), before).ok

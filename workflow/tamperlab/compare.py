@@ -49,7 +49,7 @@ _EPSILON = 1e-9  # float noise: a value on the interval's edge is inside
 
 # Each table's row key (its identity columns), by file name.
 KEYS = {
-    "refusal": ("model", "defence", "attack", "lr", "steps", "rank"),
+    "refusal": ("model", "defence", "attack", "lr", "steps", "rank", "seed"),
     "refusal_summary": ("model", "defence", "attack"),
     "harmfulness": ("model", "defence", "attack", "rank"),
     "tamper_resistance": ("model", "defence", "stage"),
@@ -145,6 +145,8 @@ def load_tables(directory: Path) -> dict[str, tuple[Path, pd.DataFrame]]:
 
 def _index(name: str, path: Path, frame: pd.DataFrame) -> dict[tuple[str, ...], dict[str, str]]:
     key = KEYS[name]
+    if "seed" in key and "seed" not in frame.columns:  # tables from before seeds were a grid dimension
+        frame = frame.assign(seed="")
     absent = [c for c in key if c not in frame.columns]
     if absent:
         raise UserError(f"{path}: no key column(s) {', '.join(absent)} (a {name} table's rows are keyed by "
