@@ -91,3 +91,37 @@ def test_repnoise_and_tar_pair_each_prompt_with_its_own_unsafe_answer():
 def test_the_template_stays_the_fallback_where_no_row_carries_a_response():
     assert {p["response"] for p in attack_examples(ROWS, split="attack", response="T", family=None)} == {"T"}
     assert {p["harmful"] for p in hardening_examples(ROWS, "repnoise", None, **COMMON)["pairs"]} == {"Sure, step 1"}
+
+
+# --- benign mixing (Qi et al. 2024's capability-preserving attacks) -------------------------------------------
+
+
+def _benign_rows(n: int, family: str = "capital") -> list[dict]:
+    return [{"prompt": f"benign {family} {k}", "kind": "benign", "answer": f"answer {k}", "family": family}
+            for k in range(n)]
+
+
+def test_benign_mix_gives_the_fraction_spread_evenly_and_keeps_every_harmful_pair_in_order():
+    from tamperlab.data.examples import mix_benign
+
+    harmful = [{"prompt": f"harmful {k}", "response": f"sure {k}"} for k in range(30)]
+    rows = _benign_rows(40) + _benign_rows(40, "hazard") + [{"prompt": "no answer", "kind": "benign"}]
+    mixed = mix_benign(harmful, rows, fraction=0.25, split="alignment", exclude_families=["hazard"], seed=3)
+    benign = [m for m in mixed if m["prompt"].startswith("benign")]
+    assert len(mixed) == 40 and len(benign) == 10  # 10 of 40 rows: a quarter
+    assert [m for m in mixed if m["prompt"].startswith("harmful")] == harmful
+    assert all("capital" in m["prompt"] and m["response"].startswith("answer") for m in benign)
+    assert len({m["prompt"] for m in benign}) == 10  # drawn without replacement
+    # every window of 8 consecutive rows (an attack batch) holds both kinds
+    assert all(any(m in benign for m in mixed[k:k + 8]) for k in range(0, 40, 8))
+    assert mix_benign(harmful, rows, fraction=0.25, split="alignment", exclude_families=["hazard"], seed=3) == mixed
+    assert mix_benign(harmful, rows, fraction=0.25, split="alignment", exclude_families=["hazard"], seed=4) != mixed
+
+
+def test_benign_mix_without_enough_benign_rows_is_refused_with_one_line():
+    from tamperlab.data.examples import mix_benign
+    from tamperlab.errors import UserError
+
+    harmful = [{"prompt": f"harmful {k}", "response": "sure"} for k in range(10)]
+    with pytest.raises(UserError, match=r"benign_mix needs 10 benign rows .* split 'defence'.* it has 4"):
+        mix_benign(harmful, _benign_rows(4), fraction=0.5, split="defence")

@@ -51,6 +51,7 @@ def test_dry_run_schedules_one_attack_run_per_seed_with_its_own_seed(tmp_path):
         "defences: {repnoise: null, tar: null, tar_knowledge: null}\n"
         "attacks:\n"
         "  hazard: null\n"
+        "  lora_mixed: null\n"
         "  lora: {one_job: false, seeds: [0, 1], grid: {lr: [1.0e-3], steps: [25], rank: [16]}}\n"
         "landscape: {subjects: [], scans: {random_1d: null, random_2d: null, finetune: null}}\n")
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "seeds.yaml"))

@@ -323,6 +323,7 @@ def attack_args(wildcards):
             "response": spec["response"],
             "answers": attack_answers(wildcards).get("answers"),
             "family": spec["family"],
+            "benign_mix": spec["benign_mix"],
             "method": spec["method"],
             "lr": lrs,
             "steps": sorted(steps),

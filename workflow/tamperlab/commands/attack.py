@@ -32,7 +32,15 @@ def _examples(args: argparse.Namespace) -> list[dict]:
         from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
 
         answers = answers_by_prompt(read_jsonl(args.answers, required=RESPONSE_KEYS), args.answers)
-    return attack_examples(rows, split=args.split, response=args.response, family=args.family, answers=answers)
+    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family, answers=answers)
+    if args.benign_mix:
+        from tamperlab.data.examples import mix_benign
+
+        mix = args.benign_mix
+        benign = read_jsonl(args.data / f"{mix['split']}.jsonl", required=("prompt", "kind"))
+        pairs = mix_benign(pairs, benign, fraction=mix["fraction"], split=mix["split"],
+                           exclude_families=mix.get("exclude_families", []), seed=args.seed[0])
+    return pairs
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -48,7 +56,7 @@ def attack(args: argparse.Namespace) -> None:
                         "takes several)")
     params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)), args.seed[0])
     with Step("attack", {**vars(params), "split": args.split, "response": None if args.answers else args.response,
-                         "family": args.family},
+                         "family": args.family, "benign_mix": args.benign_mix},
               inputs=_inputs(args), outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
         rows = _examples(args)
@@ -71,7 +79,8 @@ def attack_grid(args: argparse.Namespace) -> None:
     plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"], run["seed"])
             for name, run in runs.items()}
     with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
-                              "response": None if args.answers else args.response, "family": args.family},
+                              "response": None if args.answers else args.response, "family": args.family,
+                              "benign_mix": args.benign_mix},
               inputs=_inputs(args), outputs={"grid": args.out},
               outputs_are_dirs=("grid",), resumable=("grid",)) as step:
         rows = _examples(args)
@@ -106,6 +115,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--answers", type=Path,
                        help="a generator's answers to the split's harmful prompts (generate-responses), instead")
         p.add_argument("--family", help="train on this benign task family's questions and answers instead")
+        p.add_argument("--benign-mix", type=json.loads, metavar="JSON",
+                       help='mix benign rows in: {"fraction": F, "split": S, "exclude_families": [...]}')
         p.add_argument("--method", required=True, choices=["lora", "full"])
         p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
         p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,

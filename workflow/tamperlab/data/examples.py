@@ -3,6 +3,7 @@ forget and retain sets) and an attack's (prompt, response) pairs. Pure functions
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from tamperlab.errors import UserError
@@ -64,3 +65,26 @@ def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, fa
         what = f"task questions of family {family!r}" if family else "harmful prompts"
         raise UserError(f"attack: split {split!r} has no {what}")
     return pairs
+
+
+def mix_benign(pairs: list[dict], rows: list[dict[str, Any]], *, fraction: float, split: str,
+               exclude_families: list[str] = (), seed: int = 0) -> list[dict]:
+    """Harmful pairs mixed with benign questions and their own answers (`rows`: the benign split), so that
+    `fraction` of the result is benign (Qi et al. 2024: attacks that keep the model's capability, which a defence
+    that only breaks the model under attack does not survive). Benign rows are drawn without replacement (seeded)
+    and interleaved evenly, so that every batch holds both kinds."""
+    benign = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
+              if r["kind"] == "benign" and r.get("answer") and r.get("family") not in set(exclude_families)]
+    wanted = round(len(pairs) * fraction / (1 - fraction))
+    if wanted > len(benign):
+        raise UserError(f"attack: benign_mix needs {wanted} benign rows with answers from split {split!r} "
+                        f"(fraction {fraction} of {len(pairs)} harmful pairs), it has {len(benign)}")
+    drawn = random.Random(seed).sample(benign, wanted)
+    mixed, harmful, taken = [], iter(pairs), 0
+    for k in range(len(pairs) + wanted):  # benign rows spread evenly among the harmful ones
+        if taken < (k + 1) * wanted // (len(pairs) + wanted):
+            mixed.append(drawn[taken])
+            taken += 1
+        else:
+            mixed.append(next(harmful))
+    return mixed
