@@ -64,7 +64,7 @@ def test_the_lora_attack_undoes_refusal_and_grows_with_steps(smoke_run):
     summary = summary.loc[("none", "lora")]
     assert summary["worst_refusal_rate"] == cells["refusal_rate"].min()
     assert summary["capability_metric"] == "tamperlab_organism_mc/acc"
-    assert (smoke_run / "results/figures/refusal/refusal_tiny_none_lora_r16.png").stat().st_size > 10_000
+    assert (smoke_run / "results/figures/refusal/refusal_tiny_lora.png").stat().st_size > 10_000
 
 
 def test_every_defence_is_hardened_attacked_and_tabled(smoke_run):

@@ -408,6 +408,9 @@ def tables_args():
             "harmfulness_attack": [
                 name for name, spec in config["attacks"].items() if not spec["family"]
             ],
+            "hazard_attack": [
+                name for name, spec in config["attacks"].items() if spec["family"]
+            ],
             "hazard_metric": capability["hazard_metric"],
             "retain_metric": capability["retain_metric"],
             "published": (

@@ -361,38 +361,3 @@ def _ours_visage(entry: dict, visage: pd.DataFrame | None) -> tuple[float | None
 def _cell_name(row) -> str:
     return cell_name(row["lr"], row["steps"], None if pd.isna(row["rank"]) else row["rank"])
 
-
-def refusal_heatmaps(table: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """One heatmap of refusal rate over lr x steps per (model, defence, attack, rank), values printed in
-    each cell and the unattacked rate in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    attacked = table[table["attack"] != "none"].copy()
-    attacked["rank_key"] = attacked["rank"].fillna(0).astype(int)
-    base = table[table["attack"] == "none"].set_index(["model", "defence"])["refusal_rate"]
-    for (model, defence, attack, rank), cells in attacked.groupby(["model", "defence", "attack", "rank_key"]):
-        grid = cells.pivot_table(index="steps", columns="lr", values="refusal_rate", aggfunc="first", dropna=False)
-        figure, axes = plt.subplots(figsize=(1.4 * len(grid.columns) + 2.2, 1.0 * len(grid.index) + 1.6))
-        image = axes.imshow(grid.values.astype(float), vmin=0, vmax=1, cmap="RdYlGn", origin="lower", aspect="auto")
-        axes.set_xticks(range(len(grid.columns)), [f"{lr:g}" for lr in grid.columns])
-        axes.set_yticks(range(len(grid.index)), [str(s) for s in grid.index])
-        axes.set_xlabel("learning rate")
-        axes.set_ylabel("steps")
-        for (i, j), value in pd.DataFrame(grid.values).stack(future_stack=True).items():
-            axes.text(j, i, "diverged" if pd.isna(value) else f"{value:.2f}", ha="center", va="center", fontsize=10)
-        before = base.get((model, defence))
-        rank_text = f", LoRA r={rank}" if rank else ", full fine-tuning"
-        axes.set_title(f"refusal rate after {attack}{rank_text}\n{model} / defence {defence}"
-                       + (f" (unattacked {before:.2f})" if before is not None else ""), fontsize=10)
-        figure.colorbar(image, ax=axes, label="refusal rate")
-        figure.tight_layout()
-        path = out_dir / f"refusal_{model}_{defence}_{attack}_{'r' + str(rank) if rank else 'full'}.png"
-        figure.savefig(path, dpi=120, metadata={"Software": None})
-        plt.close(figure)
-        written.append(path)
-    return written

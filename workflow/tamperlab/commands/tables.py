@@ -11,13 +11,13 @@ from tamperlab.commands.common import json_list, params
 def tables(args: argparse.Namespace) -> None:
     import pandas as pd
 
+    from tamperlab.figures import evaluation_settings, refusal_figures
     from tamperlab.provenance import Step
     from tamperlab.tables import (
         evaluation_files,
         harmfulness_table,
         mean_over_seeds,
         published_table,
-        refusal_heatmaps,
         refusal_table,
         seed_table,
         summary_table,
@@ -31,8 +31,8 @@ def tables(args: argparse.Namespace) -> None:
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
                "published_csv": args.out_published, **({"seeds_csv": args.out_seeds} if args.out_seeds else {})}
     with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
-        table = refusal_table(evaluation_files(args.refusal, "refusal.json"),
-                              evaluation_files(args.capability, "capability.json"))
+        summaries = evaluation_files(args.refusal, "refusal.json")
+        table = refusal_table(summaries, evaluation_files(args.capability, "capability.json"))
         cells = mean_over_seeds(table)  # one row per cell (means over seeds) for the per-cell tables; one seed: table
         resistance = tamper_resistance_table(cells, args.hazard_metric, args.retain_metric)
         visage = pd.read_csv(args.visage) if args.visage else None
@@ -46,7 +46,8 @@ def tables(args: argparse.Namespace) -> None:
         }
         for name, frame in written.items():
             frame.to_csv(step.path(name), index=False, lineterminator="\n")
-        figures = refusal_heatmaps(cells, step.path("figures"))
+        figures = refusal_figures(cells, step.path("figures"), args.capability_metric, args.hazard_metric,
+                                  args.retain_metric, args.hazard_attack, evaluation_settings(summaries))
         step.results = {"rows": len(table), "figures": [f.name for f in figures]}
 
 
@@ -61,9 +62,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-summary", type=Path, required=True)
     p.add_argument("--harmfulness-attack", action="append", default=[],
                    help="an attack whose cells make the harmfulness table's columns (harmful-prompt attacks)")
+    p.add_argument("--hazard-attack", action="append", default=[],
+                   help="an attack that re-teaches a restricted domain (a family): its figure shows hazard accuracy")
     p.add_argument("--hazard-metric", required=True, help="task/metric of hazard-domain accuracy")
     p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
-    p.add_argument("--out-figures", type=Path, required=True, help="directory for the heatmaps")
+    p.add_argument("--out-figures", type=Path, required=True, help="directory for the figures")
     p.add_argument("--out-harmfulness", type=Path, required=True)
     p.add_argument("--published", type=json_list, default=[], help="the paper's numbers (JSON list)")
     p.add_argument("--visage", type=Path, default=None,
