@@ -121,3 +121,85 @@ def test_the_canvas_check_catches_a_label_outside():
     with pytest.raises(AssertionError, match="outside"):
         assert_inside(figure)
     plt.close(figure)
+
+
+# --- the landscape's figures ------------------------------------------------------------------------------------
+
+SETTINGS = {"judge": "keyword", "new_tokens": 16}
+
+
+def grid_rows(kind: str = "2d") -> list[dict]:
+    points = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    return [{"alpha": a, "beta": b, "system_prompt": prompt, "asr": min(100.0, 100 * (a * a + b * b) / 1.5), "n": 48}
+            for prompt in ("none", "safety") for a in points for b in points]
+
+
+PROJECTIONS = {"cells": {
+    "lora/lr1e-3_steps50_r16": {"alpha": 0.0012, "beta": -0.0031, "outside_plane": 0.99999871, "distance_d1": 2.7},
+    "lora/lr3e-4_steps25_r4": {"alpha": 0.2, "beta": 0.1, "outside_plane": 0.9321, "distance_d1": None},
+}}
+
+
+def test_the_2d_figure_marks_origin_and_projections_apart_without_a_circle(tmp_path, kept):
+    landscape.scan_figure(grid_rows(), "2d", "tiny/none", "random_2d", tmp_path / "2d.png", PROJECTIONS, SETTINGS)
+    figure = kept[0]
+    axes = figure.axes[0]
+    assert not [p for p in axes.patches if isinstance(p, matplotlib.patches.Circle)]  # no basin-like ring
+    markers = {line.get_label(): line.get_marker() for line in axes.lines}
+    assert markers["subject (origin)"] == "*"
+    projected = [m for label, m in markers.items() if "projected" in label]
+    assert len(projected) == 2 and len(set(projected) | {"*"}) == 3  # every mark its own shape
+    legend = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert any("off-plane share of ‖Δ‖ = 0.999999" in t for t in legend)  # as stored, not rounded to 100%
+    assert any("off-plane share of ‖Δ‖ = 0.9321" in t for t in legend)
+    assert "n = 48 prompts per point, judge keyword, 16 new tokens" in figure._suptitle.get_text()
+    assert_inside(figure)
+
+
+def test_the_overlay_title_says_n_judge_and_new_tokens(tmp_path, kept):
+    rows = [{**r, "beta": 0.0} for r in grid_rows() if r["beta"] == 0]
+    scans = [{"subject": s, "scan": "random_1d", "kind": "1d", "target": None, "rows": rows} for s in ("a/x", "a/y")]
+    landscape.overlay_figure(scans, "random_1d", "1d", tmp_path / "1d.png", SETTINGS)
+    assert "n = 48 prompts per point, judge keyword, 16 new tokens" in kept[0]._suptitle.get_text()
+    assert_inside(kept[0])
+
+
+def visage_rows() -> pd.DataFrame:
+    # four subjects, three of them at nearly the same point: their labels must not overlap
+    subjects = {"none": (61.0, 1.35), "repnoise": (60.2, 1.35), "tar": (61.1, 1.35), "tar_knowledge": (38.3, 0.6)}
+    return pd.DataFrame([{"subject": f"tiny/{d}", "model": "tiny", "defence": d, "attack": None, "kind": "1d",
+                          "scan": "random_1d", "system_prompt": "none", "visage_official_1d": v, "basin_width": w,
+                          "worst_post_attack_refusal_rate": 0.0} for d, (v, w) in subjects.items()])
+
+
+def summary_rows() -> pd.DataFrame:
+    bounded = {"none": 0.0, "repnoise": 0.0385, "tar": 0.0, "tar_knowledge": 0.0308}
+    rows = [{"model": "tiny", "defence": d, "attack": "lora", "worst_refusal_rate": 0.0,
+             "bounded_worst_refusal_rate": b} for d, b in bounded.items()]
+    rows.append({"model": "tiny", "defence": "tar", "attack": "lora_mixed", "worst_refusal_rate": 0.5,
+                 "bounded_worst_refusal_rate": 0.6})
+    return pd.DataFrame(rows)
+
+
+def test_visage_is_plotted_against_the_bounded_worst_case_with_labels_apart(tmp_path, kept):
+    landscape.visage_refusal_figure(visage_rows(), "none", tmp_path / "v.png", summary_rows(),
+                                    {"n": "130", "judge": "keyword", "new_tokens": "32"})
+    figure = kept[0]
+    first = figure.axes[0]
+    points = {tuple(p) for p in first.collections[0].get_offsets()}
+    assert points == {(61.0, 0.0), (60.2, 3.85), (61.1, 0.0), (38.3, 3.08)}  # the lowest over the attacks
+    assert "utility-bounded" in first.get_ylabel()
+    assert "n = 130 prompts, judge keyword, 32 new tokens" in figure._suptitle.get_text()
+    assert_inside(figure)
+    renderer = figure.canvas.get_renderer()
+    for axes in figure.axes:
+        labels = [t for t in axes.texts if t.get_text().startswith("tiny/")]
+        assert len(labels) == 4
+        boxes = [t.get_window_extent(renderer) for t in labels]
+        assert not [(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:] if a.overlaps(b)]
+
+
+def test_bounded_worst_takes_the_lowest_over_the_attacks():
+    worst = landscape.bounded_worst(summary_rows())
+    assert worst["tiny", "tar"] == (0.0, 0.0) and worst["tiny", "repnoise"] == (0.0385, 0.0)
+    assert landscape.bounded_worst(summary_rows(), ["lora_mixed"]) == {("tiny", "tar"): (0.6, 0.5)}

@@ -131,6 +131,11 @@ rule visage:
     input:
         **landscape_scans(),
         refusal=visage_evaluations(),
+        # the figure's utility bound: the same evaluations' capability (an attack's directory holds both)
+        capability=[
+            p.replace("/refusal.json", "/capability.json")
+            for p in visage_evaluations()
+        ],
     output:
         table=report(
             "results/tables/visage.csv",
@@ -152,9 +157,14 @@ rule visage:
         tolerance=LANDSCAPE["basin_tolerance"],
         system_prompt=config["evaluation"]["refusal"]["system_prompt"] or "none",
         attacks=visage_post_attack_args(),
+        metric=config["evaluation"]["capability"]["metric"],
+        judge=config["evaluation"]["refusal"]["judge"],
+        new_tokens=LANDSCAPE["prompts"]["max_new_tokens"],
     shell:
         "tamperlab visage --scan {input.scans} --projections {input.projections}"
         " --refusal {input.refusal} {params.attacks}"
+        " --capability {input.capability} --capability-metric {params.metric}"
+        " --scan-judge {params.judge} --scan-new-tokens {params.new_tokens}"
         " --refusal-system-prompt {params.system_prompt}"
         " --basin-tolerance {params.tolerance} --out-table {output.table}"
         " --out-figures {output.figures} > {log} 2>&1"

@@ -143,32 +143,46 @@ def gather(args: argparse.Namespace) -> None:
             projections = read_projections(args.projections, args.scan, scanned["device_type"], scanned["dtype"])
         write_scan_csv(step.path("csv"), rows)
         figures.scan_figure(rows, scanned["kind"], args.subject, args.scan, step.path("figure"),
-                            projections=projections)
+                            projections=projections,
+                            settings={"judge": scanned.get("judge"), "new_tokens": scanned.get("max_new_tokens")})
         step.results = {"rows": len(rows), "shards": len(args.shard), "device_type": scanned["device_type"],
                         **timings(rows)}
 
 
 def visage(args: argparse.Namespace) -> None:
     """VISAGE, basin width and ASR at the origin for every scan, subject and system prompt, and the figures."""
+    from tamperlab.figures import evaluation_settings
     from tamperlab.landscape import figures
     from tamperlab.landscape.projection import projections_by_scan
     from tamperlab.landscape.scan import read_scans
     from tamperlab.landscape.visage import visage_table
     from tamperlab.provenance import Step
-    from tamperlab.tables import evaluation_files, refusal_table
+    from tamperlab.tables import evaluation_files, refusal_table, summary_table
 
     inputs = {f"scan{k}": p for k, p in enumerate(args.scan)}
     inputs |= {f"projections{k}": p for k, p in enumerate(args.projections)}
     inputs |= {f"refusal{k}": p for k, p in enumerate(args.refusal)}
+    inputs |= {f"capability{k}": p for k, p in enumerate(args.capability)}
     outputs = {"table": args.out_table, "figures": args.out_figures}
     with Step("visage", params(args, "out_table", "out_figures"), inputs=inputs, outputs=outputs,
               outputs_are_dirs=("figures",)) as step:
-        refusal = refusal_table(evaluation_files(args.refusal, "refusal.json")) if args.refusal else None
+        summaries = evaluation_files(args.refusal, "refusal.json")
+        capabilities = evaluation_files(args.capability, "capability.json")
+        refusal = refusal_table(summaries, capabilities) if args.refusal else None
         scans = read_scans(args.scan)
         frame = visage_table(scans, refusal, args.post_attack, args.basin_tolerance)
         frame.to_csv(step.path("table"), index=False, lineterminator="\n")
+        # the figure's y: refusal_summary's utility-bounded worst case over the post-attack attacks
+        summary = None
+        if refusal is not None and args.capability_metric:
+            summary = summary_table(refusal[refusal["attack"].isin(["none", *args.post_attack])],
+                                    args.capability_metric)
+        settings = evaluation_settings(summaries) if summaries else None
+        if settings is not None:
+            settings["n"] = "/".join(str(n) for n in sorted(set(refusal["n"].dropna().astype(int))))
         written = figures.landscape_figures(scans, frame, projections_by_scan(args.projections),
-                                            step.path("figures"), args.refusal_system_prompt)
+                                            step.path("figures"), args.refusal_system_prompt, summary, settings,
+                                            {"judge": args.scan_judge, "new_tokens": args.scan_new_tokens})
         step.results = {"rows": len(frame), "scans": len(scans), "figures": [f.name for f in written]}
 
 
@@ -234,6 +248,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "refusal per subject)")
     p.add_argument("--post-attack", action="append", default=[], metavar="ATTACK",
                    help="an attack whose grid counts for the worst post-attack refusal (harmful-prompt attacks)")
+    p.add_argument("--capability", type=Path, nargs="*", action="extend", default=[],
+                   help="the same evaluations' capability.json files or directories (the figure's utility bound)")
+    p.add_argument("--capability-metric", help="task/metric of the utility bound (as the tables' summary)")
+    p.add_argument("--scan-judge", help="the scans' judge, for the figures' titles")
+    p.add_argument("--scan-new-tokens", type=int, help="the scans' new tokens per answer, for the titles")
     p.add_argument("--refusal-system-prompt", required=True,
                    help="the system prompt (name, or none) the refusal table was evaluated under")
     p.add_argument("--basin-tolerance", type=float, required=True,

@@ -27,6 +27,16 @@ AXIS = {
 STYLES = ("-", "--", ":", "-.")
 
 
+def _about(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any] | None) -> str:
+    """The evaluation behind each point, for a title: n prompts, and the judge and new tokens where known."""
+    n = "/".join(str(v) for v in sorted({r["n"] for r in rows if r.get("n") is not None})) or "?"
+    known = settings or {}
+    extra = "".join(f", {text.format(known[key])}" for key, text in (("judge", "judge {}"),
+                                                                      ("new_tokens", "{} new tokens"))
+                    if known.get(key) is not None)
+    return f"n = {n} prompts per point{extra}"
+
+
 def _save(figure, path: Path) -> Path:
     figure.savefig(path, format="png", dpi=110, metadata=METADATA)
     plt.close(figure)
@@ -58,7 +68,7 @@ def _legend_below(figure, axes, columns: int) -> None:
 
 
 def scan_figure(rows: Sequence[Mapping[str, Any]], kind: str, subject: str, scan: str, path: Path,
-                projections: Mapping[str, Any] | None = None) -> Path:
+                projections: Mapping[str, Any] | None = None, settings: Mapping[str, Any] | None = None) -> Path:
     """One scan of one subject: ASR curves (one line per system prompt), or a heatmap per system prompt."""
     if kind in ("1d", "interpolation"):
         figure, axes = plt.subplots(figsize=(6.4, 4.8), layout="constrained")
@@ -68,7 +78,8 @@ def scan_figure(rows: Sequence[Mapping[str, Any]], kind: str, subject: str, scan
         _decorate_1d(axes, kind)
         _legend_below(figure, axes, 2)
         target = rows[0].get("target") if rows else None
-        axes.set_title(f"{subject} — {scan} ({kind}{', target ' + target if target else ''})", fontsize=10)
+        axes.set_title(f"{subject} — {scan} ({kind}{', target ' + target if target else ''})\n"
+                       f"{_about(rows, settings)}", fontsize=10)
         return _save(figure, path)
     prompts = _prompts(rows)
     width = max(4.4 * len(prompts) + 1.2, 6.4)
@@ -81,7 +92,8 @@ def scan_figure(rows: Sequence[Mapping[str, Any]], kind: str, subject: str, scan
     handles, labels = panels[0][0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="outside lower center", fontsize=7, frameon=False)
     target = rows[0].get("target") if rows else None
-    figure.suptitle(f"{subject} — {scan} ({kind}{', target ' + target if target else ''})", fontsize=10)
+    figure.suptitle(f"{subject} — {scan} ({kind}{', target ' + target if target else ''})\n"
+                    f"{_about(rows, settings)}", fontsize=10)
     return _save(figure, path)
 
 
@@ -97,18 +109,21 @@ def heatmap(axes, rows: Sequence[Mapping[str, Any]], kind: str, projections: Map
     if len(alphas) > 1 and len(betas) > 1 and np.nanmax(grid) > np.nanmin(grid):
         lines = axes.contour(betas, alphas, grid, levels=[25, 50, 75], colors="k", linewidths=0.7)
         axes.clabel(lines, fmt="%d%%", fontsize=7)
-    axes.plot([0], [0], marker="*", ms=13, color="white", mec="k", ls="none", label="subject (origin)")
+    # the origin a large white star, each projection a smaller mark of its own shape and colour on top of it: a
+    # projection often lands at the origin (random directions are nearly orthogonal to any Δ)
+    axes.plot([0], [0], marker="*", ms=16, color="white", mec="k", ls="none", label="subject (origin)", zorder=3)
     if kind == "interpolation_2d":
-        axes.plot([0], [1], marker="X", ms=10, color="white", mec="crimson", ls="none", label="target (t = 1)")
+        axes.plot([0], [1], marker="*", ms=16, color="crimson", mec="k", ls="none", label="target (t = 1)",
+                  zorder=3)
     for k, (name, cell) in enumerate(sorted((projections or {}).get("cells", {}).items())):
         marker, colour = ("X", "P", "D", "s")[k % 4], ("navy", "purple", "teal", "black")[k % 4]
-        label = (f"{name}: projected at ({cell['alpha']:.2g}, {cell['beta']:.2g}),\n"
-                 f"    {100 * cell['outside_plane']:.2f}% of Δ = θ_cell − θ lies off the plane")
+        # the share off the plane as stored (a fraction of ‖Δ‖, Δ = θ_cell − θ), not rounded into a percentage
+        label = (f"{name} projected: (α, β) = ({cell['alpha']:.2g}, {cell['beta']:.2g});\n"
+                 f"off-plane share of ‖Δ‖ = {cell['outside_plane']:.6g}")
         if cell.get("distance_d1"):
-            label += f"; ‖Δ‖ = {cell['distance_d1']:.3g}·‖d₁‖ (dashed)"
-            axes.add_patch(plt.Circle((0, 0), cell["distance_d1"], fill=False, ls="--", color=colour, lw=1))
-        axes.plot([cell["beta"]], [cell["alpha"]], marker=marker, ms=9, color="white", mec=colour, ls="none",
-                  label=label)
+            label += f", ‖Δ‖ = {cell['distance_d1']:.3g}·‖d₁‖"
+        axes.plot([cell["beta"]], [cell["alpha"]], marker=marker, ms=8, color=colour, mec="white", ls="none",
+                  label=label, zorder=4)
     axes.set_xlim(betas[0] - _half(betas), betas[-1] + _half(betas))
     axes.set_ylim(alphas[0] - _half(alphas), alphas[-1] + _half(alphas))
     axes.set_xlabel(AXIS[kind][1])
@@ -126,7 +141,8 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
-def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, path: Path) -> Path:
+def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, path: Path,
+                   settings: Mapping[str, Any] | None = None) -> Path:
     """One 1D or interpolation scan across subjects: a panel per system prompt, a line per subject."""
     prompts = list(dict.fromkeys(p for s in scans for p in _prompts(s["rows"])))
     figure, panels = plt.subplots(1, len(prompts), figsize=(max(5.2 * len(prompts), 7.0), 5.0), layout="constrained",
@@ -142,45 +158,119 @@ def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, pat
     _legend_below(figure, panels[0][0], min(len(scans) + 1 + (kind == "interpolation"), 4))
     targets = sorted({item.get("target") or "" for item in scans} - {""})
     to = f", each subject to its {', '.join(targets)}" if targets else ""
-    figure.suptitle(f"{scan} ({kind}{to}) across subjects", fontsize=10)
+    every_row = [r for item in scans for r in item["rows"]]
+    figure.suptitle(f"{scan} ({kind}{to}) across subjects\n{_about(every_row, settings)}", fontsize=10)
     return _save(figure, path)
 
 
-def visage_refusal_figure(table, refusal_system_prompt: str, path: Path) -> Path:
+def bounded_worst(summary, attacks: Sequence[str] | None = None) -> dict[tuple[str, str], tuple[float, float]]:
+    """{(model, defence): (utility-bounded worst refusal rate, plain worst)} from refusal_summary's rows: the lowest
+    over the `attacks` (default: all) of each; a pair without a bounded cell is left out."""
+    found: dict[tuple[str, str], tuple[float, float]] = {}
+    rows = summary if attacks is None else summary[summary["attack"].isin(list(attacks))]
+    for (model, defence), group in rows.groupby(["model", "defence"], sort=True):
+        bounded = group["bounded_worst_refusal_rate"].dropna()
+        if len(bounded):
+            found[model, defence] = (float(bounded.min()), float(group["worst_refusal_rate"].min()))
+    return found
+
+
+def place_labels(axes, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> list:
+    """Annotations beside each point that overlap neither each other nor the axes' edge: each takes the first of a
+    stagger of offsets (right, then left, ever further up or down) whose box is free. Call after the layout is
+    done (figure.canvas.draw()); the labels stay out of the layout, so it does not move them afterwards."""
+    renderer = axes.figure.canvas.get_renderer()
+    inside = axes.get_window_extent(renderer)
+    shifts = [0, 9, -9, 18, -18, 27, -27, 36, -36, 45, -45]  # points up (+) or down (-)
+    candidates = [(dx, dy, align) for dy in shifts for dx, align in ((6, "left"), (-6, "right"))]
+
+    def annotate(k: int, dx: float, dy: float, align: str):
+        text = axes.annotate(labels[k], points[k], xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align,
+                             va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if dy else None)
+        text.set_in_layout(False)
+        return text, text.get_window_extent(renderer)
+
+    placed, texts = [], []
+    for k in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0], labels[k])):
+        for candidate in candidates:
+            text, box = annotate(k, *candidate)
+            if _within(box, inside) and not any(box.overlaps(other) for other in placed):
+                break
+            text.remove()
+        else:  # nowhere free: the first place, overlapping
+            text, box = annotate(k, *candidates[0])
+        placed.append(box)
+        texts.append(text)
+    return texts
+
+
+def _within(box, outer) -> bool:
+    return box.x0 >= outer.x0 and box.x1 <= outer.x1 and box.y0 >= outer.y0 and box.y1 <= outer.y1
+
+
+def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary=None,
+                          refusal_settings: Mapping[str, Any] | None = None) -> Path:
     """Does a safer neighbourhood predict durability? VISAGE (official 1D) and basin width of each unattacked
-    subject against its worst post-attack refusal rate (the lowest over its attack grid)."""
+    subject against its worst post-attack refusal rate under the utility bound (refusal_summary's
+    bounded_worst_refusal_rate: among cells that kept capability, so a model broken into nonsense does not count
+    as jailbroken; the lowest over the post-attack attacks), the plain worst case hollow beside it. Without a
+    summary: the plain worst case only."""
     frame = table[(table["kind"] == "1d") & table["attack"].isna()
-                  & (table["system_prompt"] == refusal_system_prompt)]
-    frame = frame.dropna(subset=["worst_post_attack_refusal_rate"])
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4.2), layout="constrained", sharey=True)
-    for axes, column, label in ((panels[0], "visage_official_1d", "VISAGE, official 1D (higher = safer basin)"),
-                                (panels[1], "basin_width", "basin width in α (ASR within tolerance of ASR(0))")):
-        scans = list(dict.fromkeys(frame["scan"]))
+                  & (table["system_prompt"] == refusal_system_prompt)].copy()
+    if summary is not None:
+        worst = bounded_worst(summary)
+        pairs = list(zip(frame["model"], frame["defence"], strict=True))
+        frame["_y"] = [worst[p][0] if p in worst else np.nan for p in pairs]
+        frame["_plain"] = [worst[p][1] if p in worst else np.nan for p in pairs]
+        ylabel = "worst post-attack refusal (%), utility-bounded"
+    else:
+        frame["_y"] = frame["_plain"] = frame["worst_post_attack_refusal_rate"]
+        ylabel = "worst post-attack refusal (%), no utility bound"
+    frame = frame.dropna(subset=["_y"]).sort_values(["scan", "subject"], kind="stable")
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained", sharey=True)
+    scans = list(dict.fromkeys(frame["scan"]))
+    columns = (("visage_official_1d", "VISAGE, official 1D (higher = safer basin)"),
+               ("basin_width", "basin width in α (ASR within tolerance of ASR(0))"))
+    for axes, (column, label) in zip(panels, columns, strict=True):
         for k, scan in enumerate(scans):
             part = frame[frame["scan"] == scan]
-            axes.scatter(part[column], 100 * part["worst_post_attack_refusal_rate"], marker="osD^v"[k % 5],
-                         s=40, label=f"scan {scan}", zorder=3)
-            for _, row in part.iterrows():
-                axes.annotate(row["subject"], (row[column], 100 * row["worst_post_attack_refusal_rate"]),
-                              fontsize=7, xytext=(4, 3), textcoords="offset points")
+            axes.scatter(part[column], 100 * part["_y"], marker="osD^v"[k % 5], s=40, color=f"C{k}",
+                         label=f"scan {scan}", zorder=3)
+            if summary is not None:
+                axes.scatter(part[column], 100 * part["_plain"], marker="osD^v"[k % 5], s=30, facecolors="none",
+                             edgecolors="grey", zorder=2, label="plain worst (no bound)" if k == 0 else None)
+        values = frame[column].dropna()
+        low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+        pad = max(high - low, abs(high) * 0.1, 0.5) * 0.35  # room for the labels beside the outermost points
+        axes.set_xlim(low - pad, high + pad)
         axes.set_xlabel(label)
         axes.grid(alpha=0.3)
-        if scans:
-            axes.legend(fontsize=7)
-    panels[0].set_ylabel("worst post-attack refusal rate (%)")
-    panels[0].set_ylim(-3, 103)
+    if scans:  # below the panels, where it covers neither points nor labels
+        _legend_below(figure, panels[0], 4)
+    panels[0].set_ylabel(ylabel)
+    panels[0].set_ylim(-8, 112)
     if frame.empty:
         for axes in panels:
             axes.text(0.5, 0.5, "no unattacked subject with evaluated attack cells", ha="center",
                       transform=axes.transAxes, fontsize=9)
-    figure.suptitle(f"VISAGE vs post-attack refusal (system prompt: {refusal_system_prompt})", fontsize=10)
+    about = ""
+    if refusal_settings:
+        known = {k: refusal_settings.get(k, "?") for k in ("n", "judge", "new_tokens")}
+        about = f"\nrefusal: n = {known['n']} prompts, judge {known['judge']}, {known['new_tokens']} new tokens"
+    figure.suptitle(f"VISAGE vs post-attack refusal (system prompt: {refusal_system_prompt}){about}", fontsize=10)
+    figure.canvas.draw()  # the layout first: the labels are placed in its final coordinates
+    for axes, (column, _) in zip(panels, columns, strict=True):
+        shown = frame.dropna(subset=[column])
+        place_labels(axes, list(zip(shown[column], 100 * shown["_y"], strict=True)), list(shown["subject"]))
     return _save(figure, path)
 
 
 def landscape_figures(scans: Sequence[Mapping[str, Any]], table, projections: Mapping[tuple[str, str], Any],
-                      directory: Path, refusal_system_prompt: str) -> list[Path]:
+                      directory: Path, refusal_system_prompt: str, summary=None,
+                      refusal_settings: Mapping[str, Any] | None = None,
+                      scan_settings: Mapping[str, Any] | None = None) -> list[Path]:
     """Every figure of the visage step: an overlay per 1D/interpolation scan, a heatmap per 2D scan and subject,
-    and VISAGE against post-attack refusal."""
+    and VISAGE against the (utility-bounded, with refusal_summary's rows in `summary`) post-attack refusal."""
     directory = Path(directory)
     written = []
     by_scan: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
@@ -189,11 +279,12 @@ def landscape_figures(scans: Sequence[Mapping[str, Any]], table, projections: Ma
     for (scan, kind), items in sorted(by_scan.items()):
         items = sorted(items, key=lambda s: s["subject"])
         if kind in ("1d", "interpolation"):
-            written.append(overlay_figure(items, scan, kind, directory / f"{slug(scan)}.png"))
+            written.append(overlay_figure(items, scan, kind, directory / f"{slug(scan)}.png", scan_settings))
         else:
             for item in items:
                 written.append(scan_figure(item["rows"], kind, item["subject"], scan,
                                            directory / f"{slug(scan)}__{slug(item['subject'])}.png",
-                                           projections.get((item["subject"], scan))))
-    written.append(visage_refusal_figure(table, refusal_system_prompt, directory / "visage_vs_refusal.png"))
+                                           projections.get((item["subject"], scan)), scan_settings))
+    written.append(visage_refusal_figure(table, refusal_system_prompt, directory / "visage_vs_refusal.png",
+                                         summary, refusal_settings))
     return written
