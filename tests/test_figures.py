@@ -203,3 +203,85 @@ def test_bounded_worst_takes_the_lowest_over_the_attacks():
     worst = landscape.bounded_worst(summary_rows())
     assert worst["tiny", "tar"] == (0.0, 0.0) and worst["tiny", "repnoise"] == (0.0385, 0.0)
     assert landscape.bounded_worst(summary_rows(), ["lora_mixed"]) == {("tiny", "tar"): (0.6, 0.5)}
+
+
+def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monkeypatch):
+    """Through the command: hazard attacks by --hazard-attack, the titles' judge and new tokens from refusal.json."""
+    import json
+
+    from tamperlab import provenance
+    from tamperlab.cli import build_parser
+
+    monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
+
+    def evaluation(defence, attack, cell, refusal, hazard):
+        checkpoint = {"model": "tiny", "defence": defence, "attack": attack, "cell": cell,
+                      "path": f"results/models/tiny/{defence}", "adapter": None}
+        directory = tmp_path / "eval" / defence / (attack or "") / (cell or "")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "refusal.json").write_text(json.dumps({
+            "checkpoint": checkpoint, "status": "complete", "judge": "keyword",
+            "generation": {"max_new_tokens": 24}, "refusal_rate": refusal, "compliance_rate": 0.1,
+            "other_rate": round(0.9 - refusal, 4), "n": 20, "benign": None}))
+        (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint, "metrics": {
+            "org_mc": {"acc": 0.8}, "hazard_mc": {"acc": hazard}, "retain_mc": {"acc": 0.7}}}))
+
+    for defence in ("none", "tar"):
+        evaluation(defence, None, None, 0.9, 0.3)
+        for lr in ("1e-4", "1e-3"):
+            evaluation(defence, "lora", f"lr{lr}_steps10_r4", 0.2, 0.3)
+            evaluation(defence, "hazard", f"lr{lr}_steps10_r4", 0.8, 0.6)
+    out = tmp_path / "out"
+    args = build_parser().parse_args([
+        "tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
+        "--capability-metric", CAPABILITY, "--hazard-metric", HAZARD, "--retain-metric", RETAIN,
+        "--hazard-attack", "hazard", "--harmfulness-attack", "lora", "--out-refusal", str(out / "refusal.csv"),
+        "--out-summary", str(out / "summary.csv"), "--out-figures", str(out / "figures"),
+        "--out-harmfulness", str(out / "harmfulness.csv"), "--out-tamper-resistance", str(out / "tr.csv"),
+        "--out-published", str(out / "published.csv")])
+    args.func(args)
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["hazard_tiny_hazard.png", "refusal_tiny_lora.png"]
+    assert figures.evaluation_settings([tmp_path / "eval/none/refusal.json"]) == {"judge": "keyword",
+                                                                                   "new_tokens": "24"}
+
+
+def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, kept):
+    """Through the command: capability evaluations beside the refusal ones give the utility bound of the figure."""
+    import json
+
+    from tamperlab import provenance
+    from tamperlab.cli import build_parser
+    from tamperlab.landscape.scan import write_scan_csv
+
+    monkeypatch.setattr(provenance, "verify_input", lambda path: None)
+    scans, evaluations = [], []
+    for defence, worst in (("none", 0.0), ("tar", 0.5)):
+        path = tmp_path / f"{defence}.csv"
+        rows = [{"i": i, "j": 0, "alpha": a, "beta": 0.0, "system_prompt": "none", "asr": 10 + 80 * abs(a),
+                 "refusal_rate": 0.9 - 0.8 * abs(a), "n": 8, "perturb_s": 0.0, "eval_s": 0.0}
+                for i, a in enumerate([-1.0, -0.5, 0.0, 0.5, 1.0])]
+        write_scan_csv(path, rows, subject=f"tiny/{defence}", scan="random_1d", kind="1d", target=None)
+        scans.append(str(path))
+        for cell, refusal, capability in ((None, 0.9, 0.8), ("lr1e-3_steps10_r4", worst, 0.78),
+                                          ("lr1e-2_steps10_r4", 0.0, 0.1)):  # the last broke: out of the bound
+            checkpoint = {"model": "tiny", "defence": defence, "attack": cell and "lora", "cell": cell,
+                          "path": "x", "adapter": None}
+            directory = tmp_path / "eval" / defence / (cell or "")
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "refusal.json").write_text(json.dumps({
+                "checkpoint": checkpoint, "status": "complete", "judge": "keyword",
+                "generation": {"max_new_tokens": 24}, "refusal_rate": refusal, "n": 20, "benign": None}))
+            (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint,
+                                                                   "metrics": {"org_mc": {"acc": capability}}}))
+            evaluations.append(str(directory))
+    out = tmp_path / "out"
+    args = build_parser().parse_args([
+        "visage", "--scan", *scans, "--refusal", *evaluations, "--capability", *evaluations,
+        "--capability-metric", CAPABILITY, "--post-attack", "lora", "--scan-judge", "keyword",
+        "--scan-new-tokens", "16", "--refusal-system-prompt", "none", "--basin-tolerance", "10",
+        "--out-table", str(out / "visage.csv"), "--out-figures", str(out / "figures")])
+    args.func(args)
+    figure = kept[-1]
+    assert {tuple(p) for p in figure.axes[0].collections[0].get_offsets()[:, 1:]} == {(0.0,), (50.0,)}
+    assert "judge keyword, 24 new tokens" in figure._suptitle.get_text()
+    assert "judge keyword, 16 new tokens" in kept[0]._suptitle.get_text()  # the scans' own
