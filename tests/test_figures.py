@@ -199,6 +199,12 @@ def test_visage_is_plotted_against_the_bounded_worst_case_with_labels_apart(tmp_
         assert not [(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:] if a.overlaps(b)]
 
 
+def test_the_visage_figure_is_byte_identical_on_a_rerun(tmp_path):
+    for name in ("a.png", "b.png"):
+        landscape.visage_refusal_figure(visage_rows(), "none", tmp_path / name, summary_rows())
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+
+
 def test_bounded_worst_takes_the_lowest_over_the_attacks():
     worst = landscape.bounded_worst(summary_rows())
     assert worst["tiny", "tar"] == (0.0, 0.0) and worst["tiny", "repnoise"] == (0.0385, 0.0)
