@@ -137,8 +137,9 @@ def refusal_figures(table: pd.DataFrame, out_dir: Path, capability: str, hazard:
             continue
         written.append(faceted_figure(
             table, model, attack, out_dir / f"refusal_{model}_{attack}.png", colour="refusal_rate", cmap="RdYlGn",
-            label="refusal rate", lines=lambda r: (f"ref {_fmt(r['refusal_rate'])}\ncom {_fmt(_number(r, 'compliance_rate'))}"
-                                                   f"\nbrk {_fmt(_number(r, 'other_rate'))}\ncap {_fmt(_number(r, capability))}"),
+            label="refusal rate",
+            lines=lambda r: (f"ref {_fmt(r['refusal_rate'])}\ncom {_fmt(_number(r, 'compliance_rate'))}\n"
+                             f"brk {_fmt(_number(r, 'other_rate'))}\ncap {_fmt(_number(r, capability))}"),
             title=f"{model}: refusal after the {attack} attack — n = {n} prompts, judge {settings['judge']}, "
                   f"{settings['new_tokens']} new tokens\nref / com / brk: refused, complied, broken (neither; "
                   f"hatched ≥ {BROKEN:g}); cap: {cap}",
