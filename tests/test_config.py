@@ -211,7 +211,8 @@ def test_a_hub_revision_that_is_not_a_commit_stops_at_start_up_naming_the_key(co
 def test_a_hub_revision_that_is_a_commit_is_accepted(config):
     config["models"]["hubmodel"] = {"source": "hf", "id": "org/name", "revision": COMMIT}
     config.setdefault("evaluation", {}).setdefault("refusal", {}).update(
-        judge="classifier", classifier={"model": "./judge", "revision": None, "refusal_label": "SAFE"})  # a local directory
+        # a local directory
+        judge="classifier", classifier={"model": "./judge", "revision": None, "refusal_label": "SAFE"})
     resolved = validate_config(config)
     assert resolved["models"]["hubmodel"]["revision"] == COMMIT
 

@@ -13,6 +13,7 @@ import torch
 from conftest import make_tokenizer, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
+from tamperlab.errors import UserError
 from tamperlab.hardening.tar import (
     FORGET,
     SWITCH,
@@ -35,7 +36,6 @@ from tamperlab.hardening.tar import (
     tar_outer_step,
     with_reference_logps,
 )
-from tamperlab.errors import UserError
 from tamperlab.training import DIVERGED
 
 KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}

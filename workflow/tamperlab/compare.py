@@ -14,10 +14,10 @@ per table, row and column, whether our value lies where the reference's own samp
   in the **Wilson score 95% interval** of the reference (p ± a z = 1.96 score interval of a binomial share of n;
   unlike p ± 1.96·√(p(1−p)/n) it is not empty at p = 0 or 1). A mean or minimum over cells is judged with the
   n of one cell: wider than its own sampling error, so what is flagged is flagged for certain.
-- **VISAGE** (visage_mean, visage_official_1d, visage_plateau_1d; 0–100): a mean over scan points of a score in [0, 100]; judged as
-  a share of the points it averages (`points`, or those of the official segment) with the Wilson interval on
-  value/100. A mean of n values in [0, 1] varies at most as much as a binomial share of n (Bhatia–Davis), so
-  the interval is wide (±20 points at 21 points) and a flag is a real change.
+- **VISAGE** (visage_mean, visage_official_1d, visage_plateau_1d; 0–100): a mean over scan points of a score in
+  [0, 100]; judged as a share of the points it averages (`points`, or those of the official segment) with the
+  Wilson interval on value/100. A mean of n values in [0, 1] varies at most as much as a binomial share of n
+  (Bhatia–Davis), so the interval is wide (±20 points at 21 points) and a flag is a real change.
 - **Shares whose n the table does not carry** — lm-eval accuracies (`task/metric` columns, capability_*,
   hazard/retain accuracy), exact match, false-refusal rates, a classifier's harmfulness, published.csv's
   `ours` — have no interval here: |ours − reference| ≤ `tolerance` (0.05 by default; 5 points on a 0–100

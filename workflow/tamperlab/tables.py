@@ -8,9 +8,9 @@ from pathlib import Path
 import pandas as pd
 
 from tamperlab.attacks.grid import cell_name, parse_cell
+from tamperlab.compare import wilson95
 from tamperlab.config import RATE_METRICS, published_name
 from tamperlab.config import published_benchmarks as benchmarks
-from tamperlab.compare import wilson95
 from tamperlab.errors import UserError
 from tamperlab.landscape.spec import NO_SYSTEM_PROMPT
 
