@@ -131,11 +131,7 @@ rule visage:
     input:
         **landscape_scans(),
         refusal=visage_evaluations(),
-        # the figure's utility bound: the same evaluations' capability (an attack's directory holds both)
-        capability=[
-            p.replace("/refusal.json", "/capability.json")
-            for p in visage_evaluations()
-        ],
+        capability=visage_capabilities(),
     output:
         table=report(
             "results/tables/visage.csv",

@@ -217,6 +217,12 @@ def visage_evaluations():
     ]
 
 
+def visage_capabilities():
+    """The same evaluations' capability (an attack's evaluation directory holds both): the figure's utility bound."""
+    paths = [p.rsplit("/", 1) for p in visage_evaluations()]
+    return [f"{head}/capability.json" if name == "refusal.json" else f"{head}/{name}" for head, name in paths]
+
+
 def visage_post_attack_args():
     """The attacks whose cells count as post-attack refusal: those on harmful prompts (not a benign family)."""
     return cli_flags({"post_attack": _post_attack_attacks()})
