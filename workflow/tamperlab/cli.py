@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from tamperlab import logs
-from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, tables
+from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
 
-COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare)
+COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare, profile)
 
 
 class _Parser(argparse.ArgumentParser):
