@@ -1,5 +1,6 @@
 """The workflow on a real SLURM: munge, slurmctld and slurmd on this machine (tests/slurm_cluster.py), Snakemake
-with the cluster profile (profiles/slurm) plus test-only overrides, every job through sbatch.
+with the cluster profile as users install and name it (`tamperlab install-profile`, `--profile slurm`) plus
+test-only overrides, every job through sbatch.
 
 Needs root (the daemons, and apt-get when SLURM is not installed yet); skipped without. Each SLURM job costs
 6-8 s on top of its work (Snakemake starts twice inside it), so these tests run the smoke config's smallest
@@ -30,9 +31,9 @@ CACHE = REPO / ".cache" / "tamperlab"
 BIN = Path(sys.executable).parent
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
-# On top of profiles/slurm: this cluster's partition, no accounting daemon (squeue, not sacct, for job
-# states), quick polling, and resources that fit the one 2-CPU node. Written into a temporary directory,
-# so no ordinary run can pick it up.
+# On top of the installed profile (install-profile fills in this cluster's partition): no accounting daemon
+# (squeue, not sacct, for job states), quick polling, and resources that fit the one 2-CPU node. Installed
+# under a temporary XDG_CONFIG_HOME, so no ordinary run can pick it up.
 TEST_PROFILE = {
     "jobs": 4,
     "retries": 0,  # a retry would cost the failing test another job and a longer status-check back-off
@@ -41,7 +42,7 @@ TEST_PROFILE = {
     "slurm-init-seconds-before-status-checks": 1,
     "slurm-status-command": "squeue",
 }
-TEST_RESOURCES = {"slurm_partition": PARTITION, "runtime": 20, "mem_mb": 2000}  # rules' own resources win
+TEST_RESOURCES = {"runtime": 20, "mem_mb": 2000}  # rules' own resources win
 
 
 @pytest.fixture(scope="module")
@@ -59,23 +60,28 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory) -> Path:
-    settings = yaml.safe_load((REPO / "profiles" / "slurm" / "config.yaml").read_text())
-    assert settings["executor"] == "slurm"
+    """An XDG_CONFIG_HOME holding snakemake/slurm, installed as the README says, plus TEST_PROFILE."""
+    home = tmp_path_factory.mktemp("config-home")
+    subprocess.run([str(BIN / "tamperlab"), "install-profile", "--partition", PARTITION], check=True,
+                   env={**os.environ, "XDG_CONFIG_HOME": str(home)})
+    installed = home / "snakemake" / "slurm" / "config.yaml"
+    settings = yaml.safe_load(installed.read_text())
+    assert settings["executor"] == "slurm" and settings["default-resources"]["slurm_partition"] == PARTITION
     settings.update(TEST_PROFILE)
     settings["default-resources"] = {**settings["default-resources"], **TEST_RESOURCES}
-    directory = tmp_path_factory.mktemp("profile") / "slurm-test"
-    directory.mkdir()
-    (directory / "config.yaml").write_text(yaml.safe_dump(settings))
-    return directory
+    installed.write_text(yaml.safe_dump(settings))
+    return home
 
 
-def snakemake_on_slurm(workdir: Path, profile: Path, *flags: str, targets: tuple[str, ...], limit: int = 1500):
-    """Run Snakemake from `workdir` (the plugin keeps its logs under the current directory). SIGINT on
-    timeout: Snakemake then cancels its SLURM jobs (SIGTERM would only ask it to wait for them)."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # sbatch --export=ALL takes it along
+def snakemake_on_slurm(workdir: Path, config_home: Path, *flags: str, targets: tuple[str, ...], limit: int = 1500):
+    """Run Snakemake from `workdir` (the plugin keeps its logs under the current directory) with `--profile slurm`
+    found in config_home. SIGINT on timeout: Snakemake then cancels its SLURM jobs (SIGTERM would only ask it
+    to wait for them)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # sbatch --export=ALL takes it along
+           "XDG_CONFIG_HOME": str(config_home)}
     # Targets first: --configfile and --config take every word that follows them.
     command = ["timeout", "-s", "INT", "-k", "30", str(limit), str(BIN / "snakemake"), *targets,
-               "-s", str(REPO / "Snakefile"), "--profile", str(profile), *flags, "--config", f"cache_dir={CACHE}"]
+               "-s", str(REPO / "Snakefile"), "--profile", "slurm", *flags, "--config", f"cache_dir={CACHE}"]
     result = subprocess.run(command, cwd=workdir, capture_output=True, text=True, env=env, timeout=limit + 60)
     return result, result.stdout + result.stderr
 
