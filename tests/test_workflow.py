@@ -76,9 +76,12 @@ def test_every_defence_is_hardened_attacked_and_tabled(smoke_run):
         assert (workdir / f"results/models/tiny/{defence}/model.safetensors").exists()
     table = pd.read_csv(workdir / "results/tables/refusal.csv")
     assert sorted(set(table["defence"])) == defences
-    assert len(table) == 4 * (1 + 2 + 1)  # per defence: unattacked, two lora cells, one hazard cell
+    assert len(table) == 4 * (1 + 2 + 1 + 1)  # per defence: unattacked, two lora cells, one hazard, one mixed
+    # the benign-mixed attack trained on harmful and benign rows in equal parts
+    mixed = json.loads((workdir / "results/attacks/tiny/none/lora_mixed/manifest.json").read_text())
+    assert mixed["params"]["benign_mix"] == {"fraction": 0.5, "split": "alignment", "exclude_families": ["hazard"]}
     harmfulness = pd.read_csv(workdir / "results/tables/harmfulness.csv")
-    assert sorted(harmfulness["defence"]) == defences and set(harmfulness["attack"]) == {"lora"}
+    assert sorted(set(harmfulness["defence"])) == defences and set(harmfulness["attack"]) == {"lora", "lora_mixed"}
     assert {"harmfulness_pre_attack", "harmfulness_lr2e-3_steps60", "capability_lr2e-3_steps20"} <= set(
         harmfulness.columns)
     resistance = pd.read_csv(workdir / "results/tables/tamper_resistance.csv")
