@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import make_tokenizer, save_base_model, tiny_llama
 from safetensors.torch import load_file
-from test_tar import ROWS, small_params
+from test_tar import ROWS, one_thread, small_params  # noqa: F401  (one_thread: autouse, one torch thread)
 
 from tamperlab.hardening.tar import TAR_LOG, harden, load_checkpoint, save_checkpoint
 from tamperlab.training import CHECKPOINTS
@@ -33,14 +33,6 @@ setting, base, out, params = sys.argv[1:]
 forget, retain = ROWS[setting]
 harden(base, forget, retain, TARParams(**json.loads(params)), __import__("pathlib").Path(out))
 """
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
