@@ -165,7 +165,7 @@ def test_the_overlay_title_says_n_judge_and_new_tokens(tmp_path, kept):
 
 
 def visage_rows() -> pd.DataFrame:
-    # four subjects, three of them at nearly the same point: their labels must not overlap
+    # four subjects, three of them at nearly (or exactly) the same x: their names must not overlap
     subjects = {"none": (61.0, 1.35), "repnoise": (60.2, 1.35), "tar": (61.1, 1.35), "tar_knowledge": (38.3, 0.6)}
     return pd.DataFrame([{"subject": f"tiny/{d}", "model": "tiny", "defence": d, "attack": None, "kind": "1d",
                           "scan": "random_1d", "system_prompt": "none", "visage_official_1d": v, "basin_width": w,
@@ -173,30 +173,44 @@ def visage_rows() -> pd.DataFrame:
 
 
 def summary_rows() -> pd.DataFrame:
-    bounded = {"none": 0.0, "repnoise": 0.0385, "tar": 0.0, "tar_knowledge": 0.0308}
+    bounded = {"none": 0.0, "repnoise": 0.0385, "tar": 0.99, "tar_knowledge": 0.0308}
     rows = [{"model": "tiny", "defence": d, "attack": "lora", "worst_refusal_rate": 0.0,
              "bounded_worst_refusal_rate": b} for d, b in bounded.items()]
-    rows.append({"model": "tiny", "defence": "tar", "attack": "lora_mixed", "worst_refusal_rate": 0.5,
-                 "bounded_worst_refusal_rate": 0.6})
+    rows += [{"model": "tiny", "defence": d, "attack": "lora_mixed", "worst_refusal_rate": 0.0,
+              "bounded_worst_refusal_rate": 0.0} for d in bounded]
+    rows.append({"model": "tiny", "defence": "tar", "attack": "broke_all", "worst_refusal_rate": 0.0,
+                 "bounded_worst_refusal_rate": None})  # every cell broke the model: no bounded point
+    rows.append({"model": "tiny", "defence": "none", "attack": None, "worst_refusal_rate": 0.97,
+                 "bounded_worst_refusal_rate": 0.97})  # the unattacked row: not a point
     return pd.DataFrame(rows)
 
 
-def test_visage_is_plotted_against_the_bounded_worst_case_with_labels_apart(tmp_path, kept):
+def test_visage_is_plotted_against_each_attacks_bounded_worst_case_with_names_apart(tmp_path, kept):
     landscape.visage_refusal_figure(visage_rows(), "none", tmp_path / "v.png", summary_rows(),
                                     {"n": "130", "judge": "keyword", "new_tokens": "32"})
     figure = kept[0]
     first = figure.axes[0]
-    points = {tuple(p) for p in first.collections[0].get_offsets()}
-    assert points == {(61.0, 0.0), (60.2, 3.85), (61.1, 0.0), (38.3, 3.08)}  # the lowest over the attacks
+    by_attack = {c.get_label(): {tuple(p) for p in c.get_offsets()} for c in first.collections
+                 if c.get_label().startswith("attack ")}
+    # one point per attack: an attack that breaks every defence alike does not hide the one that tells them apart
+    assert by_attack == {"attack lora": {(61.0, 0.0), (60.2, 3.85), (61.1, 99.0), (38.3, 3.08)},
+                         "attack lora_mixed": {(61.0, 0.0), (60.2, 0.0), (61.1, 0.0), (38.3, 0.0)}}
     assert "utility-bounded" in first.get_ylabel()
     assert "n = 130 prompts, judge keyword, 32 new tokens" in figure._suptitle.get_text()
     assert_inside(figure)
     renderer = figure.canvas.get_renderer()
     for axes in figure.axes:
-        labels = [t for t in axes.texts if t.get_text().startswith("tiny/")]
-        assert len(labels) == 4
+        labels = [t for t in axes.texts if "tiny/" in t.get_text()]
+        named = sorted(name for t in labels for name in t.get_text().split("\n"))
+        assert named == ["tiny/none", "tiny/repnoise", "tiny/tar", "tiny/tar_knowledge"]  # each once
         boxes = [t.get_window_extent(renderer) for t in labels]
         assert not [(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:] if a.overlaps(b)]
+        # above every point: a name covers none
+        top = axes.transData.transform((0, 100))[1]
+        assert all(box.y0 > top for box in boxes)
+    # the basin widths 1.35 coincide: those three share one label
+    assert [t.get_text() for t in figure.axes[1].texts if "tiny/none" in t.get_text()] == [
+        "tiny/none\ntiny/repnoise\ntiny/tar"]
 
 
 def test_the_visage_figure_is_byte_identical_on_a_rerun(tmp_path):
@@ -205,10 +219,10 @@ def test_the_visage_figure_is_byte_identical_on_a_rerun(tmp_path):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
 
 
-def test_bounded_worst_takes_the_lowest_over_the_attacks():
-    worst = landscape.bounded_worst(summary_rows())
-    assert worst["tiny", "tar"] == (0.0, 0.0) and worst["tiny", "repnoise"] == (0.0385, 0.0)
-    assert landscape.bounded_worst(summary_rows(), ["lora_mixed"]) == {("tiny", "tar"): (0.6, 0.5)}
+def test_worst_by_attack_keeps_each_attack_and_drops_unbounded_ones():
+    worst = landscape.worst_by_attack(summary_rows())
+    assert worst["tiny", "tar", "lora"] == (0.99, 0.0) and worst["tiny", "repnoise", "lora_mixed"] == (0.0, 0.0)
+    assert ("tiny", "tar", "broke_all") not in worst and len(worst) == 8
 
 
 def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monkeypatch):

@@ -163,92 +163,99 @@ def overlay_figure(scans: Sequence[Mapping[str, Any]], scan: str, kind: str, pat
     return _save(figure, path)
 
 
-def bounded_worst(summary, attacks: Sequence[str] | None = None) -> dict[tuple[str, str], tuple[float, float]]:
-    """{(model, defence): (utility-bounded worst refusal rate, plain worst)} from refusal_summary's rows: the lowest
-    over the `attacks` (default: all) of each; a pair without a bounded cell is left out."""
-    found: dict[tuple[str, str], tuple[float, float]] = {}
-    rows = summary if attacks is None else summary[summary["attack"].isin(list(attacks))]
-    for (model, defence), group in rows.groupby(["model", "defence"], sort=True):
-        bounded = group["bounded_worst_refusal_rate"].dropna()
-        if len(bounded):
-            found[model, defence] = (float(bounded.min()), float(group["worst_refusal_rate"].min()))
-    return found
+def worst_by_attack(summary) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """{(model, defence, attack): (utility-bounded worst refusal rate, plain worst)} from refusal_summary's rows; a
+    triple without a bounded cell (every cell of that attack broke the model) is left out."""
+    found: dict[tuple[str, str, str], tuple[float, float]] = {}
+    for row in summary.dropna(subset=["attack", "bounded_worst_refusal_rate"]).itertuples(index=False):
+        found[row.model, row.defence, row.attack] = (float(row.bounded_worst_refusal_rate),
+                                                     float(row.worst_refusal_rate))
+    return dict(sorted(found.items()))
 
 
-def place_labels(axes, points: Sequence[tuple[float, float]], labels: Sequence[str]) -> list:
-    """Annotations beside each point that overlap neither each other nor the axes' edge: each takes the first of a
-    stagger of offsets (right, then left, ever further up or down) whose box is free. Call after the layout is
-    done (figure.canvas.draw()); the labels stay out of the layout, so it does not move them afterwards."""
+def name_columns(axes, xs: Sequence[float], names: Sequence[str]) -> list:
+    """Each subject's name once, at the top of its x (every point straight below is that subject under some attack).
+    Subjects whose labels would touch share one label, centred on them: no two labels overlap. Call after the
+    layout is done (figure.canvas.draw()); the labels stay out of the layout."""
     renderer = axes.figure.canvas.get_renderer()
-    inside = axes.get_window_extent(renderer)
-    shifts = [0, 9, -9, 18, -18, 27, -27, 36, -36, 45, -45]  # points up (+) or down (-)
-    candidates = [(dx, dy, align) for dy in shifts for dx, align in ((6, "left"), (-6, "right"))]
 
-    def annotate(k: int, dx: float, dy: float, align: str):
-        text = axes.annotate(labels[k], points[k], xytext=(dx, dy), textcoords="offset points", fontsize=7, ha=align,
-                             va="center", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "grey"} if dy else None)
+    def label(members: list[tuple[float, str]]):
+        x = sum(m[0] for m in members) / len(members)
+        text = axes.text(x, 0.985, "\n".join(dict.fromkeys(m[1] for m in members)), ha="center", va="top",
+                         fontsize=7, transform=axes.get_xaxis_transform(), linespacing=1.1,
+                         bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": "none", "alpha": 0.85})
         text.set_in_layout(False)
-        return text, text.get_window_extent(renderer)
+        return text, text.get_window_extent(renderer).expanded(1.04, 1.0)
 
-    placed, texts = [], []
-    for k in sorted(range(len(points)), key=lambda k: (points[k][1], points[k][0], labels[k])):
-        for candidate in candidates:
-            text, box = annotate(k, *candidate)
-            if _within(box, inside) and not any(box.overlaps(other) for other in placed):
-                break
+    placed: list[tuple[list[tuple[float, str]], Any, Any]] = []  # (members, text, box), left to right
+    for member in sorted(zip(xs, names, strict=True)):
+        members = [member]
+        text, box = label(members)
+        while placed and box.overlaps(placed[-1][2]):  # too close to the label on its left: merge into it
             text.remove()
-        else:  # nowhere free: the first place, overlapping
-            text, box = annotate(k, *candidates[0])
-        placed.append(box)
-        texts.append(text)
-    return texts
-
-
-def _within(box, outer) -> bool:
-    return box.x0 >= outer.x0 and box.x1 <= outer.x1 and box.y0 >= outer.y0 and box.y1 <= outer.y1
+            previous, old, _ = placed.pop()
+            old.remove()
+            members = previous + members
+            text, box = label(members)
+        placed.append((members, text, box))
+    for members, _, _ in placed:
+        for x in dict.fromkeys(m[0] for m in members):
+            axes.axvline(x, color="grey", lw=0.5, alpha=0.35, zorder=1)
+    return [text for _, text, _ in placed]
 
 
 def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary=None,
                           refusal_settings: Mapping[str, Any] | None = None) -> Path:
     """Does a safer neighbourhood predict durability? VISAGE (official 1D) and basin width of each unattacked
-    subject against its worst post-attack refusal rate under the utility bound (refusal_summary's
-    bounded_worst_refusal_rate: among cells that kept capability, so a model broken into nonsense does not count
-    as jailbroken; the lowest over the post-attack attacks), the plain worst case hollow beside it. Without a
-    summary: the plain worst case only."""
+    subject against its worst post-attack refusal rate under each attack (colour): the utility-bounded worst
+    (refusal_summary's bounded_worst_refusal_rate: among cells that kept capability, so a model broken into nonsense
+    does not count as jailbroken), the plain worst case hollow beside it. One point per attack, not the lowest over
+    them: an attack that breaks every defence alike would hide the ones that tell them apart. Without a summary:
+    the plain worst case over every post-attack cell, one point per subject."""
     frame = table[(table["kind"] == "1d") & table["attack"].isna()
-                  & (table["system_prompt"] == refusal_system_prompt)].copy()
+                  & (table["system_prompt"] == refusal_system_prompt)]
     if summary is not None:
-        worst = bounded_worst(summary)
-        pairs = list(zip(frame["model"], frame["defence"], strict=True))
-        frame["_y"] = [worst[p][0] if p in worst else np.nan for p in pairs]
-        frame["_plain"] = [worst[p][1] if p in worst else np.nan for p in pairs]
+        worst = worst_by_attack(summary)
+        points = [{**row, "_attack": attack, "_y": bounded, "_plain": plain}
+                  for row in frame.to_dict("records")
+                  for (model, defence, attack), (bounded, plain) in worst.items()
+                  if (model, defence) == (row["model"], row["defence"])]
         ylabel = "worst post-attack refusal (%), utility-bounded"
     else:
-        frame["_y"] = frame["_plain"] = frame["worst_post_attack_refusal_rate"]
+        points = [{**row, "_attack": "every attack", "_y": row["worst_post_attack_refusal_rate"],
+                   "_plain": row["worst_post_attack_refusal_rate"]} for row in frame.to_dict("records")]
         ylabel = "worst post-attack refusal (%), no utility bound"
-    frame = frame.dropna(subset=["_y"]).sort_values(["scan", "subject"], kind="stable")
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4.6), layout="constrained", sharey=True)
+    import pandas as pd
+
+    frame = pd.DataFrame(points, columns=[*frame.columns, "_attack", "_y", "_plain"]).dropna(subset=["_y"])
+    frame = frame.sort_values(["scan", "_attack", "subject"], kind="stable")
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained", sharey=True)
     scans = list(dict.fromkeys(frame["scan"]))
+    attacks = sorted(dict.fromkeys(frame["_attack"]))
     columns = (("visage_official_1d", "VISAGE, official 1D (higher = safer basin)"),
                ("basin_width", "basin width in α (ASR within tolerance of ASR(0))"))
     for axes, (column, label) in zip(panels, columns, strict=True):
         for k, scan in enumerate(scans):
-            part = frame[frame["scan"] == scan]
-            axes.scatter(part[column], 100 * part["_y"], marker="osD^v"[k % 5], s=40, color=f"C{k}",
-                         label=f"scan {scan}", zorder=3)
-            if summary is not None:
-                axes.scatter(part[column], 100 * part["_plain"], marker="osD^v"[k % 5], s=30, facecolors="none",
-                             edgecolors="grey", zorder=2, label="plain worst (no bound)" if k == 0 else None)
+            for a, attack in enumerate(attacks):
+                part = frame[(frame["scan"] == scan) & (frame["_attack"] == attack)]
+                axes.scatter(part[column], 100 * part["_y"], marker="osD^v"[k % 5], s=40, color=f"C{a}", zorder=3,
+                             label=f"attack {attack}" + (f", scan {scan}" if len(scans) > 1 else ""))
+                if summary is not None:  # labelled once, last in the legend
+                    last = (k, a) == (len(scans) - 1, len(attacks) - 1)
+                    axes.scatter(part[column], 100 * part["_plain"], marker="osD^v"[k % 5], s=30, zorder=2,
+                                 facecolors="none", edgecolors="grey",
+                                 label="plain worst (no bound)" if last else None)
         values = frame[column].dropna()
         low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-        pad = max(high - low, abs(high) * 0.1, 0.5) * 0.35  # room for the labels beside the outermost points
+        pad = max(high - low, abs(high) * 0.1, 0.5) * 0.25  # room for the names above the outermost subjects
         axes.set_xlim(low - pad, high + pad)
         axes.set_xlabel(label)
         axes.grid(alpha=0.3)
     if scans:  # below the panels, where it covers neither points nor labels
-        _legend_below(figure, panels[0], 4)
+        _legend_below(figure, panels[0], 5)
     panels[0].set_ylabel(ylabel)
-    panels[0].set_ylim(-8, 112)
+    panels[0].set_ylim(-8, 135)  # the subjects' names above 100 %
+    panels[0].set_yticks(range(0, 101, 20))
     if frame.empty:
         for axes in panels:
             axes.text(0.5, 0.5, "no unattacked subject with evaluated attack cells", ha="center",
@@ -257,11 +264,12 @@ def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary
     if refusal_settings:
         known = {k: refusal_settings.get(k, "?") for k in ("n", "judge", "new_tokens")}
         about = f"\nrefusal: n = {known['n']} prompts, judge {known['judge']}, {known['new_tokens']} new tokens"
-    figure.suptitle(f"VISAGE vs post-attack refusal (system prompt: {refusal_system_prompt}){about}", fontsize=10)
-    figure.canvas.draw()  # the layout first: the labels are placed in its final coordinates
+    figure.suptitle(f"VISAGE vs post-attack refusal, by attack (system prompt: {refusal_system_prompt}){about}",
+                    fontsize=10)
+    figure.canvas.draw()  # the layout first: the names are placed in its final coordinates
     for axes, (column, _) in zip(panels, columns, strict=True):
-        shown = frame.dropna(subset=[column])
-        place_labels(axes, list(zip(shown[column], 100 * shown["_y"], strict=True)), list(shown["subject"]))
+        shown = frame.dropna(subset=[column]).drop_duplicates("subject")
+        name_columns(axes, list(shown[column]), list(shown["subject"]))
     return _save(figure, path)
 
 
