@@ -1,3 +1,6 @@
+from tamperlab.hardening import tar_sharded
+
+
 rule harden:
     input:
         model="results/models/{model}/base",
@@ -18,9 +21,14 @@ rule harden:
     resources:
         **MODEL_RESOURCES,
     params:
-        launch=launcher,
+        # TAR on a model that trains sharded: torchrun and --fsdp (FSDP2), not ZeRO-3 (hardening/tar_sharded.py)
+        launch=lambda wildcards: (
+            tar_sharded.torchrun(config, wildcards.model, wildcards.defence) or launcher(wildcards)
+        ),
         harden=harden_args,
-        zero3=zero3_flags,
+        zero3=lambda wildcards: (
+            "--fsdp" if tar_sharded.torchrun(config, wildcards.model, wildcards.defence) else zero3_flags(wildcards)
+        ),
         anchor=lambda wildcards, input: f"--anchor {input.anchor}" if input.anchor else "",
     shell:
         "{params.launch} harden --model {input.model} --data {input.data} {params.harden}"

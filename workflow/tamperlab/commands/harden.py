@@ -15,9 +15,14 @@ def harden(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.provenance import Step
 
+    if args.fsdp and args.method != "tar":
+        raise UserError("--fsdp: only TAR shards with FSDP2 (RepNoise trains under --deepspeed)")
     if args.method == "repnoise":
         from tamperlab.hardening.repnoise import RepNoiseParams as Params
         from tamperlab.hardening.repnoise import harden as train
+    elif args.fsdp:  # TAR with each parameter sharded over the launch's processes (torchrun)
+        from tamperlab.hardening.tar import TARParams as Params
+        from tamperlab.hardening.tar_sharded import harden as train
     else:
         from tamperlab.hardening.tar import TARParams as Params
         from tamperlab.hardening.tar import harden as train
@@ -58,5 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(default: the model to harden, as it starts)")
     p.add_argument("--params", type=json_object, required=True, help="the method's hyperparameters (JSON object)")
     p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
+    p.add_argument("--fsdp", action="store_true", help="TAR: shard the model over the launch's processes with FSDP2 "
+                   "(start with torchrun; the batch size stays the global batch)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=harden)

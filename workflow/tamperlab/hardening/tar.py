@@ -40,6 +40,10 @@ the TR batch and the retain batch (the bio script uses 4 for the adversary, 8 el
 anchor is a setting of its own (`anchor_dir`; default the model `harden` starts from, copied before any Random
 Mapping): the code anchors to the original Instruct model (retain_model_name) while it starts the bio run from
 the Random-Mapped checkpoint, so either pass that Instruct model as the anchor or run Random Mapping here.
+
+Where the model lives is a setting of its own (`OneProcess`): here, one process holds every parameter; with
+tar_sharded.FSDP2 (`tamperlab harden --fsdp` under torchrun) each of several processes holds a shard of every
+parameter and optimizer state, and a share of every batch, and the same loop below runs unchanged.
 """
 
 from __future__ import annotations
@@ -369,6 +373,91 @@ def tr_weight(j: int, params: TARParams) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Where the model lives
+
+
+class OneProcess:
+    """One process holds the whole model: the loss terms above, θ copied whole, one checkpoint file, the model
+    saved as it is. The loop reaches the model only through these methods, so that tar_sharded.FSDP2 (several
+    processes, each holding a shard of every parameter and a share of every batch) can stand in for it."""
+
+    world = 1  # processes
+    writer = True  # whether this process writes the outputs
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint of this run must have been written under (besides the settings), and the record."""
+        return {}
+
+    def sft_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return sft_loss(model, batch)
+
+    def tr_loss(self, model: nn.Module, x_tr: dict[str, Any], params: TARParams) -> torch.Tensor:
+        return tamper_resistance_loss(model, x_tr, params)
+
+    def reference(self, frozen: nn.Module, x_tr: dict[str, dict]) -> dict[str, Any]:
+        return with_reference_logps(frozen, x_tr)
+
+    def retain_loss(self, model: nn.Module, anchor: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return retain_loss(model, anchor, batch)
+
+    def random_mapping_losses(self, model: nn.Module, retain: dict, forget: dict,
+                              vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(CE on the retain batch, random_mapping_loss on the forget batch's hidden states)."""
+        lm = model(**retain, use_cache=False).loss
+        hidden = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"],
+                       output_hidden_states=True, use_cache=False).hidden_states
+        return lm, random_mapping_loss(hidden, forget["input_ids"], forget["attention_mask"], vectors)
+
+    def value(self, loss: torch.Tensor) -> float:
+        """A loss as a number, for the log and the finiteness check."""
+        return loss.item()
+
+    def snapshot(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return snapshot(model)
+
+    def restore(self, model: nn.Module, theta: dict[str, torch.Tensor]) -> None:
+        restore(model, theta)
+
+    def prepare(self, model_dir: Path, device: str | None, anchor_dir: Path | None,
+                frozen: bool) -> tuple[nn.Module, Any, nn.Module | None, nn.Module | None]:
+        """(model in train mode, tokenizer, anchor or None, a frozen copy of the start model if `frozen`)."""
+        from tamperlab.models.registry import load_model
+
+        model, tokenizer = load_model(model_dir, device=device, dtype=None)
+        anchor = load_model(anchor_dir, device=device, dtype=None)[0] if anchor_dir is not None else None
+        copied = copy.deepcopy(model) if frozen else None
+        return model.train(), tokenizer, anchor, copied
+
+    def model_state(self, model: nn.Module) -> dict[str, Any]:
+        return model.state_dict()
+
+    def load_model_state(self, model: nn.Module, state: dict[str, Any]) -> None:
+        model.load_state_dict(state)
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return optimizer.state_dict()
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
+
+    def save_checkpoint(self, directory: Path, step: int, state: dict[str, Any]) -> None:
+        save_checkpoint(directory, step, state)
+
+    def load_checkpoint(self, directory: Path, run: str) -> dict[str, Any] | None:
+        return load_checkpoint(directory, run) if directory.is_dir() else None
+
+    def save_model(self, model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+    def barrier(self) -> None:
+        """Wait for the other processes (none here)."""
+
+
+ONE_PROCESS = OneProcess()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The adversary, the inner loop, the outer step
 
 
@@ -405,7 +494,8 @@ def _now() -> float:
 
 
 def adversary_inner_loop(model: nn.Module, adversary: Adversary, data: TARData, x_tr: dict[str, Any],
-                         params: TARParams, tr_grads: dict[str, torch.Tensor]) -> dict[str, Any]:
+                         params: TARParams, tr_grads: dict[str, torch.Tensor],
+                         where: OneProcess = ONE_PROCESS) -> dict[str, Any]:
     """K adversary SFT steps from the current weights; after every tr_every-th step, λ_TR·w_j/N·∇L_TR(θ′_j) is added
     into tr_grads (first order: nothing flows back through the trajectory). Leaves the model at θ′_K."""
     import torch
@@ -417,16 +507,16 @@ def adversary_inner_loop(model: nn.Module, adversary: Adversary, data: TARData, 
         t0 = _now()
         batch = next(data.adversary_retain if adversary.uses_retain(j) else data.forget)
         model.zero_grad(set_to_none=True)
-        loss = sft_loss(model, batch)
+        loss = where.sft_loss(model, batch)
         loss.backward()
         inner_optimizer.step()
-        stats["adversary_losses"].append(loss.item())
+        stats["adversary_losses"].append(where.value(loss))
         stats["inner_s"] += _now() - t0
 
         if (j + 1) % params.tr_every == 0:
             t0 = _now()
             model.zero_grad(set_to_none=True)
-            tr = tamper_resistance_loss(model, x_tr, params)
+            tr = where.tr_loss(model, x_tr, params)
             weighted = tr_weight(j, params) * tr
             if weighted.requires_grad:  # a gated-off L_TR is a detached zero: nothing to backpropagate
                 weighted.backward()
@@ -436,8 +526,8 @@ def adversary_inner_loop(model: nn.Module, adversary: Adversary, data: TARData, 
                     elif p.grad is not None:
                         tr_grads[n] = p.grad  # taken over: the model lets go of it just below
                 model.zero_grad(set_to_none=True)
-            stats["tr_losses"].append(tr.item())
-            stats["tr_weighted"].append(weighted.item())
+            stats["tr_losses"].append(where.value(tr))
+            stats["tr_weighted"].append(where.value(weighted))
             stats["tr_s"] += _now() - t0
     model.zero_grad(set_to_none=True)
     return stats
@@ -445,7 +535,7 @@ def adversary_inner_loop(model: nn.Module, adversary: Adversary, data: TARData, 
 
 def tar_outer_step(model: nn.Module, frozen: nn.Module | None, outer_optimizer: torch.optim.Optimizer,
                    adversaries: Sequence[Adversary], data: TARData, params: TARParams,
-                   anchor: nn.Module | None = None) -> dict[str, Any]:
+                   anchor: nn.Module | None = None, where: OneProcess = ONE_PROCESS) -> dict[str, Any]:
     """One TAR outer step (Algorithm 1): inner loops from θ for each adversary, then the retain gradient at θ plus
     the accumulated TR gradients, then one outer optimizer step. The step is skipped if a loss is non-finite.
     frozen is the start model (DPO's π_ref); anchor the retain loss's representation anchor (None: frozen).
@@ -455,7 +545,7 @@ def tar_outer_step(model: nn.Module, frozen: nn.Module | None, outer_optimizer: 
     TR gradients, outer step), step_s (all of it).
     """
     t_step = _now()
-    theta = snapshot(model)
+    theta = where.snapshot(model)
     tr_grads: dict[str, torch.Tensor] = {}
     stats: dict[str, Any] = {"inner_s": 0.0, "tr_s": 0.0, "restore_s": _now() - t_step, "tr_losses": [],
                              "tr_weighted": [], "adversary_losses": []}
@@ -463,26 +553,26 @@ def tar_outer_step(model: nn.Module, frozen: nn.Module | None, outer_optimizer: 
         t0 = _now()
         x_tr = next(data.heldout)  # one held-out batch per adversary, evaluated at every θ′_j
         if params.setting == "refusal":
-            x_tr = with_reference_logps(frozen, x_tr)
+            x_tr = where.reference(frozen, x_tr)
         stats["tr_s"] += _now() - t0
-        inner = adversary_inner_loop(model, adversary, data, x_tr, params, tr_grads)
+        inner = adversary_inner_loop(model, adversary, data, x_tr, params, tr_grads, where)
         for key in ("inner_s", "tr_s"):
             stats[key] += inner[key]
         for key in ("tr_losses", "tr_weighted", "adversary_losses"):
             stats[key] += inner[key]
         t0 = _now()
-        restore(model, theta)
+        where.restore(model, theta)
         stats["restore_s"] += _now() - t0
 
     t0 = _now()
     outer_optimizer.zero_grad(set_to_none=True)
     anchor = (anchor if anchor is not None else frozen) if params.retain_representations else None
-    loss = params.lambda_retain * retain_loss(model, anchor, next(data.retain))
+    loss = params.lambda_retain * where.retain_loss(model, anchor, next(data.retain))
     loss.backward()
     for n, p in model.named_parameters():
         if n in tr_grads:
             p.grad = tr_grads[n] if p.grad is None else p.grad.add_(tr_grads[n])
-    stats["retain_loss"] = loss.item()
+    stats["retain_loss"] = where.value(loss)
     stats["finite"] = math.isfinite(stats["retain_loss"]) and all(math.isfinite(x) for x in stats["tr_weighted"])
     if stats["finite"]:
         outer_optimizer.step()
@@ -497,7 +587,8 @@ def tar_outer_step(model: nn.Module, frozen: nn.Module | None, outer_optimizer: 
 
 
 def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], retain_batches: Iterator[dict],
-                             steps: int, lr: float, seed: int) -> list[dict[str, float]]:
+                             steps: int, lr: float, seed: int,
+                             where: OneProcess = ONE_PROCESS) -> list[dict[str, float]]:
     """Train the Random Mapping safeguard in place: each step, CE on a retain batch + random_mapping_loss on a forget
     batch (all hidden states, real tokens), AdamW at a constant lr. Returns the per-step losses."""
     import torch
@@ -509,14 +600,12 @@ def random_mapping_safeguard(model: nn.Module, forget_batches: Iterator[dict], r
     for step in range(steps):
         retain, forget = next(retain_batches), next(forget_batches)
         optimizer.zero_grad(set_to_none=True)
-        lm = model(**retain, use_cache=False).loss
-        hidden = model(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"],
-                       output_hidden_states=True, use_cache=False).hidden_states
-        rm = random_mapping_loss(hidden, forget["input_ids"], forget["attention_mask"], vectors)
+        lm, rm = where.random_mapping_losses(model, retain, forget, vectors)
         (lm + rm).backward()
         optimizer.step()
-        history.append({"step": step + 1, "retain_ce": lm.item(), "random_mapping": rm.item()})
-        progress.update(step + 1, f"retain_ce {lm.item():.4g}, random_mapping {rm.item():.4g}")
+        history.append({"step": step + 1, "retain_ce": where.value(lm), "random_mapping": where.value(rm)})
+        progress.update(step + 1, f"retain_ce {history[-1]['retain_ce']:.4g}, "
+                        f"random_mapping {history[-1]['random_mapping']:.4g}")
     optimizer.zero_grad(set_to_none=True)
     return history
 
@@ -545,9 +634,10 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> None:
+def save_checkpoint(directory: Path, step: int, state: dict[str, Any], prune: bool = True) -> None:
     """Write state as directory/step-<step>.pt, atomically: into a .tmp file, fsynced, then renamed, so a kill
-    mid-write leaves a .tmp that never counts as a checkpoint. Older checkpoints are removed once it is in place."""
+    mid-write leaves a .tmp that never counts as a checkpoint. Older checkpoints are removed once it is in place
+    (with `prune`; else by `prune_checkpoints`, once every process has written its own)."""
     import torch
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -557,9 +647,22 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if prune:
+        prune_checkpoints(directory, step)
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Remove every checkpoint in directory but step-<keep>.pt."""
     for old in directory.glob("step-*.pt"):
-        if old != path:
+        if old.name != f"step-{keep}.pt":
             old.unlink()
+
+
+def checkpoint_steps(directory: Path) -> list[Path]:
+    """The complete checkpoints in directory, oldest first; partial writes (.tmp) are removed."""
+    for tmp in directory.glob("step-*.pt.tmp"):
+        tmp.unlink()
+    return sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
 
 
 def load_checkpoint(directory: Path, run: str) -> dict[str, Any] | None:
@@ -567,9 +670,7 @@ def load_checkpoint(directory: Path, run: str) -> dict[str, Any] | None:
     Partial writes (.tmp) and checkpoints of another run (the config changed since) are removed."""
     import torch
 
-    for tmp in directory.glob("step-*.pt.tmp"):
-        tmp.unlink()
-    found = sorted(directory.glob("step-*.pt"), key=lambda p: int(p.stem.split("-")[1]))
+    found = checkpoint_steps(directory)
     if not found:
         return None
     state = torch.load(found[-1], map_location="cpu", weights_only=False)  # written by this job: RNG states, logs
@@ -582,7 +683,7 @@ def load_checkpoint(directory: Path, run: str) -> dict[str, Any] | None:
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
            out_dir: Path, device: str | None = None, deepspeed: Path | None = None,
-           anchor_dir: Path | None = None) -> dict[str, Any]:
+           anchor_dir: Path | None = None, where: OneProcess = ONE_PROCESS) -> dict[str, Any]:
     """Run TAR on the model in model_dir and save it (safetensors, with its tokenizer) into out_dir, beside
     tar_log.jsonl (per outer step: adversaries, losses, phase wall times).
 
@@ -595,14 +696,12 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     Every checkpoint_every outer steps the whole state (weights, optimizer, warmup, adversary sampler, data
     streams, global RNGs, logs) goes to out_dir/checkpoints; a rerun into the same out_dir continues from the
     latest one, bit for bit as if never stopped. Returns the training record (status, steps, final losses, mean
-    phase timings).
+    phase timings). `where`: one process (the default) or tar_sharded.FSDP2's shards (use tar_sharded.harden).
     """
     import torch
 
-    from tamperlab.models.registry import load_model
-
-    if deepspeed is not None:  # TAR's snapshot/restore loop needs whole parameters: see README (scale-out)
-        raise UserError("TAR does not run under DeepSpeed ZeRO here; run it unsharded (or see the README's plan)")
+    if deepspeed is not None:  # TAR's snapshot/restore loop holds its own copy of the parameters (of their shards)
+        raise UserError("TAR does not run under DeepSpeed ZeRO; shard it with --fsdp (FSDP2, launched by torchrun)")
     if params.setting not in SETTINGS:
         raise UserError(f"TAR: unknown setting {params.setting!r} (expected one of {', '.join(SETTINGS)})")
     if params.tr_every < 1 or params.inner_steps < params.tr_every:
@@ -612,31 +711,29 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     checkpoints = out_dir / CHECKPOINTS
     # What must match for a checkpoint to be continued (checkpoint_every does not change the result)
     run = json.dumps({"params": {**asdict(params), "adversary_lrs": list(params.adversary_lrs), "checkpoint_every":
-                                 None}, "model": str(model_dir), "anchor": str(anchor_dir)}, sort_keys=True)
-    resume = load_checkpoint(checkpoints, run) if checkpoints.is_dir() else None
+                                 None}, "model": str(model_dir), "anchor": str(anchor_dir), **where.describe()},
+                     sort_keys=True)
+    resume = where.load_checkpoint(checkpoints, run)
     torch.manual_seed(params.seed)
-    model, tokenizer = load_model(model_dir, device=device, dtype=None)
+    # The start model: DPO's π_ref, and the anchor unless one is given (a second 8B copy only where it is used).
+    needs_frozen = params.setting == "refusal" or (anchor_dir is None and params.retain_representations)
+    model, tokenizer, anchor, frozen = where.prepare(model_dir, device, anchor_dir, needs_frozen)
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"{model_dir}: TAR needs a pad token distinct from EOS")
-    model.train()
-    anchor = None
-    if anchor_dir is not None:
-        anchor, _ = load_model(anchor_dir, device=device, dtype=None)
+    if anchor is not None:
         anchor.eval().requires_grad_(False)
         shape = ("vocab_size", "hidden_size", "num_hidden_layers")
         if any(getattr(anchor.config, k) != getattr(model.config, k) for k in shape):
             raise UserError(f"TAR anchor {anchor_dir}: its {', '.join(shape)} differ from {model_dir}'s")
-    # The start model: DPO's π_ref, and the anchor unless one is given (a second 8B copy only where it is used).
-    frozen = None
-    if params.setting == "refusal" or (anchor is None and params.retain_representations):
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    if frozen is not None:
+        frozen.eval().requires_grad_(False)
     device_of = next(model.parameters()).device
     data = make_data(tokenizer, forget, retain, params, device_of)
 
     rm_log: list[dict[str, float]] = []
     if params.setting == "knowledge" and params.random_mapping_steps > 0 and resume is None:
         rm_log = random_mapping_safeguard(model, data.forget, data.adversary_retain, params.random_mapping_steps,
-                                          params.random_mapping_lr, params.seed)
+                                          params.random_mapping_lr, params.seed, where)
 
     outer_optimizer = torch.optim.AdamW(model.parameters(), lr=params.outer_lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(outer_optimizer,
@@ -644,8 +741,8 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     rng = random.Random(params.seed)
     history, diverged, first = [], None, 1
     if resume is not None:  # everything the next outer step reads, as it was after step resume["step"]
-        model.load_state_dict(resume["model"])
-        outer_optimizer.load_state_dict(resume["optimizer"])
+        where.load_model_state(model, resume["model"])
+        where.load_optimizer_state(outer_optimizer, resume["optimizer"])
         warmup.load_state_dict(resume["scheduler"])
         rng.setstate(resume["adversary_rng"])
         for name, stream_state in resume["streams"].items():
@@ -658,7 +755,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
     for step in range(first, params.outer_steps + 1):
         adversaries = [sample_adversary(rng, params) for _ in range(params.adversaries_per_step)]
         lr = outer_optimizer.param_groups[0]["lr"]
-        stats = tar_outer_step(model, frozen, outer_optimizer, adversaries, data, params, anchor)
+        stats = tar_outer_step(model, frozen, outer_optimizer, adversaries, data, params, anchor, where)
         if stats["finite"]:  # a skipped outer step does not advance the warmup
             warmup.step()
         tr = stats["tr_losses"]
@@ -677,20 +774,23 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
             diverged = step
             break
         if step % params.checkpoint_every == 0 and step < params.outer_steps:
-            save_checkpoint(checkpoints, step, {
-                "run": run, "step": step, "model": model.state_dict(), "optimizer": outer_optimizer.state_dict(),
+            where.save_checkpoint(checkpoints, step, {
+                "run": run, "step": step, "model": where.model_state(model),
+                "optimizer": where.optimizer_state(outer_optimizer),
                 "scheduler": warmup.state_dict(), "adversary_rng": rng.getstate(),
                 "streams": {f.name: getattr(data, f.name).state_dict() for f in fields(data)}, "rng": rng_states(),
                 "log": history, "random_mapping_log": rm_log})
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / TAR_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
+    if where.writer:
+        (out_dir / TAR_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
     if diverged is None:
-        model.save_pretrained(out_dir, safe_serialization=True)
-        tokenizer.save_pretrained(out_dir)
-    else:
+        where.save_model(model, tokenizer, out_dir)
+    elif where.writer:
         mark_diverged(out_dir, diverged)
-    shutil.rmtree(checkpoints, ignore_errors=True)  # the output is the model, not how it got there
+    where.barrier()  # no process reads a checkpoint any more
+    if where.writer:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # the output is the model, not how it got there
     phases = ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")
     return {
         "status": "diverged" if diverged is not None else "complete",
@@ -704,4 +804,5 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
         "rows": {"forget": len(forget), "retain": len(retain)},
         "anchor": str(anchor_dir) if anchor_dir is not None else None,
         "params": {**asdict(params), "adversary_lrs": list(params.adversary_lrs)},
+        **where.describe(),
     }
