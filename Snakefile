@@ -38,6 +38,25 @@ include: "workflow/rules/tables.smk"
 include: "workflow/rules/landscape.smk"
 
 
+# Jobs that need no compute node run where Snakemake runs, never through the cluster executor: the fetches, which
+# need the network (hub snapshots, hub data sets, lm-eval's task data; compute jobs run with the hub offline), and
+# the small steps that only read and write files.
+localrules:
+    prepare_data,
+    split_data,
+    prepare_mmlu,
+    fetch_tasks,
+    register_model,
+    register_unaligned_model,
+    register_defence,
+    register_judge,
+    tables,
+    landscape_gather,
+    landscape_gather_cell,
+    visage,
+    all,
+
+
 rule all:
     default_target: True
     input:

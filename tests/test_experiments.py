@@ -38,24 +38,27 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 # The jobs each paper needs, by rule (`snakemake -n`'s "Job stats"), counted over the overlay's own models,
 # defences, attacks and datasets. A job per attack run: one per (lr, rank) under a constant schedule (its steps
-# are snapshots of one run), one per cell under cosine.
+# are snapshots of one run), one per cell under cosine. Fetched once, by local rules: lm-eval's built-in tasks
+# (fetch_tasks) and a hub judge model (register_judge).
 EXPECTED_JOBS = {
     # 4 models (3 chat, the base generator) x 1 defence x (3 lr x 3 ranks) runs; the generator's answers to the attack
     # prompts; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
     "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 1, "attack": 27,
-                   "evaluate_run": 27, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1},
+                   "evaluate_run": 27, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1,
+                   "fetch_tasks": 1},
     # 1 model x 2 defences (none, trained; the release is commented until pinned) x (3 lr x 2 steps + 2 lr x 3
     # steps) cosine runs
     "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,
                             "attack": 24, "evaluate_run": 24, "evaluate_refusal": 2,
-                            "evaluate_capability": 2, "tables": 1, "all": 1},
+                            "evaluate_capability": 2, "tables": 1, "all": 1, "fetch_tasks": 1,
+                            "register_judge": 1},
     # 1 model x 3 defences (none, TAR refusal, TAR bio) x (3 full + 2 LoRA + 3 hazard) runs
     "tamirisa2024_tar": {"prepare_data": 4, "split_data": 1, "register_model": 1, "harden": 2, "attack": 24,
                          "evaluate_run": 24, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
-                         "all": 1},
+                         "all": 1, "fetch_tasks": 1, "register_judge": 1},
     # 4 models x 1 defence x 1 run (5/25/50 steps snapshotted)
     "peng2024_visage": {"prepare_data": 4, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
-                        "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1,
+                        "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1, "fetch_tasks": 1,
                         # 4 models x (3 1D shards + 21 2D rows + 1 interpolation + 21 interpolation x random rows)
                         "landscape_scan": 184, "landscape_gather": 16, "landscape_project": 4, "visage": 1},
 }
@@ -392,9 +395,12 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
     strong = {job["wildcards"]["run"] for job in own if job["wildcards"].get("attack") == "full_strong"}
     assert "lr3e-4_steps5000" in strong and len(strong) == 6
     evaluation = _one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250")
-    # the paper's DeBERTa classifier awaits a pinned revision (written out, commented); HarmBench's judges meanwhile
+    # the paper's DeBERTa classifier awaits a pinned revision (written out, commented); HarmBench's judges meanwhile,
+    # registered once (its snapshot in the hub cache) and read from there
     assert evaluation["--judge"] == ["harmbench"]
-    assert evaluation["--classifier-model"] == ["cais/HarmBench-Llama-2-13b-cls"]
+    assert evaluation["--classifier-model"] == ["results/judges/refusal"] and "--classifier-revision" not in evaluation
+    judge = _one(own, "register_judge")
+    assert judge["--id"] == ["cais/HarmBench-Llama-2-13b-cls"] and COMMIT.match(judge["--revision"][0])
     assert "#     model: domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier" in (
         EXPERIMENTS / "rosati2024_repnoise.yaml").read_text()
     assert evaluation["--max-new-tokens"] == ["50"]
@@ -464,6 +470,75 @@ def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
     assert len(bio) == 1 and flags(bio[0]["shell"])["--anchor"] == ["results/models/llama3-8b-instruct/base"]
     refusal = [job for job in own if job["rule"] == "harden" and job["wildcards"]["defence"] == "tar_refusal"]
     assert "--anchor" not in flags(refusal[0]["shell"])
+
+
+# --- inference larger than one GPU, hub models fetched once (issue 14.1, 14.2) ----------------------------------
+
+# Lermen's run with a landscape around its 70B and 13B chat models (the paper has none; VISAGE's overlay runs 7B
+# models only), and a shared hub cache: what a 70B scan and its projections would be given.
+LERMEN_LANDSCAPE = {
+    "hub_cache": "/shared/hub",
+    "landscape": {"subjects": ["llama2-70b-chat/none", "llama2-13b-chat/none"],
+                  "prompts": {"split": None, "dataset": "advbench", "limit": 80, "max_new_tokens": 64,
+                              "batch_size": 80},
+                  "scans": {"random_2d": {"kind": "2d", "n": 3, "extent": 0.5, "shards": 3, "subjects": None,
+                                          "project": ["lora/strongest"]}}},
+}
+
+
+@pytest.fixture(scope="module")
+def lermen_landscape(tmp_path_factory):
+    work = tmp_path_factory.mktemp("lermen_landscape")
+    extra = work / "landscape.yaml"
+    extra.write_text(yaml.safe_dump(LERMEN_LANDSCAPE))
+    command = [str(BIN / "snakemake"), "all", "-s", str(REPO / "Snakefile"), "-d", str(work / "work"), "-n", "-p",
+               "--configfile", str(EXPERIMENTS / "lermen2023.yaml"), str(extra), "--config", f"cache_dir={CACHE}"]
+    result = subprocess.run(command, capture_output=True, text=True, env=snakemake_env(), timeout=600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return result.stdout + result.stderr
+
+
+INFERENCE = ("evaluate_refusal", "evaluate_capability", "evaluate_run", "landscape_scan", "landscape_project")
+
+
+def test_lermen_70b_evaluation_and_landscape_jobs_load_across_their_eight_gpus(lermen_landscape):
+    """Every job that loads a model for inference asks for its size class's GPUs and loads the model across all of
+    them (--max-memory {"gpus": N}, the job's gpu resource); a model on one GPU is loaded as before."""
+    every = jobs(lermen_landscape)
+    by_size = {"llama2-70b-chat": ("8", {"gpus": 8}), "llama2-13b-chat": ("2", {"gpus": 2}),
+               "llama2-7b-chat": ("1", None), "llama2-7b": ("1", None)}
+    inference = [job for job in every if job["rule"] in (*INFERENCE, "generate_responses")]
+    seen = Counter((job["rule"], job["wildcards"]["model"]) for job in inference)
+    # 70B: 1 refusal + 1 capability + 9 runs + 3 scan shards + 1 projection
+    assert [seen[(rule, "llama2-70b-chat")] for rule in INFERENCE] == [1, 1, 9, 3, 1]
+    assert seen[("landscape_scan", "llama2-13b-chat")] == 3
+    for job in inference:
+        gpus, memory = by_size[job["wildcards"]["model"]]
+        assert job["resources"].get("gpu") == gpus, (job["rule"], job["wildcards"], job["resources"])
+        given = flags(job["shell"]).get("--max-memory")
+        assert (json.loads(given[0]) if given else None) == memory, (job["rule"], job["shell"])
+    for job in every:  # training is launched under ZeRO-3 instead, never given a placement
+        if job["rule"] in ("attack", "attack_grid", "harden", "align"):
+            assert "--max-memory" not in job["shell"]
+
+
+def test_hub_models_and_task_data_are_fetched_once_by_local_rules(lermen_landscape):
+    """register_model fetches each hub snapshot into the configured cache, fetch_tasks lm-eval's task data, both
+    local rules (the Snakefile's localrules: never submitted to a compute node); the evaluations wait for them."""
+    every = jobs(lermen_landscape)
+    registered = [flags(job["shell"]) for job in every if job["rule"] == "register_model"]
+    assert len(registered) == 4 and all(r["--hub-cache"] == ["/shared/hub"] for r in registered)
+    fetch = [job for job in every if job["rule"] == "fetch_tasks"]
+    assert len(fetch) == 1 and flags(fetch[0]["shell"])["--tasks"] == ["mmlu", "hellaswag"]
+    for job in every:
+        if job["rule"] in ("evaluate_capability", "evaluate_run"):
+            assert "results/data/lm_eval_tasks.json" in job["input"].split(", "), job["input"]
+    block = (REPO / "Snakefile").read_text().split("localrules:")[1].split("\n\n")[0]
+    local = {name.strip(" ,") for name in block.split("\n") if name.strip(" ,")}
+    assert {"register_model", "register_unaligned_model", "register_defence", "register_judge", "fetch_tasks",
+            "prepare_data"} <= local
+    assert not local & {*INFERENCE, "attack", "harden", "align", "build_organism", "generate_responses"}
+    assert "localrules directive specifies rules that are not present" not in lermen_landscape
 
 
 # --- per-prompt attack and defence data (issue 12.3) -------------------------------------------------------------

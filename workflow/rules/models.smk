@@ -22,6 +22,8 @@ rule build_organism:
         " --out {output} > {log} 2>&1"
 
 
+# a hub model's snapshot fetched once into the hub cache (a local rule: the Snakefile's localrules), or a local
+# model's files hashed; every other job loads it from there with the hub offline
 rule register_model:
     output:
         directory("results/models/{model}/base"),
@@ -35,6 +37,20 @@ rule register_model:
         model=lambda wildcards: register_args(wildcards.model),
     shell:
         "tamperlab register-model {params.model} --out {output} > {log} 2>&1"
+
+
+# the refusal judge's hub model (evaluation.refusal.classifier), registered like a model: fetched once
+rule register_judge:
+    output:
+        directory(JUDGE_DIR),
+    log:
+        "logs/register_judge.log",
+    conda:
+        "../../envs/tamperlab.yaml"
+    params:
+        judge=lambda wildcards: judge_register_args(),
+    shell:
+        "tamperlab register-model {params.judge} --out {output} > {log} 2>&1"
 
 
 # a model with an `align:` stage is registered as unaligned; rule align makes its base

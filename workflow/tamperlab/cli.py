@@ -3,11 +3,16 @@
 Each Snakemake rule runs exactly one of these, so `snakemake -n -p` shows the whole step and a reviewer can
 re-run it by hand. The subcommands live in tamperlab.commands, one module per rule file; this module only
 assembles them. User errors print one line and exit 2; every step writes a manifest (provenance.Step).
+
+Only the steps that fetch from the Hugging Face hub (ONLINE: local rules, on a machine that reaches it) go online;
+every other step runs with the hub offline (HF_HUB_OFFLINE=1, unless the environment sets it) and reads what
+those fetched from the cache: a compute job never downloads a model or a data set.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from tamperlab import logs
@@ -15,6 +20,7 @@ from tamperlab.commands import attack, compare, data, evaluate, harden, landscap
 from tamperlab.errors import UserError
 
 COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare, profile)
+ONLINE = ("register-model", "prepare-data", "fetch-tasks")  # hub snapshots, hub data sets, lm-eval's task data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = build_parser().parse_args(argv)
         command = f"tamperlab {args.command}"
+        if args.command not in ONLINE:  # before any hub library is imported: they read it once
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         status = args.func(args)
     except UserError as error:
         message = str(error)

@@ -9,6 +9,9 @@ subcommand's flags. Only the launch changes with size, never the code (DESIGN.md
     13b    2                          on;  off by config      accelerate launch ... -m tamperlab.cli ... --deepspeed C
     70b    8                          always                  accelerate launch ... -m tamperlab.cli ... --deepspeed C
 
+Inference (evaluations, responses, landscape scans) runs in one process at every size: on a job with several GPUs
+the model is loaded across them (`inference_max_memory`, models/placement.py), each layer on one GPU.
+
 Under ZeRO-3 the launcher is `accelerate launch` (its DeepSpeed launcher runs torch.distributed.run on one node) and
 the subcommand gets `--deepspeed CONFIG`, which the HF Trainer reads: it fills the config's "auto" values from its
 own arguments, shards the model at load (zero.Init) and trains; saves gather the shards into ordinary HF/PEFT
@@ -88,6 +91,14 @@ def zero3_arguments(size: str, zero3: bool | None, config_path: str | Path | Non
     if not uses_zero3(size, zero3):
         return ""
     return f"--deepspeed {shlex.quote(str(_required(config_path, size)))}"
+
+
+def inference_max_memory(gpus: int) -> dict[str, int] | None:
+    """--max-memory of a step that loads a model for inference (evaluation, responses, landscape) on a job holding
+    `gpus` GPUs: spread over all of them when there are several (models/placement.py reads it), else None (the
+    model on its one device). The job's `gpu` resource, so the model is loaded across exactly the GPUs that the
+    scheduler gives the job (a 70B model, ~140 GB in bf16, over a node's 8)."""
+    return {"gpus": gpus} if gpus > 1 else None
 
 
 def _required(config_path: str | Path | None, size: str) -> str | Path:

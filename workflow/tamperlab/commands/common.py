@@ -39,6 +39,13 @@ def json_list(text: str) -> list[Any]:
     return value
 
 
+def max_memory_argument(p: argparse.ArgumentParser) -> None:
+    """--max-memory: load the model across devices (tamperlab.models.placement); absent: on one device."""
+    p.add_argument("--max-memory", type=json_object, metavar="JSON",
+                   help='across devices within these budgets: {"gpus": N} (the job\'s N GPUs), or accelerate\'s '
+                        'max_memory ({"0": "40GiB", "cpu": "2GiB"}); absent: the model on one device')
+
+
 def judge_arguments(p: argparse.ArgumentParser) -> None:
     """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
     p.add_argument("--judge", required=True, choices=["keyword", "classifier", "harmbench", "llama_guard"])

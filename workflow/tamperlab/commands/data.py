@@ -1,12 +1,13 @@
 """Commands of workflow/rules/data.smk: prepare-data (fetch, verify and parse one data set), split-data,
-prepare-mmlu (a stratified subset of MMLU from a wheel) and generate-responses (a model's own answers)."""
+prepare-mmlu (a stratified subset of MMLU from a wheel), generate-responses (a model's own answers) and
+fetch-tasks (lm-eval's built-in tasks' data sets, cached once for the offline evaluation steps)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import json_object, params
+from tamperlab.commands.common import json_object, max_memory_argument, params
 from tamperlab.errors import UserError
 
 
@@ -79,10 +80,25 @@ def generate_responses(args: argparse.Namespace) -> None:
             raise UserError(f"generate-responses: split {args.split!r} has no {args.kind} prompts")
         with step.phase("generate"):
             answers = generate_answers(args.model, rows, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.batch_size)
+                                       batch_size=args.batch_size, max_memory=args.max_memory)
         step.results = {"rows": write_jsonl(step.path("responses"), answers),
                         "truncated": sum(a["truncated"] for a in answers),
                         "generated_tokens": sum(a["generated_tokens"] for a in answers)}
+
+
+def fetch_tasks(args: argparse.Namespace) -> None:
+    """The evaluations' lm-eval tasks built where the hub is reachable (a local rule): the evaluation steps, which
+    run offline, read the data sets from the cache this fills."""
+    import json
+
+    from tamperlab.evaluation.capability import fetch_tasks as fetch
+    from tamperlab.provenance import Step
+
+    with Step("fetch-tasks", params(args, "out"), inputs={}, outputs={"tasks": args.out}) as step:
+        with step.phase("fetch"):
+            found = fetch(args.tasks)
+        step.path("tasks").write_text(json.dumps(found, indent=2) + "\n")
+        step.results = {"tasks": len(found)}
 
 
 class _SourceAction(argparse.Action):
@@ -150,5 +166,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="the split's first LIMIT prompts of that kind")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--batch-size", type=int, required=True)
+    max_memory_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=generate_responses)
+
+    p = sub.add_parser("fetch-tasks", help="lm-eval's built-in tasks built once, online: their data sets cached")
+    p.add_argument("--tasks", nargs="+", action="extend", required=True, help="lm-eval task names")
+    p.add_argument("--out", type=Path, required=True, help="JSON: each (sub)task's data set and size")
+    p.set_defaults(func=fetch_tasks)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tamperlab.commands.common import judge_arguments, judge_from, params
+from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
 
 EVALUATION_ROWS = ("id", "prompt", "kind", "source")  # what a refusal evaluation reads of each row
@@ -20,22 +20,22 @@ def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _refusal(args: argparse.Namespace, step, judge, rows: list[dict], model_dir: Path, adapter: Path | None,
-             checkpoint: dict[str, Any]):
+             checkpoint: dict[str, Any], load=None):
     from tamperlab.evaluation.refusal import evaluate_checkpoint
 
     return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=args.judge, split=args.split,
                                system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, compliance_marker=args.compliance_marker,
-                               checkpoint=checkpoint, phase=step.phase)
+                               checkpoint=checkpoint, max_memory=args.max_memory, load=load, phase=step.phase)
 
 
 def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Path, adapter: Path | None,
-                batch_size: int, checkpoint: dict[str, Any]) -> dict[str, Any]:
+                batch_size: int, checkpoint: dict[str, Any], load=None) -> dict[str, Any]:
     from tamperlab.evaluation.capability import evaluate_checkpoint
 
     return evaluate_checkpoint(model_dir, adapter, rows, args.tasks, batch_size=batch_size, limit=args.limit,
                                seed=args.seed, checkpoint=checkpoint, task_data=dict(args.task_data),
-                               phase=step.phase)
+                               max_memory=args.max_memory, load=load, phase=step.phase)
 
 
 def _refusal_rows(args: argparse.Namespace) -> list[dict]:
@@ -97,8 +97,10 @@ def _cell_snapshots(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
 def evaluate_run(args: argparse.Namespace) -> None:
     """Refusal and capability of every snapshot of one attack run, in one process: the imports (torch,
-    transformers, peft, lm-eval: about 5 s) are paid once per run instead of twice per cell."""
+    transformers, peft, lm-eval: about 5 s) are paid once per run instead of twice per cell, and each snapshot
+    is loaded once for both."""
     from tamperlab.data.jsonl import read_jsonl, write_jsonl
+    from tamperlab.models.registry import loader
     from tamperlab.provenance import Step
 
     cells = _cell_snapshots(args)
@@ -115,11 +117,13 @@ def evaluate_run(args: argparse.Namespace) -> None:
                           "path": str(model_dir), "adapter": str(adapter) if adapter else None}
             out = step.path("evaluations") / snapshot.relative_to(args.run)
             out.mkdir(parents=True)
-            summary, records = _refusal(args, step, judge, rows, model_dir, adapter, checkpoint)
+            load = loader(model_dir, adapter, args.max_memory)  # loaded by the first evaluation, kept for both
+            summary, records = _refusal(args, step, judge, rows, model_dir, adapter, checkpoint, load)
             (out / "refusal.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_jsonl(out / "refusal.jsonl", records)
             capability = _capability(args, step, capability_rows, model_dir, adapter, args.capability_batch_size,
-                                     checkpoint)
+                                     checkpoint, load)
+            del load  # the snapshot's model, before the next one is loaded
             (out / "capability.json").write_text(json.dumps(capability, indent=2) + "\n")
             step.results[cell] = {"status": summary["status"], "refusal_rate": summary["refusal_rate"],
                                   "capability": capability["metrics"]}
@@ -135,6 +139,7 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cell")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
     p.add_argument("--split", required=True)
+    max_memory_argument(p)
 
 
 def _refusal_arguments(p: argparse.ArgumentParser) -> None:
@@ -187,6 +192,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", required=True)
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
     p.add_argument("--split", required=True, help="refusal evaluation split")
+    max_memory_argument(p)
     _refusal_arguments(p)
     _task_arguments(p)
     p.add_argument("--capability-split", required=True)

@@ -13,7 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tamperlab.commands.common import judge_arguments, judge_from, params
+from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
 from tamperlab.landscape.spec import GRID_KEYS, INTERPOLATION, KINDS, TWO_DIRECTIONS
 
@@ -93,7 +93,8 @@ def scan(args: argparse.Namespace) -> None:
                                            args.compliance_marker)
         table, device = scan_subject(args.model, args.adapter, args.kind, args.seed, points, evaluate_point,
                                      target_dir=args.target_model, target_adapter=args.target_adapter,
-                                     anchor_every=args.anchor_every, phase=step.phase)
+                                     anchor_every=args.anchor_every, max_memory=args.max_memory,
+                                     phase=step.phase)
         write_scan_csv(step.path("scan"), table, subject=args.subject, scan=args.scan, kind=args.kind,
                        target=args.target)
         step.results = {**device, "points": len(points), "rows": len(table), "prompts": len(rows), **timings(table)}
@@ -116,7 +117,7 @@ def project(args: argparse.Namespace) -> None:
         inputs |= {f"cell{k}_adapter": adapter} if adapter else {}
     with Step("landscape-project", params(args, "out"), inputs=inputs, outputs={"projections": args.out}) as step:
         found = project_cells(args.model, args.adapter, args.kind, args.seed, cells, target_dir=args.target_model,
-                              target_adapter=args.target_adapter, phase=step.phase)
+                              target_adapter=args.target_adapter, max_memory=args.max_memory, phase=step.phase)
         result = {"subject": args.subject, "scan": args.scan, "kind": args.kind, **found}
         step.path("projections").write_text(json.dumps(result, indent=2) + "\n")
         step.results = {"device_type": found["device_type"], "dtype": found["dtype"],
@@ -199,6 +200,7 @@ def _subject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="interpolation: the fine-tuned end's name (attack/cell), for the tables")
     p.add_argument("--target-model", type=Path, help="interpolation: the fine-tuned end (θ_target)")
     p.add_argument("--target-adapter", type=Path, help="interpolation: its LoRA adapter (merged)")
+    max_memory_argument(p)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -1,5 +1,6 @@
-"""Commands of workflow/rules/models.smk: build-organism (train the model organism), register-model, import-model
-(a model shipped in a PyPI wheel) and align (safety tuning)."""
+"""Commands of workflow/rules/models.smk: build-organism (train the model organism), register-model (a hub model,
+fetched once into the hub cache, or a local one), import-model (a model shipped in a PyPI wheel) and align (safety
+tuning)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,18 @@ def build_organism(args: argparse.Namespace) -> None:
 
 
 def register_model(args: argparse.Namespace) -> None:
-    from tamperlab.models.registry import POINTER, make_pointer
+    """A pointer to a hub model (its snapshot fetched into the hub cache now, once) or to a local model (hashed)."""
+    from tamperlab.models.registry import POINTER, hub_snapshot, make_pointer
     from tamperlab.provenance import Step, write_json_atomic
 
     with Step("register-model", params(args, "out"), inputs={}, outputs={"model": args.out},
               outputs_are_dirs=("model",)) as step:
         pointer = make_pointer(args.source, args.id, args.revision, args.path, args.chat_template,
-                               args.trust_remote_code)
+                               args.trust_remote_code, hub_cache=args.hub_cache)
+        if args.source == "hf":
+            with step.phase("fetch"):
+                snapshot = hub_snapshot(pointer, local_files_only=False, where=str(args.out))
+            step.results = {"snapshot": str(snapshot), "files": sorted(p.name for p in snapshot.iterdir())}
         write_json_atomic(step.path("model") / POINTER, pointer)
 
 
@@ -93,6 +99,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--path")
     p.add_argument("--chat-template")
     p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--hub-cache", type=Path, help="hub models: the shared cache their snapshot is fetched into "
+                                                   "(huggingface_hub's layout; default: its own, HF_HUB_CACHE)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=register_model)
 

@@ -34,12 +34,13 @@ def select(rows: list[dict[str, Any]], kind: str, limit: int | None) -> list[dic
 
 
 def generate_answers(model_dir: Path, rows: list[dict[str, Any]], *, max_new_tokens: int,
-                     batch_size: int) -> list[dict[str, Any]]:
-    """Greedy answers (no system prompt: the model's own default) to each row's prompt."""
+                     batch_size: int, max_memory: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Greedy answers (no system prompt: the model's own default) to each row's prompt; the model on one device,
+    or across those max_memory names (models/placement.py)."""
     from tamperlab.evaluation.generation import generate
     from tamperlab.models.registry import load_model
 
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, max_memory=max_memory)
     generation = generate(model, tokenizer, [r["prompt"] for r in rows], None, max_new_tokens, batch_size)
     return [{"id": r["id"], "prompt": r["prompt"], "kind": r["kind"], "source": r["source"], "response": text,
              "generated_tokens": n, "truncated": n >= max_new_tokens}

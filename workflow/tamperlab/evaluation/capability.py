@@ -6,6 +6,10 @@ tasks whose YAML ships in lm_eval_tasks/ (tasks are data, the harness is code): 
 alone.
 Their data are written for each evaluation from the evaluation split, each question rendered through the
 model's own chat template.
+
+lm-eval scores the model the step has loaded (wrapped in its HFLM): it is not loaded a second time, and a model
+loaded across several GPUs (models/placement.py) is scored as it is. Built-in tasks read their data sets from
+the hub's cache, which the fetch-tasks step fills beforehand (`fetch_tasks`): the step itself runs offline.
 """
 
 from __future__ import annotations
@@ -93,30 +97,32 @@ def write_local_tasks(rows: list[dict[str, Any]], tokenizer, seed: int, director
     return names
 
 
-def model_args(pretrained: str, kwargs: dict[str, Any], adapter: Path | None, dtype: str) -> str:
-    """lm-eval's model_args string for the HF backend; an adapter goes through its `peft=` argument."""
-    parts = [f"pretrained={pretrained}", f"dtype={dtype}"]
-    if kwargs.get("revision"):
-        parts.append(f"revision={kwargs['revision']}")
-    if kwargs.get("trust_remote_code"):
-        parts.append("trust_remote_code=True")
-    if adapter is not None:
-        parts.append(f"peft={adapter}")
-    return ",".join(parts)
+def language_model(model, tokenizer, batch_size: int):
+    """lm-eval's HFLM around an already loaded model (and its tokenizer): lm-eval runs it where it is, inputs on
+    the device its first layer runs on."""
+    from lm_eval.models.huggingface import HFLM
+
+    from tamperlab.models.placement import input_device
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm._device = input_device(model)  # HFLM takes the first weight's device, `meta` where that one is offloaded
+    return lm
 
 
-def run_lm_eval(args: str, tasks: list[str], include_path: Path | None, batch_size: int, device: str,
+def run_lm_eval(model, tasks: list[str], include_path: Path | None, batch_size: int, device: str | None,
                 seed: int, limit: int | None = None,
                 builtin_tasks: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
     """({task: {metric: value}}, MMLU's accuracy by subject or None) from one lm-eval call over all tasks; the
-    accuracy by subject comes from lm-eval's per-document records. Indexing lm-eval's built-in tasks costs about
-    4.5 s a call here, so it is skipped when every task is a local one."""
+    accuracy by subject comes from lm-eval's per-document records. `model` is an lm-eval LM (`language_model`),
+    or a model_args string that lm-eval's HF backend loads itself on `device`. Indexing lm-eval's built-in tasks
+    costs about 4.5 s a call here, so it is skipped when every task is a local one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     manager = TaskManager(include_path=str(include_path) if include_path else None, include_defaults=builtin_tasks)
+    how = {"model": "hf", "model_args": model, "device": device} if isinstance(model, str) else {"model": model}
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=args, tasks=tasks, task_manager=manager, batch_size=batch_size, device=device,
+        **how, tasks=tasks, task_manager=manager, batch_size=batch_size,
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
         log_samples="tamperlab_mmlu" in tasks,
     )
@@ -141,33 +147,57 @@ def by_subject(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[str, Any]], tasks: list[str], *,
                         batch_size: int, limit: int | None, seed: int, checkpoint: dict[str, Any],
-                        task_data: dict[str, Path] | None = None,
+                        task_data: dict[str, Path] | None = None, max_memory: dict[str, Any] | None = None,
+                        load: Callable[[], tuple[Any, Any]] | None = None,
                         phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
                         ) -> dict[str, Any]:
     """lm-eval's scores of one checkpoint, one simple_evaluate call for all its tasks (the local tasks' data
-    written from `rows` into a temporary include directory). `phase(name)` times the lm-eval call."""
+    written from `rows` into a temporary include directory). The model comes from `load` (registry.loader: one
+    load shared with the refusal evaluation of the same checkpoint), else is loaded here (within max_memory).
+    `phase(name)` times the load and the lm-eval call."""
     import tempfile
 
-    import torch
-
-    from tamperlab.models.registry import load_tokenizer, resolve
+    from tamperlab.models.registry import loader
     from tamperlab.training import diverged
 
     result: dict[str, Any] = {"checkpoint": checkpoint, "tasks": tasks, "limit": limit}
     if diverged(adapter or model_dir):
         return {**result, "status": "diverged", "metrics": None}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    pretrained, kwargs, _ = resolve(model_dir)
+    with phase("load"):
+        model, tokenizer = (load or loader(model_dir, adapter, max_memory))()
     with tempfile.TemporaryDirectory(prefix="tamperlab-tasks-") as include:
         local = tuple(t for t in tasks if t in LOCAL_TASKS)  # tasks whose YAML and data tamperlab writes
-        names = (write_local_tasks(rows, load_tokenizer(model_dir), seed, Path(include), local, task_data)
-                 if local else [])
+        names = write_local_tasks(rows, tokenizer, seed, Path(include), local, task_data) if local else []
         names += [t for t in tasks if t not in LOCAL_TASKS]
         with phase("lm_eval"):
-            dtype = "bfloat16" if device == "cuda" else "float32"
-            metrics, subjects = run_lm_eval(model_args(pretrained, kwargs, adapter, dtype), names, Path(include),
-                                            batch_size, device, seed, limit,
+            metrics, subjects = run_lm_eval(language_model(model, tokenizer, batch_size), names, Path(include),
+                                            batch_size, None, seed, limit,
                                             builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
     # by subject kept apart from the metrics: the tables take one column per metric
     return {**result, "status": "complete", "metrics": metrics,
             **({"mmlu_by_subject": subjects} if subjects else {})}
+
+
+def fetch_tasks(tasks: list[str]) -> dict[str, Any]:
+    """Build lm-eval's built-in tasks once, online: their data sets land in the hub's cache (HF_HOME), where the
+    evaluation steps, offline, find them. {task: {dataset_path, dataset_name, documents}} of every (sub)task."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    local = [t for t in tasks if t in LOCAL_TASKS]
+    if local:
+        raise UserError(f"fetch-tasks: {', '.join(local)} are tamperlab's local tasks, not lm-eval's")
+    found: dict[str, Any] = {}
+
+    def visit(entries) -> None:
+        for key, task in entries.items():
+            if isinstance(task, dict):  # a group: its subtasks
+                visit(task)
+                continue
+            config = task.config
+            docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+            found[str(getattr(key, "group_name", key))] = {
+                "dataset_path": config.dataset_path, "dataset_name": config.dataset_name,
+                "documents": len(docs) if docs is not None else None}
+
+    visit(get_task_dict(tasks, TaskManager()))
+    return dict(sorted(found.items()))

@@ -8,9 +8,10 @@ Two speed-ups; without them (the defaults on CPU) generate is called exactly as 
   ends when every row has stopped, produced EOS or reached max_new_tokens. Verdicts are those of full-length
   generation: a stopped row's response is the decoded text in which the substring was seen, made of the first
   tokens of its full-length response (so, shorter); rows that never stop are generated as before, token for token.
-- Static KV cache (`static_cache`, default: on CUDA only): `cache_implementation="static"`, under which transformers
-  compiles the decoding step. One cache size and one batch size serve all batches (the last batch is filled up
-  with copies of its first prompt) so that the step compiles once per call, not once per batch.
+- Static KV cache (`static_cache`, default: on CUDA only, for a model on one device):
+  `cache_implementation="static"`, under which transformers compiles the decoding step. One cache size and one
+  batch size serve all batches (the last batch is filled up with copies of its first prompt) so that the step
+  compiles once per call, not once per batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 
 from tamperlab.chat import prompt_text
 from tamperlab.logs import Progress
+from tamperlab.models.placement import input_device, is_split
 
 log = logging.getLogger(__name__)
 
@@ -177,14 +179,16 @@ def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None
     little padding; a batch ends as soon as every row in it has ended (EOS, or a stop substring).
 
     stop_substrings: early stop (see the module docstring); None generates every response in full.
-    static_cache: None uses it on CUDA only (where transformers also compiles the decoding step).
+    static_cache: None uses it on CUDA only (where transformers also compiles the decoding step), for a model on
+    one device.
     """
     texts = [prompt_text(tokenizer, p, system_prompt) for p in prompts]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     tokenizer.padding_side = "left"
-    device = next(model.parameters()).device
-    static = device.type == "cuda" if static_cache is None else static_cache
+    device = input_device(model)  # a model split across devices takes its inputs where its first layer runs
+    # not under accelerate's hooks (a split model): compiling the decoding step through them is untested
+    static = device.type == "cuda" and not is_split(model) if static_cache is None else static_cache
     # One cache length for every batch: a static cache of a new size would recompile the decoding step.
     max_cache_len = max(lengths, default=0) + max_new_tokens if static else None
     responses: list[str] = [""] * len(texts)

@@ -21,6 +21,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tamperlab.errors import UserError
 
@@ -86,9 +87,9 @@ class ClassifierJudge:
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        revision = pinned_revision(model, revision)
-        self.tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model, revision=revision,
+        source, kwargs = judge_source(model, revision)
+        self.tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        self.model = AutoModelForSequenceClassification.from_pretrained(source, **kwargs,
                                                                         use_safetensors=True).eval()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)
@@ -113,6 +114,18 @@ class ClassifierJudge:
         return verdicts
 
 
+
+
+def judge_source(model: str, revision: str | None) -> tuple[str, dict[str, Any]]:
+    """(what from_pretrained loads, its kwargs) for a judge model: a directory (a saved model, or one registered by
+    register-model: a hub snapshot from the hub cache, without the hub) as any model is loaded; a hub id at its
+    pinned revision (hand runs; the workflow registers its judge once, rule register_judge)."""
+    if Path(model).is_dir():
+        from tamperlab.models.registry import resolve
+
+        name, kwargs, _ = resolve(Path(model))
+        return name, kwargs
+    return model, {"revision": pinned_revision(model, revision)}
 
 
 def pinned_revision(model: str, revision: str | None) -> str | None:
@@ -172,10 +185,10 @@ class GenerativeJudge:
 
         from tamperlab.models.registry import default_dtype, with_pad_token
 
-        revision = pinned_revision(model, revision)
-        self.tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model, revision=revision), Path(model))
+        source, kwargs = judge_source(model, revision)
+        self.tokenizer = with_pad_token(AutoTokenizer.from_pretrained(source, **kwargs), Path(model))
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model, revision=revision, use_safetensors=True,
+        self.model = AutoModelForCausalLM.from_pretrained(source, **kwargs, use_safetensors=True,
                                                           dtype=default_dtype()).eval()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device)

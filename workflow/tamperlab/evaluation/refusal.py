@@ -135,18 +135,21 @@ def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_pro
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[dict[str, Any]], judge, *,
                         judge_name: str, split: str, system_prompt: str | None, max_new_tokens: int,
                         batch_size: int, compliance_marker: str | None, checkpoint: dict[str, Any],
+                        max_memory: dict[str, Any] | None = None, load: Callable[[], tuple[Any, Any]] | None = None,
                         phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
                         ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-prompt records) of one checkpoint (a model, plus a LoRA adapter applied at load time);
-    a diverged one has nothing to generate with. `phase(name)` times the load and the generation."""
-    from tamperlab.models.registry import load_model
+    a diverged one has nothing to generate with. The model comes from `load` (registry.loader, shared with the
+    checkpoint's lm-eval evaluation), else is loaded here (within max_memory). `phase(name)` times the load and
+    the generation."""
+    from tamperlab.models.registry import loader
     from tamperlab.training import diverged
 
     status, summary, records = "diverged", {"refusal_rate": None, "n": 0, "benign": None}, []
     if not diverged(adapter or model_dir):
         status = "complete"
         with phase("load"):
-            model, tokenizer = load_model(model_dir, adapter)
+            model, tokenizer = (load or loader(model_dir, adapter, max_memory))()
         with phase("generate_and_judge"):
             summary, records = evaluate(model, tokenizer, rows, judge, system_prompt, max_new_tokens, batch_size,
                                         compliance_marker)

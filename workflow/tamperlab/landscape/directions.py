@@ -194,8 +194,8 @@ class Perturbation:
         """Back to θ0, bitwise."""
         for name, param in self.params:
             param.copy_(self.snapshot[name], non_blocking=True)
-        if any(param.is_cuda for _, param in self.params):
-            torch.cuda.synchronize()  # the pinned copies are asynchronous
+        for device in {param.device for _, param in self.params if param.is_cuda}:
+            torch.cuda.synchronize(device)  # the pinned copies are asynchronous, on every GPU the model is spread over
         self.coefficients = (0.0,) * len(self.directions)
 
     def _add(self, deltas: Sequence[float]) -> None:

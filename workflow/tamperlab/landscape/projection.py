@@ -68,17 +68,18 @@ def projection(direction_pair: Sequence[Direction], model: nn.Module, other: nn.
 
 def project_cells(model_dir: Path, adapter: Path | None, kind: str, seed: int,
                   cells: Sequence[tuple[str, Path, Path | None]], *, target_dir: Path | None = None,
-                  target_adapter: Path | None = None,
+                  target_adapter: Path | None = None, max_memory: dict[str, Any] | None = None,
                   phase: Phase = lambda name: nullcontext()) -> dict[str, Any]:
-    """{cells: {name: projection}, device_type, dtype}: each (name, model directory, adapter) checkpoint in the
-    plane of the subject's `kind` of directions. `phase(name)` times the load and the projections."""
+    """{cells: {name: projection}, device_type, dtype, devices}: each (name, model directory, adapter) checkpoint
+    in the plane of the subject's `kind` of directions (every model within max_memory, placement.py).
+    `phase(name)` times the load and the projections."""
     with phase("load"):
-        model, _ = load_subject(model_dir, adapter)
-        directions = build_directions(kind, model, seed, target_dir, target_adapter)
+        model, _ = load_subject(model_dir, adapter, max_memory)
+        directions = build_directions(kind, model, seed, target_dir, target_adapter, max_memory)
     found: dict[str, Any] = {}
     with phase("project"):
         for name, other_dir, other_adapter in cells:
-            other, _ = load_subject(other_dir, other_adapter)
+            other, _ = load_subject(other_dir, other_adapter, max_memory)
             found[name] = projection(directions, model, other)
             del other
     return {"cells": found, **device_of(model)}

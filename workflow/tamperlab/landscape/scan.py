@@ -112,9 +112,10 @@ def asr_from_refusal_rate(refusal_rate: float) -> float:
 
 
 def _synchronise(model: nn.Module) -> None:
-    # CUDA kernels are asynchronous: without this the perturbation's time would land in the evaluation's.
-    if any(p.is_cuda for p in model.parameters()):
-        torch.cuda.synchronize()
+    # CUDA kernels are asynchronous: without this the perturbation's time would land in the evaluation's. Every
+    # GPU the model is spread over (placement.py), not only the current one.
+    for device in {p.device for p in model.parameters() if p.is_cuda}:
+        torch.cuda.synchronize(device)
 
 
 def _row(point: Point, result: Mapping[str, Any], perturb_s: float, eval_s: float) -> dict[str, Any]:
@@ -237,27 +238,36 @@ def harmful_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
     return rows[:limit]
 
 
-def load_subject(model_dir: Path, adapter: Path | None):
-    """(model, tokenizer) with the adapter merged into the weights: the landscape core refuses unmerged LoRA."""
+def load_subject(model_dir: Path, adapter: Path | None, max_memory: dict[str, Any] | None = None):
+    """(model, tokenizer) with the adapter merged into the weights: the landscape core refuses unmerged LoRA.
+    With max_memory, across the devices it names (placement.py): every weight must be on a device, where it is
+    moved in place; an offloaded one (host or disk, behind accelerate's hooks) cannot be."""
+    from tamperlab.models.placement import offloaded
     from tamperlab.models.registry import load_model
     from tamperlab.training import diverged
 
     if diverged(adapter or model_dir):
         raise UserError(f"{adapter or model_dir}: the attack diverged there (non-finite loss); no weights to scan")
-    model, tokenizer = load_model(model_dir, adapter)
+    model, tokenizer = load_model(model_dir, adapter, max_memory=max_memory)
     if adapter is not None:
         model = model.merge_and_unload().eval()
+    away = offloaded(model)
+    if away:
+        raise UserError(f"{model_dir}: {len(away)} weight tensors (first: {away[0]}) do not fit --max-memory "
+                        f"{max_memory} and are offloaded; a scan moves every weight in place on its device: give "
+                        f"the job more GPUs or GPU memory")
     return model, tokenizer
 
 
 def build_directions(kind: str, model: nn.Module, seed: int, target_dir: Path | None = None,
-                     target_adapter: Path | None = None) -> list[Direction]:
+                     target_adapter: Path | None = None, max_memory: dict[str, Any] | None = None
+                     ) -> list[Direction]:
     """The scan's directions: 1d d1; 2d (d1, d2); interpolation θ_target − θ; interpolation_2d (θ_target − θ, d2).
     d1 and d2 are the random directions of index 0 and 1, so the 2D scan's α axis is the 1D scan's direction."""
     if kind in INTERPOLATION:
         if target_dir is None:
             raise UserError(f"a {kind} scan needs --target-model (the fine-tuned end of the path)")
-        target, _ = load_subject(target_dir, target_adapter)
+        target, _ = load_subject(target_dir, target_adapter, max_memory)
         try:
             first = InterpolationDirection(model, target)
         except (KeyError, ValueError) as error:
@@ -272,10 +282,16 @@ def build_directions(kind: str, model: nn.Module, seed: int, target_dir: Path | 
     return [first]
 
 
-def device_of(model: nn.Module) -> dict[str, str]:
-    """{device_type, dtype} of a model's weights: what its random directions were drawn on."""
-    param = next(model.parameters())
-    return {"device_type": param.device.type, "dtype": str(param.dtype).removeprefix("torch.")}
+def device_of(model: nn.Module) -> dict[str, Any]:
+    """{device_type, dtype, devices} of a model's weights: what its random directions were drawn on. Each tensor's
+    direction is drawn on its own device, so a model spread over several GPUs (devices > 1) draws the same
+    directions as on one: one generator algorithm per device type (gathering compares device_type and dtype)."""
+    devices = {p.device for p in model.parameters()}
+    kinds = {d.type for d in devices}
+    if len(kinds) > 1:
+        raise UserError(f"the weights are on {sorted(kinds)}: a scan draws its directions on one device type")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return {"device_type": kinds.pop(), "dtype": dtype, "devices": len(devices)}
 
 
 # --- one shard ---------------------------------------------------------------------------------------------------
@@ -284,12 +300,13 @@ def device_of(model: nn.Module) -> dict[str, str]:
 def scan_subject(model_dir: Path, adapter: Path | None, kind: str, seed: int, points: Sequence[Point],
                  evaluate_point: EvaluatePoint, *, target_dir: Path | None = None,
                  target_adapter: Path | None = None, anchor_every: int | Literal["auto"] | None = "auto",
-                 phase: Phase = lambda name: nullcontext()) -> tuple[list[dict[str, Any]], dict[str, str]]:
+                 max_memory: dict[str, Any] | None = None,
+                 phase: Phase = lambda name: nullcontext()) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(rows, device_of the subject) of a subject's walk over `points` (run_scan) along its `kind` of directions.
     `phase(name)` times the load and the scan."""
     with phase("load"):
-        model, tokenizer = load_subject(model_dir, adapter)
-        directions = build_directions(kind, model, seed, target_dir, target_adapter)
+        model, tokenizer = load_subject(model_dir, adapter, max_memory)
+        directions = build_directions(kind, model, seed, target_dir, target_adapter, max_memory)
     with phase("scan"):
         rows = run_scan(model, tokenizer, points, directions, evaluate_point, anchor_every=anchor_every)
     return rows, device_of(model)
