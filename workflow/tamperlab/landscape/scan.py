@@ -248,9 +248,7 @@ def load_subject(model_dir: Path, adapter: Path | None, max_memory: dict[str, An
 
     if diverged(adapter or model_dir):
         raise UserError(f"{adapter or model_dir}: the attack diverged there (non-finite loss); no weights to scan")
-    model, tokenizer = load_model(model_dir, adapter, max_memory=max_memory)
-    if adapter is not None:
-        model = model.merge_and_unload().eval()
+    model, tokenizer = load_model(model_dir, adapter, max_memory=max_memory, merge=True)
     away = offloaded(model)
     if away:
         raise UserError(f"{model_dir}: {len(away)} weight tensors (first: {away[0]}) do not fit --max-memory "

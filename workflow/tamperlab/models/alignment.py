@@ -76,8 +76,7 @@ def align(model_dir: Path, examples: list[dict[str, str]], params: AlignParams, 
     snapshot = run / f"steps{steps}"
     if is_writer():
         if params.method == "lora":
-            model, tokenizer = load_model(model_dir, adapter=snapshot, device="cpu")
-            model = model.merge_and_unload()
+            model, tokenizer = load_model(model_dir, adapter=snapshot, device="cpu", merge=True)
             model.save_pretrained(out_dir)
             tokenizer.save_pretrained(out_dir)
         else:
