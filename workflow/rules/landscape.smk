@@ -88,11 +88,16 @@ rule landscape_gather:
     input:
         unpack(landscape_gather_inputs),
     output:
-        csv="results/landscape/{model}/{defence}/{scan}.csv",
+        csv=report(
+            "results/landscape/{model}/{defence}/{scan}.csv",
+            caption="../report/landscape_scan.rst",
+            category="Landscape scans",
+            subcategory="{model}/{defence}",
+        ),
         figure=report(
             "results/landscape/{model}/{defence}/{scan}.png",
             caption="../report/landscape_scan.rst",
-            category="Landscape",
+            category="Landscape scans",
             subcategory="{model}/{defence}",
         ),
         manifest="results/landscape/{model}/{defence}/{scan}.manifest.json",
@@ -112,11 +117,16 @@ rule landscape_gather:
 
 use rule landscape_gather as landscape_gather_cell with:
     output:
-        csv="results/landscape/{model}/{defence}/{attack}/{cell}/{scan}.csv",
+        csv=report(
+            "results/landscape/{model}/{defence}/{attack}/{cell}/{scan}.csv",
+            caption="../report/landscape_scan.rst",
+            category="Landscape scans",
+            subcategory="{model}/{defence}/{attack}/{cell}",
+        ),
         figure=report(
             "results/landscape/{model}/{defence}/{attack}/{cell}/{scan}.png",
             caption="../report/landscape_scan.rst",
-            category="Landscape",
+            category="Landscape scans",
             subcategory="{model}/{defence}/{attack}/{cell}",
         ),
         manifest="results/landscape/{model}/{defence}/{attack}/{cell}/{scan}.manifest.json",
@@ -137,12 +147,14 @@ rule visage:
             "results/tables/visage.csv",
             caption="../report/visage.rst",
             category="Tables",
+            subcategory="Safety landscape",
         ),
         figures=report(
             directory("results/figures/landscape"),
             patterns=["{name}.png"],
             caption="../report/landscape_figures.rst",
             category="Figures",
+            subcategory="Safety landscape",
         ),
         manifest="results/tables/visage.manifest.json",
     log:

@@ -4,40 +4,54 @@ rule tables:
         capability=evaluations("capability.json"),
         visage=published_visage(),
     output:
+        # each cell's mean and sd over seeds, where an attack has several (one seed: the command as before)
+        **{
+            name: report(
+                path,
+                caption="../report/refusal_seeds.rst",
+                category="Tables",
+                subcategory="Refusal and capability",
+            )
+            for name, path in seeds_table().items()
+        },
         refusal=report(
             "results/tables/refusal.csv",
             caption="../report/refusal.rst",
             category="Tables",
+            subcategory="Refusal and capability",
         ),
         summary=report(
             "results/tables/refusal_summary.csv",
             caption="../report/refusal_summary.rst",
             category="Tables",
+            subcategory="Refusal and capability",
         ),
         figures=report(
             directory("results/figures/refusal"),
             patterns=["{name}.png"],
             caption="../report/heatmaps.rst",
             category="Figures",
+            subcategory="Attack grids",
         ),
         harmfulness=report(
             "results/tables/harmfulness.csv",
             caption="../report/harmfulness.rst",
             category="Tables",
+            subcategory="Paper tables",
         ),
         tamper_resistance=report(
             "results/tables/tamper_resistance.csv",
             caption="../report/tamper_resistance.rst",
             category="Tables",
+            subcategory="Paper tables",
         ),
         published=report(
             "results/tables/published.csv",
             caption="../report/published.rst",
             category="Tables",
+            subcategory="Paper tables",
         ),
         manifest="results/tables/refusal.manifest.json",
-        # each cell's mean and sd over seeds, where an attack has several (one seed: the command as before)
-        **seeds_table(),
     log:
         "logs/tables.log",
     conda:
@@ -45,8 +59,12 @@ rule tables:
     params:
         metric=config["evaluation"]["capability"]["metric"],
         tables=tables_args(),
-        visage=lambda wildcards, input: f" --visage {input.visage}" if input.visage else "",
-        seeds=lambda wildcards, output: f" --out-seeds {output.seeds}" if "seeds" in output.keys() else "",
+        visage=lambda wildcards, input: (
+            f" --visage {input.visage}" if input.visage else ""
+        ),
+        seeds=lambda wildcards, output: (
+            f" --out-seeds {output.seeds}" if "seeds" in output.keys() else ""
+        ),
     shell:
         "tamperlab tables --refusal {input.refusal} --capability {input.capability}"
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
