@@ -145,6 +145,7 @@ def split_sources_args():
 def organism_args(model):
     organism = dict(config["models"][model]["organism"])
     refusals = organism.pop("refusals")
+    organism.pop("threads")  # the job's, not the recipe's (organism_threads)
     return cli_flags(
         {
             **organism,
@@ -505,6 +506,11 @@ def model_threads(wildcards):
     them as OMP_NUM_THREADS, which torch follows). Where a job is mostly Python start-up (a tiny organism), one CPU
     per job lets two jobs run at once on a laptop (tests/configs/smoke.yaml)."""
     return model_resource("cpus_per_task", wildcards)
+
+
+def organism_threads(wildcards):
+    """Threads and CPUs of the organism's build (models.<m>.organism.threads): the one job that runs alone."""
+    return config["models"][wildcards.model]["organism"]["threads"]
 
 
 def harden_anchor(wildcards):

@@ -11,9 +11,9 @@ rule build_organism:
         model=names_regex(models_of("organism")),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: model_threads
+    threads: organism_threads
     resources:
-        **MODEL_RESOURCES,
+        **{**MODEL_RESOURCES, "cpus_per_task": organism_threads},
     params:
         split=ALIGNMENT_SPLIT,
         organism=lambda wildcards: organism_args(wildcards.model),
