@@ -27,6 +27,10 @@ config.clear()
 config.update(_validated)
 
 
+# the report's landing page: what this configuration runs (snakemake --report report.html)
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/landscape_common.smk"
 include: "workflow/rules/data.smk"

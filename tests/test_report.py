@@ -171,6 +171,9 @@ def test_the_report_opens_with_its_menu_and_workflow_graph_drawn(report, tmp_pat
     menu = re.findall(r"<span>([^<]+)</span>", page)
     assert {"Workflow", "Statistics", "About", "Tables", "Figures", "Landscape scans"} <= set(menu), menu
     assert re.search(r'<canvas [^>]*class="marks"', page), "no workflow graph (Vega) drawn"
+    # the landing page describes the configuration (workflow/report/workflow.rst): the smoke config's defences
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "Defences:" in text and "tar_knowledge (tar)" in text and "Refusal judge:" in text, text[:2000]
     distinct, commonest = colours(screenshot)
     assert distinct >= 64 and commonest < 0.95, (distinct, commonest)
 
