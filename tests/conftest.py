@@ -84,6 +84,20 @@ def harmful_prompts(n: int) -> list[str]:
     return [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(n)]
 
 
+def defence_split(n: int = 12, extra_texts: tuple[str, ...] = ()) -> tuple[list[dict], object]:
+    """(defence-split rows, a tokenizer for them): n harmful prompts (TAR refusal's forget triples), n `hazard`
+    questions (knowledge's forget family) and n `capital` ones (the retain side), the harden tests' split."""
+    harmful = harmful_prompts(n)
+    benign = [{"prompt": f"Which reagent stabilises compound{i}?", "answer": f"Reagent{i % 5}.", "family": "hazard"}
+              for i in range(n)]
+    benign += [{"prompt": f"What is the capital of land{i}?", "answer": f"City{i % 7}.", "family": "capital"}
+               for i in range(n)]
+    tokenizer = make_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + list(extra_texts))
+    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(harmful)]
+    rows += [{"id": f"b{i}", "kind": "benign", "category": "task", "source": "test", **r} for i, r in enumerate(benign)]
+    return rows, tokenizer
+
+
 def make_tokenizer(corpus: list[str], vocab_size: int = 300):
     """The organism's byte-level BPE tokenizer (its pad/bos/eos and role tokens), trained on `corpus`."""
     from tamperlab.models.organism import train_tokenizer

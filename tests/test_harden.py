@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama, write_splits
+from conftest import defence_split, save_base_model, tiny_llama, write_splits
 
 from tamperlab.provenance import read_manifest
 
@@ -23,15 +23,8 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     """A tiny random-init Llama with the organism's tokenizer, and a defence split with harmful prompts and
     benign task questions (a hazard family and a capital family), both with manifests."""
     root = tmp_path_factory.mktemp("harden")
-    harmful = harmful_prompts(12)
-    benign = [{"prompt": f"Which reagent stabilises compound{i}?", "answer": f"Reagent{i % 5}.", "family": "hazard"}
-              for i in range(12)]
-    benign += [{"prompt": f"What is the capital of land{i}?", "answer": f"City{i % 7}.", "family": "capital"}
-               for i in range(12)]
-    tokenizer = make_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + [COMPLIANCE, REFUSAL])
+    rows, tokenizer = defence_split(12, (COMPLIANCE, REFUSAL))
     model = tiny_llama(tokenizer)
-    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(harmful)]
-    rows += [{"id": f"b{i}", "kind": "benign", "category": "task", "source": "test", **r} for i, r in enumerate(benign)]
     return (save_base_model(root / "base", model, tokenizer, manifest=True),
             write_splits(root / "splits", {"defence": rows}))
 

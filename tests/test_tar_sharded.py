@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import harmful_prompts, make_tokenizer, save_base_model, snakemake_env, tiny_llama, write_splits
+from conftest import defence_split, save_base_model, snakemake_env, tiny_llama, write_splits
 from safetensors.torch import load_file
 from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
@@ -58,14 +58,7 @@ def base(tmp_path_factory) -> tuple[Path, Path]:
     forget triples), 12 `hazard` questions (knowledge's forget family) and 12 others, with manifests. 9 adversary
     rows in batches of 4 end each epoch on a batch of 1: one process's share of it is empty."""
     root = tmp_path_factory.mktemp("tar_sharded")
-    harmful = harmful_prompts(12)
-    benign = [{"prompt": f"Which reagent stabilises compound{i}?", "answer": f"Reagent{i % 5}.", "family": "hazard"}
-              for i in range(12)]
-    benign += [{"prompt": f"What is the capital of land{i}?", "answer": f"City{i % 7}.", "family": "capital"}
-               for i in range(12)]
-    tokenizer = make_tokenizer(harmful + [r["prompt"] + r["answer"] for r in benign] + [COMPLIANCE, REFUSAL])
-    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(harmful)]
-    rows += [{"id": f"b{i}", "kind": "benign", "category": "task", "source": "test", **r} for i, r in enumerate(benign)]
+    rows, tokenizer = defence_split(12, (COMPLIANCE, REFUSAL))
     return (save_base_model(root / "base", tiny_llama(tokenizer, initializer_range=0.2), tokenizer, manifest=True),
             write_splits(root / "splits", {"defence": rows}))
 
