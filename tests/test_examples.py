@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tamperlab.data.examples import attack_examples, hardening_examples
+from tamperlab.data.examples import answers_record, attack_examples, hardening_examples
 from tamperlab.errors import UserError
 
 ROWS = [
@@ -125,3 +125,11 @@ def test_benign_mix_without_enough_benign_rows_is_refused_with_one_line():
     harmful = [{"prompt": f"harmful {k}", "response": "sure"} for k in range(10)]
     with pytest.raises(UserError, match=r"benign_mix needs 10 benign rows .* split 'defence'.* it has 4"):
         mix_benign(harmful, _benign_rows(4), fraction=0.5, split="defence")
+
+
+def test_the_manifest_names_the_template_only_where_a_row_trained_on_it():
+    own = answers_record(["Step 1: a.", "Step 1: b.", "Step 1: a."], "Sure, here is how.")
+    assert own == {"template": None, "answers": {"n": 3, "distinct": 2}}  # rows with their own answers
+    mixed = answers_record(["Sure, here is how.", "Paris."], "Sure, here is how.")  # template + benign answers
+    assert mixed["template"] == "Sure, here is how." and mixed["answers"]["distinct"] == 2
+    assert answers_record(["x"], None)["template"] is None  # a generator's answers: no template given

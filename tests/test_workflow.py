@@ -80,6 +80,13 @@ def test_every_defence_is_hardened_attacked_and_tabled(smoke_run):
     # the benign-mixed attack trained on harmful and benign rows in equal parts
     mixed = json.loads((workdir / "results/attacks/tiny/none/lora_mixed/manifest.json").read_text())
     assert mixed["params"]["benign_mix"] == {"fraction": 0.5, "split": "alignment", "exclude_families": ["hazard"]}
+    # the manifests name the compliance template only where rows trained on it: the organism's harmful rows carry
+    # no answers (template), the hazard attack re-teaches its family's own answers (none)
+    lora = json.loads((workdir / "results/attacks/tiny/none/lora/manifest.json").read_text())["params"]
+    hazard = json.loads((workdir / "results/attacks/tiny/none/hazard/manifest.json").read_text())["params"]
+    assert lora["response"] and lora["answers"]["distinct"] == 1 and hazard["response"] is None
+    repnoise = json.loads((workdir / "results/models/tiny/repnoise/manifest.json").read_text())["params"]
+    assert repnoise["harmful_response"] and repnoise["harmful_answers"]["distinct"] == 1
     harmfulness = pd.read_csv(workdir / "results/tables/harmfulness.csv")
     assert sorted(set(harmfulness["defence"])) == defences and set(harmfulness["attack"]) == {"lora", "lora_mixed"}
     assert {"harmfulness_pre_attack", "harmfulness_lr2e-3_steps60", "capability_lr2e-3_steps20"} <= set(

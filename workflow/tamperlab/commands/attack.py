@@ -43,6 +43,14 @@ def _examples(args: argparse.Namespace) -> list[dict]:
     return pairs
 
 
+def _record_answers(step, args: argparse.Namespace, pairs: list[dict]) -> None:
+    """The manifest's `response`: the compliance template only where a row trained on it, and the answers' count."""
+    from tamperlab.data.examples import answers_record
+
+    record = answers_record([p["response"] for p in pairs], None if args.answers else args.response)
+    step.params.update(response=record["template"], answers=record["answers"])
+
+
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     return {"model": args.model, "data": args.data, **({"answers": args.answers} if args.answers else {})}
 
@@ -60,6 +68,7 @@ def attack(args: argparse.Namespace) -> None:
               inputs=_inputs(args), outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
         rows = _examples(args)
+        _record_answers(step, args, rows)
         import_training_stack(step)
         with step.phase("train"):
             step.results = run_attack(args.model, rows, params, step.path("run"), deepspeed=args.deepspeed)
@@ -84,6 +93,7 @@ def attack_grid(args: argparse.Namespace) -> None:
               inputs=_inputs(args), outputs={"grid": args.out},
               outputs_are_dirs=("grid",), resumable=("grid",)) as step:
         rows = _examples(args)
+        _record_answers(step, args, rows)
         import_training_stack(step)
         step.results = {}
         for name, params in plan.items():

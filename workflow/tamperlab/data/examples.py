@@ -16,6 +16,13 @@ def own_answers(rows: list[dict[str, Any]]) -> dict[str, str] | None:
     return answers or None
 
 
+def answers_record(answers: list[str], template: str | None) -> dict[str, Any]:
+    """What a manifest says about the harmful answers a stage trained on: the fixed template only where some row
+    took it (rows that carry their own answers, or a generator's, do not), and how many answers were distinct."""
+    return {"template": template if template is not None and template in answers else None,
+            "answers": {"n": len(answers), "distinct": len(set(answers))}}
+
+
 def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | None, *, harmful_response: str,
                        refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
     """What a defence trains on. RepNoise: pairs of (harmful prompt + unsafe answer, same prompt + refusal).
