@@ -90,10 +90,11 @@ def snakemake_jobs(output: str) -> dict[str, dict]:
     """Snakemake's job id -> the rule, threads and resources that it printed for that job."""
     jobs = {}
     for block in re.split(r"\n(?=(?:local)?rule \w+:\n)", output):
-        if match := re.match(r"(?:local)?rule (\w+):\n", block):
+        if match := re.match(r"(local)?rule (\w+):\n", block):
             fields = dict(re.findall(r"^    (\w+): (.*)$", block, re.MULTILINE))
             resources = dict(item.split("=", 1) for item in fields["resources"].split(", "))
-            jobs[fields["jobid"]] = {"rule": match.group(1), "threads": int(fields.get("threads", 1)), **resources}
+            jobs[fields["jobid"]] = {"rule": match.group(2), "local": bool(match.group(1)),
+                                     "threads": int(fields.get("threads", 1)), **resources}
     return jobs
 
 
@@ -112,8 +113,12 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
     workdir, output, known = smoke_on_slurm
     planned, submissions = snakemake_jobs(output), SUBMITTED.findall(output)
     finished = re.findall(r"Finished jobid: (\d+) ", output)
-    # Every job Snakemake finished was one it had submitted: none ran on this machine by itself.
-    assert submissions and sorted(finished) == sorted(job for job, _, _ in submissions), output[-4000:]
+    # Every job that touches a model went through sbatch; only the local rules (fetching and file-only steps, the
+    # Snakefile's localrules:, which need no compute node) ran where Snakemake runs.
+    local = {job for job, spec in planned.items() if spec["local"]}
+    assert {planned[job]["rule"] for job in local} == {"prepare_data", "split_data", "tables"}, planned
+    assert submissions and sorted(finished) == sorted([job for job, _, _ in submissions] + list(local)), output[-4000:]
+    assert not local & {job for job, _, _ in submissions}
     for job, slurm_id, _ in submissions:
         wanted, got = planned[job], known[slurm_id]  # slurmctld knows the job: it came through sbatch
         assert got["JobState"] == "COMPLETED" and got["ExitCode"] == "0:0", got
@@ -127,8 +132,12 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
     rules = {job["rule"] for job in planned.values()}
     assert {"prepare_data", "split_data", "build_organism", "tables"} <= rules
     assert any(rule.startswith("attack") for rule in rules) and any(rule.startswith("evaluate") for rule in rules)
-    # A job on a model runs with its size class's CPUs (the smoke config's one per job) and asked sbatch for them.
-    assert all(job["threads"] == int(job["cpus_per_task"]) == 1 for job in planned.values() if "cpus_per_task" in job)
+    # A job on a model runs with its size class's CPUs (one per job) and asked sbatch for them; the organism's build,
+    # alone at the head of the DAG, with models.<m>.organism.threads (default 2).
+    for job in planned.values():
+        if "cpus_per_task" in job:
+            wanted = 2 if job["rule"] == "build_organism" else 1
+            assert job["threads"] == int(job["cpus_per_task"]) == wanted, job
 
 
 def test_the_chain_built_on_slurm_is_byte_identical_to_the_local_smoke_run(smoke_on_slurm, smoke_run):
@@ -153,18 +162,19 @@ def test_the_table_built_on_slurm_shows_the_attack_undoing_refusal(smoke_on_slur
 
 
 def test_a_failing_job_is_reported_with_its_log_and_a_nonzero_exit(cluster, profile, tmp_path):
-    """A dataset whose pinned sha256 is wrong: prepare_data refuses it inside its SLURM job."""
-    overlay = tmp_path / "wrong_sha256.yaml"
-    overlay.write_text(yaml.safe_dump({"datasets": {"advbench": {"sha256": "0" * 64}}}))
+    """An organism refusal the keyword judge would not recognise: build_organism refuses it inside its SLURM job
+    (the data steps before it are local rules and succeed)."""
+    overlay = tmp_path / "bad_refusal.yaml"
+    overlay.write_text(yaml.safe_dump({"models": {"tiny": {"organism": {"refusals": ["Let us talk of tea."]}}}}))
     result, output = snakemake_on_slurm(tmp_path, profile, "--configfile", str(overlay),
-                                        targets=("results/data/advbench.jsonl",), limit=240)
+                                        targets=("results/models/tiny/base",), limit=300)
     assert result.returncode != 0
-    assert "Error in rule prepare_data" in output and "SLURM status is: 'FAILED'" in output, output[-4000:]
-    log = "logs/prepare_data/advbench.log"
+    assert "Error in rule build_organism" in output and "SLURM status is: 'FAILED'" in output, output[-4000:]
+    log = "logs/build_organism/tiny.log"
     assert log in output
-    assert f"config says {'0' * 64}" in (tmp_path / log).read_text()
+    assert "contains no refusal keyword" in (tmp_path / log).read_text()
     [(_, job_id, slurm_log)] = SUBMITTED.findall(output)
     job = cluster.jobs()[job_id]
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0" and Path(job["WorkDir"]) == tmp_path
     assert slurm_log in output and Path(slurm_log).exists()  # kept: the plugin deletes only successful jobs' logs
-    assert not (tmp_path / "results/data/advbench.jsonl").exists()
+    assert not (tmp_path / "results/models/tiny/base").exists()
