@@ -33,7 +33,9 @@ from safetensors.torch import load_file
 from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
 from tamperlab.hardening.tar import TAR_LOG
-from tamperlab.hardening.tar_sharded import FSDP2, launcher, torchrun
+from tamperlab.hardening.tar_sharded import FSDP2
+from tamperlab.launch import tar_torchrun as torchrun
+from tamperlab.launch import torchrun_launcher as launcher
 from tamperlab.provenance import read_manifest
 from tamperlab.training import CHECKPOINTS
 
@@ -77,7 +79,7 @@ def one_process(base: tuple[Path, Path], out: Path, params: dict) -> None:
 
 
 def sharded(base: tuple[Path, Path], out: Path, params: dict) -> list[str]:
-    """The launch as the workflow writes it (tar_sharded.launcher + --fsdp), on PROCESSES CPU processes."""
+    """The launch as the workflow writes it (launch.torchrun_launcher + --fsdp), on PROCESSES CPU processes."""
     return [*launcher(PROCESSES).split(), *harden_args(base, out, params), "--fsdp"]
 
 

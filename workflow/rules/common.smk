@@ -265,6 +265,18 @@ def zero3_flags(wildcards):
     return launch.zero3_arguments(size, zero3, path)
 
 
+def harden_launcher(wildcards):
+    """TAR on a model that trains sharded starts under torchrun (FSDP2, launch.tar_torchrun); the rest as launcher."""
+    return launch.tar_torchrun(config, wildcards.model, wildcards.defence) or launcher(wildcards)
+
+
+def harden_sharding_flags(wildcards):
+    """--fsdp where harden_launcher chose torchrun (TAR sharded by FSDP2, not ZeRO-3), else zero3_flags."""
+    if launch.tar_torchrun(config, wildcards.model, wildcards.defence):
+        return "--fsdp"
+    return zero3_flags(wildcards)
+
+
 def checkpoint_dir(wildcards):
     """The model a (model, defence) pair names: `none` is the model as built or registered (and aligned, where it
     has an `align:` stage); `unaligned` is such a model before its safety tuning."""

@@ -1,6 +1,3 @@
-from tamperlab.hardening import tar_sharded
-
-
 rule harden:
     input:
         model="results/models/{model}/base",
@@ -21,14 +18,9 @@ rule harden:
     resources:
         **MODEL_RESOURCES,
     params:
-        # TAR on a model that trains sharded: torchrun and --fsdp (FSDP2), not ZeRO-3 (hardening/tar_sharded.py)
-        launch=lambda wildcards: (
-            tar_sharded.torchrun(config, wildcards.model, wildcards.defence) or launcher(wildcards)
-        ),
+        launch=harden_launcher,
         harden=harden_args,
-        zero3=lambda wildcards: (
-            "--fsdp" if tar_sharded.torchrun(config, wildcards.model, wildcards.defence) else zero3_flags(wildcards)
-        ),
+        zero3=harden_sharding_flags,
         anchor=lambda wildcards, input: f"--anchor {input.anchor}" if input.anchor else "",
     shell:
         "{params.launch} harden --model {input.model} --data {input.data} {params.harden}"

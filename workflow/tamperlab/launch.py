@@ -93,6 +93,25 @@ def zero3_arguments(size: str, zero3: bool | None, config_path: str | Path | Non
     return f"--deepspeed {shlex.quote(str(_required(config_path, size)))}"
 
 
+def torchrun_launcher(processes: int) -> str:
+    """The command that stands where a rule says `tamperlab` for TAR on `processes` processes of one node
+    (add `--fsdp` to `harden`): torchrun, a free rendezvous port per launch (--standalone)."""
+    if processes < 1:
+        raise UserError(f"TAR under FSDP2: processes must be ≥ 1, got {processes}")
+    return f"torchrun --standalone --nproc_per_node {processes} -m tamperlab.cli"
+
+
+def tar_torchrun(config: dict[str, Any], model: str, defence: str) -> str | None:
+    """The launcher of the workflow's harden job for (model, defence): for TAR on a model that trains sharded
+    (models.<m>.zero3, or its size class), torchrun on as many processes as the model's other training jobs, with
+    `--fsdp` (FSDP2 instead of ZeRO-3: hardening/tar_sharded.py); None for anything else (the size class's
+    launcher)."""
+    spec = config["models"][model]
+    if config["defences"][defence]["method"] != "tar" or not uses_zero3(spec["size"], spec["zero3"]):
+        return None
+    return torchrun_launcher(processes(spec["size"], spec["zero3"], spec["gpus"]))
+
+
 def inference_max_memory(gpus: int) -> dict[str, int] | None:
     """--max-memory of a step that loads a model for inference (evaluation, responses, landscape) on a job holding
     `gpus` GPUs: spread over all of them when there are several (models/placement.py reads it), else None (the

@@ -38,7 +38,6 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tamperlab import launch
 from tamperlab.errors import UserError
 from tamperlab.hardening import tar
 from tamperlab.hardening.tar import (
@@ -56,24 +55,6 @@ from tamperlab.hardening.tar import (
 if TYPE_CHECKING:
     import torch
     from torch import nn
-
-
-def launcher(processes: int) -> str:
-    """The command that stands where a rule says `tamperlab` for TAR on `processes` processes of one node
-    (add `--fsdp` to `harden`): torchrun, a free rendezvous port per launch (--standalone)."""
-    if processes < 1:
-        raise UserError(f"TAR under FSDP2: processes must be ≥ 1, got {processes}")
-    return f"torchrun --standalone --nproc_per_node {processes} -m tamperlab.cli"
-
-
-def torchrun(config: dict[str, Any], model: str, defence: str) -> str | None:
-    """The launcher of the workflow's harden job for (model, defence): for TAR on a model that trains sharded
-    (models.<m>.zero3, or its size class), torchrun on as many processes as the model's other training jobs, with
-    `--fsdp` (FSDP2 instead of ZeRO-3); None for anything else (the size class's launcher)."""
-    spec = config["models"][model]
-    if config["defences"][defence]["method"] != "tar" or not launch.uses_zero3(spec["size"], spec["zero3"]):
-        return None
-    return launcher(launch.processes(spec["size"], spec["zero3"], spec["gpus"]))
 
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
