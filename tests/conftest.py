@@ -18,6 +18,51 @@ CACHE = REPO / ".cache" / "tamperlab"
 BIN = Path(sys.executable).parent
 SMOKE_TARGETS = ("results/tables/refusal.csv", "results/tables/visage.csv")
 
+# Under pytest-xdist (`-n 2`, README) each worker takes one core: torch's threads collapse when another process takes
+# a core they counted on. Jobs the tests start take their threads from their rule, as in any run.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# What must share an xdist worker, so that no session or module fixture is built twice: the modules that read the
+# session's smoke run go together; every other module is a group of its own; a long test that shares no fixture
+# with its module runs apart. (xdist's own `loadgroup` marks do not reach the scheduler under pytest 9.)
+SMOKE_MODULES = ("test_workflow.py", "test_landscape_workflow.py", "test_report.py", "test_slurm.py")
+APART = ("test_workflow.py::test_default_config_organism_meets_its_targets",)
+# The longest groups start first (measured: smoke run + SLURM ≈ 9 min, the default organism 4.3, SmolLM2 4.7).
+LONG_FIRST = ("smoke_run", *APART, "test_real_model.py", "test_deepspeed.py", "test_attack.py")
+
+
+def xdist_group(nodeid: str) -> str:
+    module = nodeid.split("::")[0]
+    if nodeid.split("/")[-1] in APART:
+        return nodeid
+    return "smoke_run" if module.split("/")[-1] in SMOKE_MODULES else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FixtureGroups(LoadScopeScheduling):  # whole groups, in collection order (the longest first, below)
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    config.option.loadscopereorder = False
+    return FixtureGroups(config, log)
+
+
+def start_rank(nodeid: str) -> int:
+    group = xdist_group(nodeid).split("/")[-1]
+    return LONG_FIRST.index(group) if group in LONG_FIRST else len(LONG_FIRST)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The groups above must hold: a test that reads the smoke run outside them would build it a second time."""
+    for item in items:
+        if "smoke_run" in item.fixturenames and xdist_group(item.nodeid) != "smoke_run":
+            raise pytest.UsageError(f"{item.nodeid} reads the smoke run: add its module to SMOKE_MODULES in "
+                                    "tests/conftest.py (and keep it out of APART)")
+    items.sort(key=lambda item: start_rank(item.nodeid))  # stable: the rest keep their order
+
 
 def snakemake_env() -> dict[str, str]:
     """The environment of a local (not SLURM) Snakemake run: this environment's tamperlab on PATH, and no SLURM
