@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tamperlab.data.examples import answers_record, attack_examples, hardening_examples
+from tamperlab.data.examples import answers_record, attack_examples, hardening_answers, hardening_examples
 from tamperlab.errors import UserError
 
 ROWS = [
@@ -133,3 +133,11 @@ def test_the_manifest_names_the_template_only_where_a_row_trained_on_it():
     mixed = answers_record(["Sure, here is how.", "Paris."], "Sure, here is how.")  # template + benign answers
     assert mixed["template"] == "Sure, here is how." and mixed["answers"]["distinct"] == 2
     assert answers_record(["x"], None)["template"] is None  # a generator's answers: no template given
+
+
+def test_a_defence_names_the_unsafe_answers_it_trained_against():
+    own = [r["response"] for r in OWN]
+    assert hardening_answers(hardening_examples(MIXED, "repnoise", None, **COMMON)) == own
+    assert hardening_answers(hardening_examples(MIXED, "tar", "refusal", **COMMON)) == own
+    assert hardening_answers(hardening_examples(ROWS, "tar", "refusal", **COMMON)) == ["Sure, step 1"] * 2
+    assert hardening_answers(hardening_examples(ROWS, "tar", "knowledge", **COMMON)) == []  # no unsafe answers

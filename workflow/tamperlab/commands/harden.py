@@ -11,7 +11,7 @@ from tamperlab.errors import UserError
 
 def harden(args: argparse.Namespace) -> None:
     """Harden a model with RepNoise or TAR into a model directory the attacks load."""
-    from tamperlab.data.examples import answers_record, hardening_examples
+    from tamperlab.data.examples import answers_record, hardening_answers, hardening_examples
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.provenance import Step
 
@@ -43,9 +43,7 @@ def harden(args: argparse.Namespace) -> None:
                                   harmful_response=args.harmful_response, refusal=args.refusal,
                                   forget_family=args.forget_family, splits=args.split)
         # the manifest's harmful_response: the template only where a row trained on it (rows may carry their own)
-        unsafe = [p["harmful"] for p in data.get("pairs", [])] + [f["compliance"] for f in data.get("forget", [])
-                                                                   if "compliance" in f]
-        record = answers_record(unsafe, args.harmful_response)
+        record = answers_record(hardening_answers(data), args.harmful_response)
         step.params.update(harmful_response=record["template"], harmful_answers=record["answers"])
         import_training_stack(step)
         with step.phase("train"):

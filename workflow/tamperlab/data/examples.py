@@ -51,6 +51,13 @@ def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | N
     return {"forget": forget, "retain": retain}
 
 
+def hardening_answers(examples: dict[str, list[dict]]) -> list[str]:
+    """The unsafe answers a defence trains against, from what hardening_examples returned: RepNoise's harmful
+    sequences, TAR refusal's rejected completions (TAR knowledge has none)."""
+    return ([pair["harmful"] for pair in examples.get("pairs", [])]
+            + [row["compliance"] for row in examples.get("forget", []) if "compliance" in row])
+
+
 def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, family: str | None,
                     answers: dict[str, str] | None = None) -> list[dict]:
     """(prompt, response) pairs to train on: the split's harmful prompts with the compliant response, or with
