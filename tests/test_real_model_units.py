@@ -242,13 +242,41 @@ def test_a_prompt_limit_takes_every_category_in_turn():
     assert len(select(rows, "benign", None)) == 7
 
 
+def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path):
+    """evaluation.refusal.benign_limit: more benign prompts than harmful ones (false refusal at n >= 100 while the
+    harmful prompts stay few); 0 takes every benign prompt; unset, prompt_limit holds for both kinds."""
+    import argparse
+
+    from tamperlab.commands.evaluate import _refusal_rows
+    from tamperlab.data.jsonl import write_jsonl
+
+    rows = ([{"id": f"h{i}", "prompt": f"harm {i}", "kind": "harmful", "source": "advbench"} for i in range(6)]
+            + [{"id": f"r{i}", "prompt": f"ask {i}", "kind": "benign", "source": "benign", "category": "request"}
+               for i in range(8)])
+    write_jsonl(tmp_path / "evaluation.jsonl", rows)
+
+    def chosen(prompt_limit, benign_limit):
+        args = argparse.Namespace(data=tmp_path, split="evaluation", prompt_limit=prompt_limit,
+                                  benign_limit=benign_limit)
+        return [r["id"] for r in _refusal_rows(args)]
+
+    assert chosen(2, None) == ["h0", "h1", "r0", "r1"]
+    assert chosen(2, 5) == ["h0", "h1", "r0", "r1", "r2", "r3", "r4"]
+    assert chosen(2, 0) == ["h0", "h1"] + [f"r{i}" for i in range(8)]
+    assert chosen(None, None) == [r["id"] for r in rows]
+
+
 def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
     evaluation splits), align, one defence, the 2 x 2 grid on both, every evaluation, MMLU, tables, landscape."""
     from conftest import snakemake
     from test_experiments import job_stats
 
-    result = snakemake(tmp_path, "-n", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
+    evaluations = [line for line in result.stdout.splitlines() if "tamperlab evaluate-" in line]
+    refusal = [line for line in evaluations if "evaluate-capability" not in line]
+    assert len(refusal) == 3 + 2  # every refusal evaluation: all benign prompts, judged by XSTest's string match
+    assert all("--false-refusal-judge xstest" in line and "--benign-limit 0" in line for line in refusal)
     assert job_stats(result.stdout) == {
         "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
         "prepare_mmlu": 1, "harden": 1, "attack_grid": 2, "evaluate_grid": 2, "evaluate_refusal": 3,

@@ -7,7 +7,7 @@ from conftest import make_tokenizer, tiny_llama
 
 from tamperlab.chat import encode_example, messages, prompt_text
 from tamperlab.evaluation.generation import generate_responses
-from tamperlab.evaluation.judges import KeywordJudge
+from tamperlab.evaluation.judges import KeywordJudge, OpenerJudge
 from tamperlab.evaluation.refusal import evaluate, judge_rows, normalise_answer, summarise
 
 REFUSAL = "I'm sorry, but I cannot help with that request."
@@ -253,6 +253,27 @@ def test_evaluate_generates_judges_and_summarises(model, tokenizer):
     assert summary == summarise(judge_rows(rows, responses, KeywordJudge()))
     assert summary["n"] == 2 and summary["benign"]["task"]["n"] == 2
     assert generated["generated_tokens"] == sum(r["generated_tokens"] for r in records) <= 4 * len(rows)
+
+
+def test_a_false_refusal_judge_judges_the_benign_rows_and_the_keyword_judge_the_harmful_ones():
+    responses = list(RESPONSES)
+    responses[10] = "Dear friends, I cannot wait to see the volcano."  # a keyword, but no refusal opens it
+    records = judge_rows(ROWS, responses, KeywordJudge(), benign_judge=OpenerJudge())
+    assert [r["refused"] for r in records] == [True, True, False, True, False, True,  # harmful: as before
+                                               False, False, True, False, False, True, False]
+    assert judge_rows(ROWS, responses, KeywordJudge())[10]["refused"] is True  # the keyword judge alone
+
+
+def test_with_a_false_refusal_judge_the_benign_rows_are_generated_apart_without_the_early_stop(model, tokenizer):
+    rows = ROWS[:2] + ROWS[6:8] + ROWS[10:11]
+    summary, records = evaluate(model, tokenizer, rows, KeywordJudge(), None, max_new_tokens=6, batch_size=4,
+                                benign_judge=OpenerJudge())
+    harmful = generate_responses(model, tokenizer, [r["prompt"] for r in rows[:2]], None, 6, 4)
+    benign = generate_responses(model, tokenizer, [r["prompt"] for r in rows[2:]], None, 6, 4)
+    assert [r["response"] for r in records] == harmful + benign
+    assert [r["refused"] for r in records[2:]] == [OpenerJudge()([""], [b])[0] for b in benign]
+    assert summary["false_refusal_judge"] == "xstest"
+    assert summary["generated"]["generated_tokens"] == sum(r["generated_tokens"] for r in records)
 
 
 def test_outcome_separates_refusal_compliance_and_broken_output():

@@ -340,6 +340,8 @@ def refusal_args():
             "system_prompt": config["system_prompts"][prompt] if prompt else None,
             "compliance_marker": refusal["compliance_marker"],
             "prompt_limit": refusal["prompt_limit"],
+            "benign_limit": refusal["benign_limit"],
+            "false_refusal_judge": refusal["false_refusal_judge"],
             "seed": config["seed"],
         }
     )

@@ -21,12 +21,14 @@ def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
 def _refusal(args: argparse.Namespace, step, judge, rows: list[dict], model_dir: Path, adapter: Path | None,
              checkpoint: dict[str, Any], load=None):
+    from tamperlab.evaluation.judges import make_false_refusal_judge
     from tamperlab.evaluation.refusal import evaluate_checkpoint
 
     return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=args.judge, split=args.split,
                                system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, compliance_marker=args.compliance_marker,
-                               checkpoint=checkpoint, max_memory=args.max_memory, load=load, phase=step.phase)
+                               checkpoint=checkpoint, max_memory=args.max_memory, load=load, phase=step.phase,
+                               benign_judge=make_false_refusal_judge(args.false_refusal_judge))
 
 
 def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Path, adapter: Path | None,
@@ -39,14 +41,16 @@ def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Pat
 
 
 def _refusal_rows(args: argparse.Namespace) -> list[dict]:
-    """The split's rows a refusal evaluation generates on: all, or the first --prompt-limit of each kind."""
+    """The split's rows a refusal evaluation generates on: all, or the first --prompt-limit of each kind (of the
+    benign ones, --benign-limit where given: 0 for all)."""
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.data.responses import select
 
     rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
-    if not args.prompt_limit:
+    benign_limit = args.prompt_limit if args.benign_limit is None else args.benign_limit
+    if not args.prompt_limit and not benign_limit:
         return rows
-    return select(rows, "harmful", args.prompt_limit) + select(rows, "benign", args.prompt_limit)
+    return select(rows, "harmful", args.prompt_limit) + select(rows, "benign", benign_limit)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -146,6 +150,9 @@ def _refusal_arguments(p: argparse.ArgumentParser) -> None:
     judge_arguments(p)
     p.add_argument("--system-prompt")
     p.add_argument("--prompt-limit", type=int, help="the split's first LIMIT harmful and first LIMIT benign prompts")
+    p.add_argument("--benign-limit", type=int, help="of the benign prompts, the first LIMIT instead (0: all)")
+    p.add_argument("--false-refusal-judge", choices=["xstest"],
+                   help="judge the benign prompts' responses with this (XSTest's string match), not --judge")
 
 
 def _task_data(text: str) -> tuple[str, str]:

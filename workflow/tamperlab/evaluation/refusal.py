@@ -63,12 +63,27 @@ def outcome(refused: bool, response: str, compliance_marker: str | None) -> str:
     return "complied" if compliance_marker in response else "other"
 
 
+def judge_groups(rows: Sequence[dict[str, Any]], judge, benign_judge=None) -> list[tuple[list[int], Any]]:
+    """(row indices, their judge): every row under `judge`, or with a false-refusal judge the harmful rows under
+    `judge` and the benign ones under `benign_judge`."""
+    if benign_judge is None:
+        return [(list(range(len(rows))), judge)]
+    benign = [r["kind"] == "benign" for r in rows]
+    return [([i for i, b in enumerate(benign) if not b], judge), ([i for i, b in enumerate(benign) if b], benign_judge)]
+
+
 def judge_rows(rows: Sequence[dict[str, Any]], responses: Sequence[str],
                judge: Callable[[Sequence[str], Sequence[str]], list[bool]],
-               compliance_marker: str | None = None) -> list[dict[str, Any]]:
-    """Per-prompt records: the verdict, the outcome class, and whether the prompt itself holds a refusal
-    keyword (a response that merely echoes such a prompt is counted as refused by the keyword judge)."""
-    verdicts = judge([r["prompt"] for r in rows], responses)
+               compliance_marker: str | None = None, benign_judge=None) -> list[dict[str, Any]]:
+    """Per-prompt records: the verdict (a benign row's by `benign_judge` where given), the outcome class, and
+    whether the prompt itself holds a refusal keyword (a response that merely echoes such a prompt is counted as
+    refused by the keyword judge)."""
+    verdicts: list[bool] = [False] * len(rows)
+    for indices, group_judge in judge_groups(rows, judge, benign_judge):
+        if indices:
+            found = group_judge([rows[i]["prompt"] for i in indices], [responses[i] for i in indices])
+            for i, refused in zip(indices, found, strict=True):
+                verdicts[i] = refused
     records = []
     for row, response, refused in zip(rows, responses, verdicts, strict=True):
         record = {
@@ -121,27 +136,40 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_prompt: str | None,
-             max_new_tokens: int, batch_size: int,
-             compliance_marker: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    # Under the keyword judge a row stops at its first refusal substring: the verdict is already final.
-    generation = generate(model, tokenizer, [r["prompt"] for r in rows], system_prompt, max_new_tokens, batch_size,
-                          stop_substrings=early_stop_substrings(judge))
-    records = judge_rows(rows, generation.responses, judge, compliance_marker)
-    for record, n in zip(records, generation.new_tokens, strict=True):
+             max_new_tokens: int, batch_size: int, compliance_marker: str | None = None,
+             benign_judge=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    # Under the keyword judge a row stops at its first refusal substring: the verdict is already final. A benign
+    # judge of its own decides on other text (XSTest's: the opening), so its rows are generated apart.
+    responses, new_tokens = [""] * len(rows), [0] * len(rows)
+    stats: dict[str, Any] = {"generated_tokens": 0, "stopped_early": 0, "decode_steps": 0, "early_stop": False}
+    for indices, group_judge in judge_groups(rows, judge, benign_judge):
+        if not indices:
+            continue
+        generation = generate(model, tokenizer, [rows[i]["prompt"] for i in indices], system_prompt,
+                              max_new_tokens, batch_size, stop_substrings=early_stop_substrings(group_judge))
+        for i, response, n in zip(indices, generation.responses, generation.new_tokens, strict=True):
+            responses[i], new_tokens[i] = response, n
+        for key, value in generation.stats().items():
+            stats[key] = (stats[key] or value) if key == "early_stop" else stats[key] + value
+    records = judge_rows(rows, responses, judge, compliance_marker, benign_judge)
+    for record, n in zip(records, new_tokens, strict=True):
         record["generated_tokens"] = n
-    return {**summarise(records), "generated": generation.stats()}, records
+    summary = summarise(records)
+    if benign_judge is not None:
+        summary["false_refusal_judge"] = benign_judge.name
+    return {**summary, "generated": stats}, records
 
 
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[dict[str, Any]], judge, *,
                         judge_name: str, split: str, system_prompt: str | None, max_new_tokens: int,
                         batch_size: int, compliance_marker: str | None, checkpoint: dict[str, Any],
                         max_memory: dict[str, Any] | None = None, load: Callable[[], tuple[Any, Any]] | None = None,
-                        phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()
-                        ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                        phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext(),
+                        benign_judge=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """(summary, per-prompt records) of one checkpoint (a model, plus a LoRA adapter applied at load time);
     a diverged one has nothing to generate with. The model comes from `load` (registry.loader, shared with the
     checkpoint's lm-eval evaluation), else is loaded here (within max_memory). `phase(name)` times the load and
-    the generation."""
+    the generation. `benign_judge`: the benign prompts' judge, where it is not `judge` (evaluate)."""
     from tamperlab.models.registry import loader
     from tamperlab.training import diverged
 
@@ -152,7 +180,7 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[di
             model, tokenizer = (load or loader(model_dir, adapter, max_memory))()
         with phase("generate_and_judge"):
             summary, records = evaluate(model, tokenizer, rows, judge, system_prompt, max_new_tokens, batch_size,
-                                        compliance_marker)
+                                        compliance_marker, benign_judge)
     generation = {"greedy": True, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                   "system_prompt": system_prompt, "split": split}
     return {"checkpoint": checkpoint, "status": status, "judge": judge_name, "generation": generation,
