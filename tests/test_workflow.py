@@ -160,6 +160,9 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     build = next(line for line in commands if " build-organism " in line)
     for flag in ("--hidden-size 128", "--epochs 8", "--learning-rate 0.003", "--seed 0", "--refusal"):
         assert flag in build
+    # the build runs alone at the head of the DAG: models.<m>.organism.threads (2), and as many CPUs asked for
+    block = (result.stdout + result.stderr).split("rule build_organism:", 1)[1].split("\n\n", 1)[0]
+    assert "threads: 2" in block and "cpus_per_task=2" in block, block
     # the organism's LoRA grid is one job (picked by its output: the order of jobs in -n is not fixed)
     grid = next(line for line in commands
                 if " attack-grid " in line and "--out results/attacks/tiny/none/lora " in line)
