@@ -18,9 +18,10 @@ CACHE = REPO / ".cache" / "tamperlab"
 BIN = Path(sys.executable).parent
 SMOKE_TARGETS = ("results/tables/refusal.csv", "results/tables/visage.csv")
 
-# Under pytest-xdist (`-n 2`, README) each worker takes one core, its torch one thread and its Snakemake runs
-# `--cores 1` (a 2-thread job scaled down to 1): torch's threads collapse when another process takes a core they
-# counted on (measured: the default organism's 2-thread build beside the smoke run, 4 min alone, ran over 18).
+# Under pytest-xdist (`-n 2`, README) two workers share the two cores, so nothing may run torch on two threads:
+# torch's threads collapse when another process takes a core they counted on (measured: the default organism's
+# 2-thread build beside the smoke run, 4 min alone, ran over 18). Each worker's torch takes one thread, and its
+# Snakemake runs build the organism with one (`--set-threads`); every other job on a test model takes one already.
 XDIST = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if XDIST:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -73,17 +74,11 @@ def snakemake_env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_CONF": os.devnull}
 
 
-def one_core(flags: tuple[str, ...]) -> tuple[str, ...]:
-    """The flags with `--cores 1` in place of any --cores of their own."""
-    kept = [flag for i, flag in enumerate(flags) if flag != "--cores" and (i == 0 or flags[i - 1] != "--cores")]
-    return (*kept, "--cores", "1")
-
-
 def snakemake(workdir: Path, *flags: str, targets: tuple[str, ...] = (), check: bool = True, timeout: int = 1800):
     """`snakemake TARGETS -s Snakefile -d WORKDIR FLAGS` with this environment's tamperlab on PATH."""
     env = snakemake_env()
     if XDIST and not {"-n", "--dry-run"} & set(flags):  # a dry run shows each rule's own threads
-        flags = one_core(flags)
+        flags = (*flags, "--set-threads", "build_organism=1")
     # Targets first: --configfile and --config take every word that follows them.
     command = [str(BIN / "snakemake"), *targets, "-s", str(REPO / "Snakefile"), "-d", str(workdir), *flags,
                "--config", f"cache_dir={CACHE}"]
