@@ -25,6 +25,15 @@ def config(repo_config):
     return copy.deepcopy(repo_config)
 
 
+def _set_landscape(config, where: str, value) -> None:
+    """config["landscape"][a][b]... = value for where = "a.b..."."""
+    *parents, name = where.split(".")
+    section = config["landscape"]
+    for parent in parents:
+        section = section[parent]
+    section[name] = value
+
+
 def _error(config) -> str:
     with pytest.raises(UserError) as error:
         validate_config(config)
@@ -150,6 +159,38 @@ def test_defence_named_base_is_refused(config):
     assert "defences.base" in _error(config)
 
 
+def test_an_attack_runs_against_every_defence_unless_it_names_its_targets(config):
+    from tamperlab.config import attacked_defences
+
+    resolved = validate_config(config)
+    assert attacked_defences(resolved, "lora") == list(resolved["defences"])  # null: every defence
+    config["attacks"]["hazard"]["defences"] = ["none", "tar_knowledge"]
+    assert attacked_defences(validate_config(config), "hazard") == ["none", "tar_knowledge"]
+
+
+@pytest.mark.parametrize(("targets", "text"), [
+    (["none", "tar_bio"], "attacks.hazard.defences: 'tar_bio' is not a key of defences"),
+    ([], "attacks.hazard.defences: [] should be non-empty"),
+    (["tar", "tar"], "attacks.hazard.defences: ['tar', 'tar'] has non-unique elements"),
+])
+def test_an_attack_naming_a_defence_that_is_not_configured_is_refused(config, targets, text):
+    config["attacks"]["hazard"]["defences"] = targets
+    assert text in _error(config)
+
+
+@pytest.mark.parametrize(("where", "value"), [("subjects", ["tiny/none/lora_tar/strongest"]),
+                                               ("scans.finetune.target", "lora_tar/strongest"),
+                                               ("scans.random_2d.project", ["lora_tar/strongest"])])
+def test_a_landscape_reference_to_an_attack_not_run_against_its_defence_is_refused(config, where, value):
+    config["attacks"]["lora_tar"] = {**config["attacks"]["lora"], "defences": ["tar"]}
+    _set_landscape(config, where, value)  # a reference to lora_tar on tiny/none
+    message = _error(config)
+    assert message.startswith(f"config error at landscape.{where}: ") and (
+        "lora_tar is not run against defence 'none' (attacks.lora_tar.defences)" in message), message
+    config["attacks"]["lora_tar"]["defences"] = ["none", "tar"]
+    validate_config(config)
+
+
 # --- the landscape's references (resolved and checked here, before any job) ---------------------------------------
 
 
@@ -174,11 +215,7 @@ def test_landscape_strongest_is_resolved_to_the_grid_cell_of_the_largest_lr_step
     ("prompts.dataset", "advbench", "give exactly one of split and dataset"),
 ])
 def test_a_bad_landscape_reference_is_one_line_naming_the_key(config, where, value, text):
-    *parents, name = where.split(".")
-    section = config["landscape"]
-    for parent in parents:
-        section = section[parent]
-    section[name] = value
+    _set_landscape(config, where, value)
     key = "landscape.prompts" if where == "prompts.dataset" else f"landscape.{where}"  # the pair, not one of it
     message = _error(config)
     assert message.startswith(f"config error at {key}: ") and text in message, message

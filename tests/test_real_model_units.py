@@ -268,16 +268,17 @@ def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path):
 
 def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
-    evaluation splits), align, one defence, the 2 x 2 grid on both, every evaluation, MMLU, tables, landscape."""
+    evaluation splits), align, one defence, the 2 x 2 grid on both (a job per run: the runs train and are evaluated
+    side by side), every evaluation, MMLU, tables, landscape."""
     from conftest import snakemake
     from test_experiments import job_stats
 
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
     evaluations = [line for line in result.stdout.splitlines() if "tamperlab evaluate-" in line]
     refusal = [line for line in evaluations if "evaluate-capability" not in line]
-    assert len(refusal) == 3 + 2  # every refusal evaluation: all benign prompts, judged by XSTest's string match
+    assert len(refusal) == 3 + 4  # every refusal evaluation: all benign prompts, judged by XSTest's string match
     assert all("--false-refusal-judge xstest" in line and "--benign-limit 0" in line for line in refusal)
     assert job_stats(result.stdout) == {
         "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
-        "prepare_mmlu": 1, "harden": 1, "attack_grid": 2, "evaluate_grid": 2, "evaluate_refusal": 3,
+        "prepare_mmlu": 1, "harden": 1, "attack": 4, "evaluate_run": 4, "evaluate_refusal": 3,
         "evaluate_capability": 3, "tables": 1, "landscape_scan": 1, "landscape_gather": 1, "visage": 1, "all": 1}

@@ -3,14 +3,16 @@ with the cluster profile as users install and name it (`tamperlab install-profil
 test-only overrides, every job through sbatch.
 
 Needs root (the daemons, and apt-get when SLURM is not installed yet); skipped without. Each SLURM job costs
-6-8 s on top of its work (Snakemake starts twice inside it), so these tests run the smoke config's smallest
-target that still goes data -> organism -> attack -> evaluation -> table, once, plus one failing job.
+6-8 s on top of its work (Snakemake starts twice inside it), so these tests start from the session's local smoke
+run: its data and organism are copied in (times kept, so Snakemake takes them as built), and SLURM builds the rest
+of one chain (attack -> evaluations -> table) once; one failing job sends the organism's build through sbatch.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,9 +100,17 @@ def snakemake_jobs(output: str) -> dict[str, dict]:
     return jobs
 
 
+def seed_from(smoke_run: Path, workdir: Path, *relatives: str) -> None:
+    """Copies these outputs of the smoke run into workdir with their times (copy2), so that Snakemake finds them
+    newer than their inputs and builds only what follows them."""
+    for relative in relatives:
+        shutil.copytree(smoke_run / relative, workdir / relative)
+
+
 @pytest.fixture(scope="module")
-def smoke_on_slurm(cluster, profile, tmp_path_factory):
+def smoke_on_slurm(cluster, profile, smoke_run, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("slurm-smoke")
+    seed_from(smoke_run, workdir, "results/data", "results/models/tiny/base")
     overlay = workdir / "one_chain.yaml"
     overlay.write_text(yaml.safe_dump(one_chain_overlay()))
     result, output = snakemake_on_slurm(workdir, profile, "--configfile", str(SMOKE), str(overlay),
@@ -113,10 +123,10 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
     workdir, output, known = smoke_on_slurm
     planned, submissions = snakemake_jobs(output), SUBMITTED.findall(output)
     finished = re.findall(r"Finished jobid: (\d+) ", output)
-    # Every job that touches a model went through sbatch; only the local rules (fetching and file-only steps, the
-    # Snakefile's localrules:, which need no compute node) ran where Snakemake runs.
+    # Every job that touches a model went through sbatch; only the local rules (file-only steps, the Snakefile's
+    # localrules:, which need no compute node) ran where Snakemake runs. Data and organism were copied in.
     local = {job for job, spec in planned.items() if spec["local"]}
-    assert {planned[job]["rule"] for job in local} == {"prepare_data", "split_data", "tables"}, planned
+    assert {planned[job]["rule"] for job in local} == {"tables"}, planned
     assert submissions and sorted(finished) == sorted([job for job, _, _ in submissions] + list(local)), output[-4000:]
     assert not local & {job for job, _, _ in submissions}
     for job, slurm_id, _ in submissions:
@@ -130,20 +140,18 @@ def test_every_job_goes_through_sbatch_and_completes(smoke_on_slurm):
         hours, minutes = divmod(int(wanted["runtime"]), 60)
         assert got["TimeLimit"] == f"{hours:02d}:{minutes:02d}:00"
     rules = {job["rule"] for job in planned.values()}
-    assert {"prepare_data", "split_data", "build_organism", "tables"} <= rules
-    assert any(rule.startswith("attack") for rule in rules) and any(rule.startswith("evaluate") for rule in rules)
-    # A job on a model runs with its size class's CPUs (one per job) and asked sbatch for them; the organism's build,
-    # alone at the head of the DAG, with models.<m>.organism.threads (the smoke config's: 1, as on the local run).
-    build_threads = yaml.safe_load(SMOKE.read_text())["models"]["tiny"]["organism"]["threads"]
+    assert not rules & {"prepare_data", "split_data", "build_organism"}  # taken from the smoke run, not rebuilt
+    assert {"attack_grid", "evaluate_grid", "evaluate_refusal", "evaluate_capability", "tables"} <= rules
+    # A job on a model runs with its size class's CPUs (one per job) and asked sbatch for them.
     for job in planned.values():
         if "cpus_per_task" in job:
-            wanted = build_threads if job["rule"] == "build_organism" else 1
-            assert job["threads"] == int(job["cpus_per_task"]) == wanted, job
+            assert job["threads"] == int(job["cpus_per_task"]) == 1, job
 
 
 def test_the_chain_built_on_slurm_is_byte_identical_to_the_local_smoke_run(smoke_on_slurm, smoke_run):
-    """Launch-independent and deterministic: the one chain built job by job through sbatch is, file for file,
-    the chain of the session's local smoke run (tests/test_workflow.py leaves its own rerun to this test)."""
+    """Launch-independent and deterministic: the attack and evaluations built job by job through sbatch are, file
+    for file, those of the session's local smoke run (tests/test_workflow.py leaves its own rerun to this test;
+    the organism's build is deterministic by tests/test_organism.py)."""
     assert_same_chain(smoke_run, smoke_on_slurm[0])
 
 
@@ -162,20 +170,26 @@ def test_the_table_built_on_slurm_shows_the_attack_undoing_refusal(smoke_on_slur
     assert cells.loc[60, "compliance_rate"] >= 0.5
 
 
-def test_a_failing_job_is_reported_with_its_log_and_a_nonzero_exit(cluster, profile, tmp_path):
+def test_a_failing_job_is_reported_with_its_log_and_a_nonzero_exit(cluster, profile, smoke_run, tmp_path):
     """An organism refusal the keyword judge would not recognise: build_organism refuses it inside its SLURM job
-    (the data steps before it are local rules and succeed)."""
+    (the smoke run's data are copied in: the data steps are local rules)."""
+    seed_from(smoke_run, tmp_path, "results/data")
     overlay = tmp_path / "bad_refusal.yaml"
     overlay.write_text(yaml.safe_dump({"models": {"tiny": {"organism": {"refusals": ["Let us talk of tea."]}}}}))
-    result, output = snakemake_on_slurm(tmp_path, profile, "--configfile", str(overlay),
+    result, output = snakemake_on_slurm(tmp_path, profile, "--configfile", str(SMOKE), str(overlay),
                                         targets=("results/models/tiny/base",), limit=300)
     assert result.returncode != 0
     assert "Error in rule build_organism" in output and "SLURM status is: 'FAILED'" in output, output[-4000:]
+    # The organism's build asked sbatch for models.<m>.organism.threads CPUs (the smoke config's: 1).
+    [build] = [job for job in snakemake_jobs(output).values() if job["rule"] == "build_organism"]
+    build_threads = yaml.safe_load(SMOKE.read_text())["models"]["tiny"]["organism"]["threads"]
+    assert build["threads"] == int(build["cpus_per_task"]) == build_threads, build
     log = "logs/build_organism/tiny.log"
     assert log in output
     assert "contains no refusal keyword" in (tmp_path / log).read_text()
     [(_, job_id, slurm_log)] = SUBMITTED.findall(output)
     job = cluster.jobs()[job_id]
     assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0" and Path(job["WorkDir"]) == tmp_path
+    assert int(job["NumCPUs"]) == build_threads
     assert slurm_log in output and Path(slurm_log).exists()  # kept: the plugin deletes only successful jobs' logs
     assert not (tmp_path / "results/models/tiny/base").exists()

@@ -76,7 +76,12 @@ def test_every_defence_is_hardened_attacked_and_tabled(smoke_run):
         assert (workdir / f"results/models/tiny/{defence}/model.safetensors").exists()
     table = pd.read_csv(workdir / "results/tables/refusal.csv")
     assert sorted(set(table["defence"])) == defences
-    assert len(table) == 4 * (1 + 2 + 1 + 1)  # per defence: unattacked, two lora cells, one hazard, one mixed
+    # per defence: unattacked and two lora cells; one hazard cell for none and tar_knowledge, one mixed cell for
+    # none and repnoise (attacks.<a>.defences): no other defence was attacked by them
+    assert len(table) == 4 * (1 + 2) + 2 + 2
+    attacked = table.groupby("attack")["defence"].agg(lambda d: sorted(set(d)))
+    assert attacked["hazard"] == ["none", "tar_knowledge"] and attacked["lora_mixed"] == ["none", "repnoise"]
+    assert not (workdir / "results/attacks/tiny/tar/hazard").exists()
     # the benign-mixed attack trained on harmful and benign rows in equal parts
     mixed = json.loads((workdir / "results/attacks/tiny/none/lora_mixed/manifest.json").read_text())
     assert mixed["params"]["benign_mix"] == {"fraction": 0.5, "split": "alignment", "exclude_families": ["hazard"]}
@@ -94,6 +99,8 @@ def test_every_defence_is_hardened_attacked_and_tabled(smoke_run):
     resistance = pd.read_csv(workdir / "results/tables/tamper_resistance.csv")
     assert len(resistance) == 4 * 3 and set(resistance["stage"]) == {"pre-attack", "attack mean", "attack worst"}
     assert resistance["hazard_accuracy"].between(0, 1).all() and resistance["retain_accuracy"].between(0, 1).all()
+    suite = resistance[resistance["stage"] == "attack mean"].set_index("defence")["cells"].to_dict()
+    assert suite == {"none": 4, "repnoise": 3, "tar": 2, "tar_knowledge": 3}  # the cells each defence faced
     assert (workdir / "results/tables/published.csv").exists()
 
 

@@ -10,6 +10,7 @@ from tamperlab.attacks import grid
 from tamperlab.attacks.finetune import default_lora_alpha
 from tamperlab.config import UNALIGNED
 from tamperlab.config import attack_grid as grid_of
+from tamperlab.config import attacked_defences
 from tamperlab.evaluation.capability import LOCAL_TASKS
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
@@ -471,6 +472,8 @@ def evaluations(name):
     for model in studied:
         for defence in config["defences"]:
             for attack, spec in config["attacks"].items():
+                if defence not in attacked_defences(config, attack):
+                    continue
                 prefix = f"results/eval/{model}/{defence}/{attack}"
                 if spec["one_job"]:
                     attacked.append(prefix)

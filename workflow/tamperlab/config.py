@@ -123,6 +123,10 @@ def _check_references(config: dict[str, Any]) -> None:
             raise UserError(f"config error at models.{name}.align: the organism is refusal-trained as it is built")
         if spec.get("align") and spec["align"]["split"] not in config["splits"]:
             raise UserError(f"config error at models.{name}.align.split: not a split named in splits")
+    for name, spec in config["attacks"].items():
+        for defence in spec["defences"] or []:
+            if defence not in config["defences"]:
+                raise UserError(f"config error at attacks.{name}.defences: {defence!r} is not a key of defences")
     generators = [(f"attacks.{n}.generator", s["generator"]) for n, s in config["attacks"].items()]
     capability = config["evaluation"]["capability"]
     if "answers" in capability["tasks"]:
@@ -189,6 +193,11 @@ def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int 
     return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"], spec.get("seeds") or [spec["seed"]]
 
 
+def attacked_defences(config: dict[str, Any], attack: str) -> list[str]:
+    """The defences an attack is run against: attacks.<a>.defences, or (null) every defence."""
+    return config["attacks"][attack]["defences"] or list(config["defences"])
+
+
 def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:
     """{cell: {run, lr, rank, steps}} of an attack's grid (tamperlab.attacks.grid names them)."""
     return grid.cells(*attack_grid(config["attacks"][attack]))
@@ -249,12 +258,16 @@ def _resolve_landscape(config: dict[str, Any]) -> None:
         spec["project"] = [_resolve(config, r, f"{key}.project") for r in spec["project"]]
 
 
-def _check_cell(config: dict[str, Any], reference: str, key: str) -> None:
-    """An attacked checkpoint `attack/cell`: an attack of the config, a cell of its grid."""
+def _check_cell(config: dict[str, Any], reference: str, key: str, defence: str) -> None:
+    """An attacked checkpoint `attack/cell` of `defence`: an attack of the config run against that defence, a cell
+    of its grid."""
     attack, cell = _attack(config, reference, key)
     cells = attack_cells(config, attack)
     if cell not in cells:
         raise _landscape_error(key, f"{reference!r}: no cell {cell!r} in the grid of {attack} ({', '.join(cells)})")
+    if defence not in attacked_defences(config, attack):
+        raise _landscape_error(key, f"{reference!r}: {attack} is not run against defence {defence!r} "
+                                    f"(attacks.{attack}.defences)")
 
 
 def _check_subject(config: dict[str, Any], subject: str, key: str) -> None:
@@ -266,7 +279,7 @@ def _check_subject(config: dict[str, Any], subject: str, key: str) -> None:
     if defence not in config["defences"]:
         raise _landscape_error(key, f"{subject!r}: no defence {defence!r} in defences")
     if len(parts) == 4:
-        _check_cell(config, "/".join(parts[2:]), key)
+        _check_cell(config, "/".join(parts[2:]), key, defence)
 
 
 def _check_landscape(config: dict[str, Any]) -> None:
@@ -286,10 +299,11 @@ def _check_landscape(config: dict[str, Any]) -> None:
         key = f"scans.{scan}"
         for name in scan_subjects(config, scan):
             _check_subject(config, name, f"{key}.subjects")
+            defence = name.split("/")[1]
             if spec["target"] is not None:
-                _check_cell(config, spec["target"], f"{key}.target")
+                _check_cell(config, spec["target"], f"{key}.target", defence)
             for reference in spec["project"]:
-                _check_cell(config, reference, f"{key}.project")
+                _check_cell(config, reference, f"{key}.project", defence)
         if (spec["kind"] in INTERPOLATION) != (spec["target"] is not None):
             raise _landscape_error(f"{key}.target", "an interpolation scan needs a target; other kinds take none")
         if spec["project"] and spec["kind"] not in TWO_DIRECTIONS:
