@@ -243,3 +243,21 @@ def test_a_duplicated_row_key_is_a_user_error_naming_the_file(tmp_path):
     ours = _run(tmp_path / "ours", refusal=[REFUSAL[0], REFUSAL[0]])
     with pytest.raises(UserError, match=r"ours/tables/refusal\.csv: row key .* appears twice"):
         compare(ours, _run(tmp_path / "reference"))
+
+
+def test_a_false_refusal_rate_is_judged_by_the_interval_its_reference_row_carries(tmp_path):
+    """0.05 of 120 benign requests carries [0.023, 0.105]: 0.009 is outside it (a ±0.05 tolerance would pass it),
+    0.10 inside; a per-source refusal rate reads refusal_rate_lo@<source> and _hi@<source>."""
+    low, high = wilson_interval(6 / 120, 120)
+    carried = {"false_refusal_requests": 0.05, "false_refusal_requests_lo": low, "false_refusal_requests_hi": high,
+               "refusal_rate@advbench": 0.5, "refusal_rate_lo@advbench": 0.4, "refusal_rate_hi@advbench": 0.6}
+    refusal = [{**REFUSAL[0], **carried}, REFUSAL[1]]
+    reference = _run(tmp_path / "reference", refusal=refusal)
+    for ours, outside in ((0.009, True), (0.10, False)):
+        run = _run(tmp_path / f"ours{ours}", {"refusal": _set("false_refusal_requests", ours)}, refusal=refusal)
+        cell = _cell(compare(run, reference), "refusal", "false_refusal_requests")
+        assert cell["outside"] == outside and cell["rule"] == "Wilson 95%, the reference's interval"
+        assert (cell["low"], cell["high"]) == pytest.approx((low, high))
+    run = _run(tmp_path / "source", {"refusal": _set("refusal_rate@advbench", 0.35)}, refusal=refusal)
+    cell = _cell(compare(run, reference), "refusal", "refusal_rate@advbench")
+    assert cell["outside"] and (cell["low"], cell["high"]) == pytest.approx((0.4, 0.6))

@@ -18,10 +18,13 @@ per table, row and column, whether our value lies where the reference's own samp
   [0, 100]; judged as a share of the points it averages (`points`, or those of the official segment) with the
   Wilson interval on value/100. A mean of n values in [0, 1] varies at most as much as a binomial share of n
   (Bhatia–Davis), so the interval is wide (±20 points at 21 points) and a flag is a real change.
+- **Any other rate whose interval the reference row carries** — refusal.csv's false-refusal rates and exact match
+  (`<rate>_lo`, `<rate>_hi`, a Wilson 95% interval over the benign prompts of their kind), and the per-source
+  refusal rates (`refusal_rate_lo@<source>`): ours must lie in the reference's own interval.
 - **Shares whose n the table does not carry** — lm-eval accuracies (`task/metric` columns, capability_*,
-  hazard/retain accuracy), exact match, false-refusal rates, a classifier's harmfulness, published.csv's
-  `ours` — have no interval here: |ours − reference| ≤ `tolerance` (0.05 by default; 5 points on a 0–100
-  column such as asr_at_origin) — a stated tolerance, not a confidence interval.
+  hazard/retain accuracy), a classifier's harmfulness, published.csv's `ours` — have no interval here:
+  |ours − reference| ≤ `tolerance` (0.05 by default; 5 points on a 0–100 column such as asr_at_origin) — a
+  stated tolerance, not a confidence interval.
 - **Positions on the scan grid** (basin_width, basin_width_beta, official_segment_min/max): within one grid step.
 - **train_loss**: within 10% of the reference (relative): it has no n and no natural scale.
 - **Counts, settings and names** (n, points, cells, status, worst_cell, capability_metric, …): equal.
@@ -112,8 +115,10 @@ def rules(tolerance: float = TOLERANCE) -> list[str]:
     return [
         "harmful-prompt rates (refusal/compliance/other, and refusal rates in the other tables): inside the "
         "reference's Wilson 95% interval for its n (refusal.csv's n)",
+        "other rates whose interval the reference row carries (false refusal, exact match, per-source refusal "
+        "rates: <rate>_lo, <rate>_hi): inside it",
         "VISAGE scores: Wilson 95% interval on score/100 with n = the scan points averaged (wide, conservative)",
-        f"shares whose n the tables do not carry (lm-eval accuracies, exact match, false refusal, published): "
+        f"shares whose n the tables do not carry (lm-eval accuracies, a classifier's harmfulness, published): "
         f"|difference| <= {tolerance:g} ({100 * tolerance:g} on 0-100 columns), a stated tolerance, not an interval",
         "scan-grid positions (basin width, segment ends): within one grid step; train_loss: within "
         f"{100 * RELATIVE_TOLERANCE:g}% of the reference",
@@ -208,6 +213,9 @@ def _bounds(table: str, column: str, row: dict[str, str], value: float, refusal_
     if n:
         low, high = wilson_interval(value, int(n))
         return low, high, f"Wilson 95%, n={int(n)}"
+    carried = _carried_interval(column, row)
+    if carried:
+        return *carried, "Wilson 95%, the reference's interval"
     if column in VISAGE_SCORES:
         points = _visage_points(column, row)
         if points:
@@ -222,6 +230,14 @@ def _bounds(table: str, column: str, row: dict[str, str], value: float, refusal_
         return value - margin, value + margin, f"relative ±{100 * RELATIVE_TOLERANCE:g}%"
     scale = 100 if column in PERCENT or (table == "published" and row.get("unit") == "percent") else 1
     return value - scale * tolerance, value + scale * tolerance, f"tolerance ±{scale * tolerance:g} (no n)"
+
+
+def _carried_interval(column: str, row: dict[str, str]) -> tuple[float, float] | None:
+    """The interval the row carries for `column`: <rate>_lo and _hi (refusal_rate_lo@<source> for a per-source
+    rate), where both are numbers."""
+    rate, at, source = column.partition("@")
+    bounds = [_number(row.get(f"{rate}{end}{at}{source}", "")) for end in ("_lo", "_hi")]
+    return None if None in bounds else (bounds[0], bounds[1])
 
 
 def _axis(row: dict[str, str]) -> int | None:

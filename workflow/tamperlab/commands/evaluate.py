@@ -19,16 +19,23 @@ def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
             "path": str(args.model), "adapter": str(args.adapter) if args.adapter else None}
 
 
-def _refusal(args: argparse.Namespace, step, judge, rows: list[dict], model_dir: Path, adapter: Path | None,
-             checkpoint: dict[str, Any], load=None):
+def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(the harmful prompts' judge, the benign prompts' own judge or None), made once per job."""
     from tamperlab.evaluation.judges import make_false_refusal_judge
+
+    return judge_from(args), make_false_refusal_judge(args.false_refusal_judge)
+
+
+def _refusal(args: argparse.Namespace, step, judges: tuple[Any, Any], rows: list[dict], model_dir: Path,
+             adapter: Path | None, checkpoint: dict[str, Any], load=None):
     from tamperlab.evaluation.refusal import evaluate_checkpoint
 
+    judge, benign_judge = judges
     return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=args.judge, split=args.split,
                                system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
                                batch_size=args.batch_size, compliance_marker=args.compliance_marker,
                                checkpoint=checkpoint, max_memory=args.max_memory, load=load, phase=step.phase,
-                               benign_judge=make_false_refusal_judge(args.false_refusal_judge))
+                               benign_judge=benign_judge)
 
 
 def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Path, adapter: Path | None,
@@ -66,7 +73,7 @@ def evaluate_refusal(args: argparse.Namespace) -> None:
     with Step("evaluate-refusal", params(args, "out_summary", "out_responses"), inputs=_inputs(args),
               outputs={"summary": args.out_summary, "responses": args.out_responses}) as step:
         rows = _refusal_rows(args)
-        summary, records = _refusal(args, step, judge_from(args), rows, args.model, args.adapter, _checkpoint(args))
+        summary, records = _refusal(args, step, _judges(args), rows, args.model, args.adapter, _checkpoint(args))
         step.path("summary").write_text(json.dumps(summary, indent=2) + "\n")
         write_jsonl(step.path("responses"), records)
         step.results = {k: summary[k] for k in ("refusal_rate", "n", "benign")}
@@ -113,7 +120,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
               outputs_are_dirs=("evaluations",)) as step:
         rows = _refusal_rows(args)
         capability_rows = read_jsonl(args.data / f"{args.capability_split}.jsonl", required=("prompt", "kind"))
-        judge = judge_from(args)
+        judges = _judges(args)
         step.results = {}
         for cell, snapshot in cells:
             model_dir, adapter = (args.model, snapshot) if args.method == "lora" else (snapshot, None)
@@ -122,7 +129,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
             out = step.path("evaluations") / snapshot.relative_to(args.run)
             out.mkdir(parents=True)
             load = loader(model_dir, adapter, args.max_memory)  # loaded by the first evaluation, kept for both
-            summary, records = _refusal(args, step, judge, rows, model_dir, adapter, checkpoint, load)
+            summary, records = _refusal(args, step, judges, rows, model_dir, adapter, checkpoint, load)
             (out / "refusal.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_jsonl(out / "refusal.jsonl", records)
             capability = _capability(args, step, capability_rows, model_dir, adapter, args.capability_batch_size,
