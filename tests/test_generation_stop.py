@@ -236,3 +236,13 @@ def test_generate_ids_cuts_a_stopped_row_to_the_checked_text(scripted, tokenizer
     assert out.stopped == [True, False]
     assert (out.new_tokens[0, out.lengths[0]:] == tokenizer.pad_token_id).all()
     assert out.lengths[1] == MAX_NEW_TOKENS
+
+
+def test_the_stats_of_several_generations_sum_their_work_and_say_whether_any_stopped_early():
+    from tamperlab.evaluation.generation import Generation, combined_stats
+
+    harmful = Generation(["I cannot", "Sure"], [2, 6], [True, False], steps=6, early_stop=True)
+    benign = Generation(["Paris."], [3], [False], steps=3, early_stop=False)
+    assert combined_stats([harmful, benign]) == {"generated_tokens": 11, "stopped_early": 1, "decode_steps": 9,
+                                                 "early_stop": True}
+    assert benign.stats() == {"generated_tokens": 3, "stopped_early": 0, "decode_steps": 3, "early_stop": False}

@@ -115,8 +115,15 @@ class Generation:
 
     def stats(self) -> dict[str, Any]:
         """What a manifest records about the generation."""
-        return {"generated_tokens": sum(self.new_tokens), "stopped_early": sum(self.stopped),
-                "decode_steps": self.steps, "early_stop": self.early_stop}
+        return combined_stats([self])
+
+
+def combined_stats(generations: Sequence[Generation]) -> dict[str, Any]:
+    """What a manifest records about several generations of one evaluation (e.g. harmful and benign rows apart):
+    tokens, early-stopped rows and decoding steps summed; early stop on if any used it."""
+    return {"generated_tokens": sum(sum(g.new_tokens) for g in generations),
+            "stopped_early": sum(sum(g.stopped) for g in generations),
+            "decode_steps": sum(g.steps for g in generations), "early_stop": any(g.early_stop for g in generations)}
 
 
 @dataclass

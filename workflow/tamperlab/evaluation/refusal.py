@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
-from tamperlab.evaluation.generation import early_stop_substrings, generate
+from tamperlab.evaluation.generation import combined_stats, early_stop_substrings, generate
 from tamperlab.evaluation.judges import matched_keywords
 
 
@@ -140,8 +140,7 @@ def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_pro
              benign_judge=None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     # Under the keyword judge a row stops at its first refusal substring: the verdict is already final. A benign
     # judge of its own decides on other text (XSTest's: the opening), so its rows are generated apart.
-    responses, new_tokens = [""] * len(rows), [0] * len(rows)
-    stats: dict[str, Any] = {"generated_tokens": 0, "stopped_early": 0, "decode_steps": 0, "early_stop": False}
+    responses, new_tokens, generations = [""] * len(rows), [0] * len(rows), []
     for indices, group_judge in judge_groups(rows, judge, benign_judge):
         if not indices:
             continue
@@ -149,15 +148,14 @@ def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_pro
                               max_new_tokens, batch_size, stop_substrings=early_stop_substrings(group_judge))
         for i, response, n in zip(indices, generation.responses, generation.new_tokens, strict=True):
             responses[i], new_tokens[i] = response, n
-        for key, value in generation.stats().items():
-            stats[key] = (stats[key] or value) if key == "early_stop" else stats[key] + value
+        generations.append(generation)
     records = judge_rows(rows, responses, judge, compliance_marker, benign_judge)
     for record, n in zip(records, new_tokens, strict=True):
         record["generated_tokens"] = n
     summary = summarise(records)
     if benign_judge is not None:
         summary["false_refusal_judge"] = benign_judge.name
-    return {**summary, "generated": stats}, records
+    return {**summary, "generated": combined_stats(generations)}, records
 
 
 def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[dict[str, Any]], judge, *,
