@@ -473,3 +473,19 @@ def test_the_tar_overlay_judges_with_harmbench_at_a_pinned_revision():
     refusal = yaml.safe_load((REPO / "experiments" / "tamirisa2024_tar.yaml").read_text())["evaluation"]["refusal"]
     assert refusal["judge"] == "harmbench"
     assert refusal["classifier"] == {"model": "cais/HarmBench-Llama-2-13b-cls", "revision": PIN}
+
+
+def test_the_schema_and_the_command_line_offer_the_judges_the_package_makes():
+    """The judge names live in judges.py; the config schema's enums and the CLI's choices must name the same."""
+    from tamperlab.commands.evaluate import register
+    from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES, JUDGES
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    refusal = schema["properties"]["evaluation"]["properties"]["refusal"]["properties"]
+    assert refusal["judge"]["enum"] == list(JUDGES)
+    assert refusal["false_refusal_judge"]["enum"] == [None, *FALSE_REFUSAL_JUDGES]
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    evaluate = parser._subparsers._group_actions[0].choices["evaluate-refusal"]
+    options = {action.dest: action.choices for action in evaluate._actions}
+    assert list(options["judge"]) == list(JUDGES) and list(options["false_refusal_judge"]) == list(FALSE_REFUSAL_JUDGES)

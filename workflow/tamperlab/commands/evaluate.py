@@ -10,6 +10,7 @@ from typing import Any
 
 from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
+from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES
 
 EVALUATION_ROWS = ("id", "prompt", "kind", "source")  # what a refusal evaluation reads of each row
 
@@ -158,7 +159,7 @@ def _refusal_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system-prompt")
     p.add_argument("--prompt-limit", type=int, help="the split's first LIMIT harmful and first LIMIT benign prompts")
     p.add_argument("--benign-limit", type=int, help="of the benign prompts, the first LIMIT instead (0: all)")
-    p.add_argument("--false-refusal-judge", choices=["xstest"],
+    p.add_argument("--false-refusal-judge", choices=FALSE_REFUSAL_JUDGES,
                    help="judge the benign prompts' responses with this (XSTest's string match), not --judge")
 
 
