@@ -60,8 +60,8 @@ def test_the_attack_trains_on_generated_answers_not_a_template(real_run):
 def test_every_checkpoint_is_evaluated_on_mmlu_and_answer_likelihood(real_run):
     table = pd.read_csv(real_run / "results/tables/refusal.csv")
     rows = set(zip(table["defence"], table["attack"].fillna("none"), strict=True))
-    assert {("unaligned", "none"), ("none", "none"), ("repnoise", "none"), ("tar", "none"),
-            ("none", "lora"), ("repnoise", "lora"), ("tar", "lora")} <= rows
+    assert rows == {("unaligned", "none"), ("none", "none"), ("repnoise", "none"), ("tar", "none"),
+                    ("none", "lora"), ("repnoise", "lora")}  # lora is not run against tar (attacks.lora.defences)
     assert table["tamperlab_mmlu/acc"].between(0, 1).all()
     assert table["tamperlab_answers/byte_likelihood"].between(0, 1).all()
     assert (table["n"] == 8).all()
