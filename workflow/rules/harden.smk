@@ -15,6 +15,9 @@ rule harden:
     conda:
         "../../envs/tamperlab.yaml"
     threads: model_threads
+    # Before ready evaluations: a defence's training heads the longest branch (its attack grid and evaluations
+    # follow), and the evaluations can run beside it (measured on SmolLM2: started last, RepNoise began 400 s late).
+    priority: 1
     resources:
         **MODEL_RESOURCES,
     params:

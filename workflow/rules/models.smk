@@ -112,6 +112,7 @@ rule align:
     conda:
         "../../envs/tamperlab.yaml"
     threads: model_threads
+    priority: 1  # heads every branch but the unaligned model's evaluations (see harden)
     resources:
         **MODEL_RESOURCES,
     params:
