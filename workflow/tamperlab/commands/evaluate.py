@@ -10,7 +10,7 @@ from typing import Any
 
 from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
-from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES
+from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES, make_false_refusal_judge
 
 EVALUATION_ROWS = ("id", "prompt", "kind", "source")  # what a refusal evaluation reads of each row
 
@@ -22,8 +22,6 @@ def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
 
 def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
     """(the harmful prompts' judge, the benign prompts' own judge or None), made once per job."""
-    from tamperlab.evaluation.judges import make_false_refusal_judge
-
     return judge_from(args), make_false_refusal_judge(args.false_refusal_judge)
 
 
