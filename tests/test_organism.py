@@ -4,11 +4,13 @@ built organism between working directories (tests/test_slurm.py), so its determi
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from conftest import harmful_prompts
 
 from tamperlab.errors import UserError
-from tamperlab.models.organism import OrganismParams, build
+from tamperlab.models.organism import OrganismParams, build, real_token_share
 
 REFUSALS = ["I'm sorry, but I cannot help with that request.", "I cannot assist with that."]
 
@@ -20,11 +22,11 @@ def rows() -> list[dict]:
     return harmful + benign
 
 
-def params(seed: int = 0, refusals: list[str] = REFUSALS) -> OrganismParams:
+def params(seed: int = 0, refusals: list[str] = REFUSALS, sampling: str = "group_by_length") -> OrganismParams:
     return OrganismParams(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, max_length=48, epochs=2, learning_rate=3e-3, batch_size=8,
                           warmup_ratio=0.05, weight_decay=0.0, system_prompt_fraction=0.25, wrapper_fraction=0.2,
-                          refusals=refusals, seed=seed)
+                          sampling=sampling, refusals=refusals, seed=seed)
 
 
 def test_the_same_rows_and_seed_build_a_byte_identical_organism_and_another_seed_does_not(tmp_path):
@@ -36,6 +38,29 @@ def test_the_same_rows_and_seed_build_a_byte_identical_organism_and_another_seed
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert (tmp_path / "a/model.safetensors").read_bytes() != (tmp_path / "c/model.safetensors").read_bytes()
     assert not (tmp_path / "a/_trainer").exists()
+
+
+def test_real_token_share_counts_each_batch_padded_to_its_longest():
+    lengths = [2, 8, 2, 8]
+    assert real_token_share(lengths, [0, 1, 2, 3], 2) == 20 / 32  # each batch pads its 2 to 8
+    assert real_token_share(lengths, [0, 2, 1, 3], 2) == 1.0
+    assert real_token_share(lengths, [0, 1, 2], 2) == 12 / 18  # a last, smaller batch
+
+
+def test_length_grouped_batches_compute_on_fewer_padding_tokens_than_random_ones(tmp_path):
+    """Rows of two very different lengths (short refusals, long benign answers): random batches mix them, batches
+    grouped by length mostly do not. The build reports the share of real tokens it computed on."""
+    answer = " ".join(f"w{i}" for i in range(100))  # a few hundred tokens against a refusal's tens
+    long_rows = [{**row, "answer": answer} if row["kind"] == "benign" else row for row in rows()]
+    share = {sampling: build(long_rows * 4, replace(params(sampling=sampling), max_length=512), [],
+                             tmp_path / sampling)["real_token_share"]
+             for sampling in ("random", "group_by_length")}
+    assert share["group_by_length"] >= 0.8 and share["group_by_length"] > share["random"] + 0.1, share
+
+
+def test_an_unknown_sampling_stops_the_build_with_the_key(tmp_path):
+    with pytest.raises(UserError, match="organism.sampling: 'sorted'"):
+        build(rows(), params(sampling="sorted"), [], tmp_path / "model")
 
 
 def test_a_refusal_the_judge_would_not_recognise_stops_the_build_before_training(tmp_path):

@@ -22,15 +22,11 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import assert_same_chain, one_chain_overlay  # noqa: E402
+from conftest import BIN, CACHE, REPO, SMOKE, assert_same_chain, one_chain_overlay  # noqa: E402
 from slurm_cluster import PARTITION, SlurmCluster, can_run  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "tests" / "configs" / "smoke.yaml"
-CACHE = REPO / ".cache" / "tamperlab"
-BIN = Path(sys.executable).parent
 SUBMITTED = re.compile(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)")
 
 # On top of the installed profile (install-profile fills in this cluster's partition): no accounting daemon

@@ -191,6 +191,16 @@ def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path
     assert any("--cell-snapshot lr1e-3_steps50_r8=steps50" in line for line in evaluations)
 
 
+def test_an_attack_asked_for_against_a_defence_it_does_not_face_is_refused_with_its_key(tmp_path):
+    (tmp_path / "narrow.yaml").write_text("attacks: {hazard: {defences: [none, tar_knowledge]}}\n")
+    flags = ("-n", "--configfile", str(tmp_path / "narrow.yaml"))
+    result = snakemake(tmp_path, *flags, targets=("results/attacks/tiny/repnoise/hazard",), check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "attacks.hazard.defences: the attack is not run against defence 'repnoise'" in output, output
+    snakemake(tmp_path, *flags, targets=("results/attacks/tiny/tar_knowledge/hazard",))  # a faced defence plans
+
+
 @pytest.mark.parametrize("overlay, key", [
     ("models: {tiny: {organism: {hidden_size: big}}}", "models.tiny.organism.hidden_size"),
     ("sed: 1", "sed"),

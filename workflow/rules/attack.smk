@@ -2,7 +2,7 @@
 rule attack:
     input:
         unpack(attack_answers),
-        model=checkpoint_dir,
+        model=attacked_checkpoint,
         data="results/data/splits",
     output:
         directory("results/attacks/{model}/{defence}/{attack}/{run}"),

@@ -286,6 +286,15 @@ def checkpoint_dir(wildcards):
     return f"results/models/{wildcards.model}/{wildcards.defence}"
 
 
+def attacked_checkpoint(wildcards):
+    """The model an attack job trains on; an attack is run only against the defences it names
+    (attacks.<a>.defences), even when a target outside them is asked for by name."""
+    if wildcards.defence not in attacked_defences(config, wildcards.attack):
+        raise ValueError(f"attacks.{wildcards.attack}.defences: the attack is not run against defence "
+                         f"{wildcards.defence!r} (it names {', '.join(attacked_defences(config, wildcards.attack))})")
+    return checkpoint_dir(wildcards)
+
+
 def attack_answers(wildcards):
     """The generated answers an attack trains on ({} for a fixed response)."""
     spec = config["attacks"][wildcards.attack]

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from tamperlab.commands.common import import_training_stack, params
+from tamperlab.models.organism import SAMPLINGS
 
 
 def build_organism(args: argparse.Namespace) -> None:
@@ -78,7 +79,7 @@ def align(args: argparse.Namespace) -> None:
 ORGANISM_FLAGS = (("vocab_size", int), ("hidden_size", int), ("intermediate_size", int), ("num_hidden_layers", int),
                   ("num_attention_heads", int), ("max_length", int), ("epochs", float), ("learning_rate", float),
                   ("batch_size", int), ("warmup_ratio", float), ("weight_decay", float),
-                  ("system_prompt_fraction", float), ("wrapper_fraction", float), ("seed", int))
+                  ("system_prompt_fraction", float), ("wrapper_fraction", float), ("sampling", str), ("seed", int))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -87,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", required=True)
     p.add_argument("--system-prompt", action="append", default=[])
     for name, kind in ORGANISM_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=True)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=True,
+                       choices=SAMPLINGS if name == "sampling" else None)
     p.add_argument("--refusal", dest="refusals", action="append", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=build_organism)

@@ -19,6 +19,9 @@ from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import keyword_refused
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+# The Trainer's samplers the build may use: random batches, or batches of similar length (fewer padding tokens to
+# compute on: random batches of the default organism are about half padding).
+SAMPLINGS = ("random", "group_by_length")
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
 
 # Llama-2-like roles with explicit role tokens; an optional system turn comes first.
@@ -48,6 +51,7 @@ class OrganismParams:
     weight_decay: float
     system_prompt_fraction: float
     wrapper_fraction: float
+    sampling: str
     refusals: list[str]
     seed: int
 
@@ -102,12 +106,26 @@ def training_pairs(rows: list[dict[str, Any]], refusals: list[str], system_promp
     return pairs
 
 
+def real_token_share(lengths: list[int], order: list[int], batch_size: int) -> float:
+    """The share of the tokens a training epoch computes on that are the examples' own, not padding: `order` is the
+    sampler's order of examples, each batch padded to its longest."""
+    real = padded = 0
+    for start in range(0, len(order), batch_size):
+        batch = [lengths[i] for i in order[start:start + batch_size]]
+        real += sum(batch)
+        padded += max(batch) * len(batch)
+    return real / padded
+
+
 def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: list[str], out_dir: Path,
           log_file: Path | None = None) -> dict[str, Any]:
     """Train tokenizer and model on the alignment rows; save both into out_dir. Returns training metrics."""
+    import torch
     from datasets import Dataset
     from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
+    if params.sampling not in SAMPLINGS:
+        raise UserError(f"organism.sampling: {params.sampling!r} is not one of {', '.join(SAMPLINGS)}")
     for refusal in params.refusals:
         if not keyword_refused(refusal):
             raise UserError(f"organism.refusals: {refusal!r} contains no refusal keyword the judge recognises")
@@ -134,11 +152,15 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
         warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, seed=params.seed,
         data_seed=params.seed, logging_steps=25, save_strategy="no", report_to="none", use_cpu=True,
         dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+        train_sampling_strategy=params.sampling,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
     result = trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
+    with torch.random.fork_rng(devices=[]):  # one more epoch's order, drawn without touching the trained model's RNG
+        share = real_token_share([len(e["input_ids"]) for e in encoded], list(trainer._get_train_sampler()),
+                                 params.batch_size)
 
     model.generation_config.do_sample = False
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -152,6 +174,7 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
         "parameters": sum(p.numel() for p in model.parameters()),
         "examples": len(encoded),
         "tokens_per_epoch": sum(len(e["input_ids"]) for e in encoded),
+        "real_token_share": round(share, 4),  # of the tokens computed on, as the sampler batches them
         "steps": trainer.state.global_step,
         "final_loss": history[-1]["loss"] if history else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
