@@ -282,3 +282,8 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
         "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
         "prepare_mmlu": 1, "harden": 1, "attack": 4, "evaluate_run": 4, "evaluate_refusal": 3,
         "evaluate_capability": 3, "tables": 1, "landscape_scan": 1, "landscape_gather": 1, "visage": 1, "all": 1}
+    # align runs alone (every later job needs the aligned model): it takes both cores, every other job one
+    block = (result.stdout + result.stderr).split("rule align:", 1)[1].split("\n\n", 1)[0]
+    assert "threads: 2" in block and "cpus_per_task=2" in block, block
+    harden = (result.stdout + result.stderr).split("rule harden:", 1)[1].split("\n\n", 1)[0]
+    assert "threads:" not in harden and "cpus_per_task=1" in harden, harden  # Snakemake prints threads above 1

@@ -18,6 +18,9 @@ rule attack:
     conda:
         "../../envs/tamperlab.yaml"
     threads: model_threads
+    # Before ready evaluations, as harden: an attack heads its run's evaluation, a branch's longest job (measured on
+    # SmolLM2: one run's attack left till last, its evaluation then ran alone while the other core idled).
+    priority: 1
     resources:
         **MODEL_RESOURCES,
     params:

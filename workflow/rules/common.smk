@@ -86,6 +86,7 @@ def import_args(model):
 def align_args(wildcards):
     spec = dict(config["models"][wildcards.model]["align"])
     refusals, split = spec.pop("refusals"), spec.pop("split")
+    spec.pop("threads")  # the job's, not the recipe's (align_threads)
     if spec["method"] == "lora" and spec["lora_alpha"] is None:
         spec["lora_alpha"] = default_lora_alpha(spec["rank"])
     return cli_flags({"split": split, "refusal": refusals, **spec})
@@ -537,6 +538,11 @@ def model_threads(wildcards):
 def organism_threads(wildcards):
     """Threads and CPUs of the organism's build (models.<m>.organism.threads): the one job that runs alone."""
     return config["models"][wildcards.model]["organism"]["threads"]
+
+
+def align_threads(wildcards):
+    """Threads and CPUs of the align job: models.<m>.align.threads, or (null) the size class's."""
+    return config["models"][wildcards.model]["align"]["threads"] or model_threads(wildcards)
 
 
 def harden_anchor(wildcards):

@@ -111,10 +111,10 @@ rule align:
         model=names_regex(aligned_models()),
     conda:
         "../../envs/tamperlab.yaml"
-    threads: model_threads
+    threads: align_threads
     priority: 1  # heads every branch but the unaligned model's evaluations (see harden)
     resources:
-        **MODEL_RESOURCES,
+        **{**MODEL_RESOURCES, "cpus_per_task": align_threads},
     params:
         launch=launcher,
         align=align_args,
