@@ -51,6 +51,9 @@ rule generate_responses:
     conda:
         "../../envs/tamperlab.yaml"
     threads: model_threads
+    # Before ready evaluations: the answers feed align and the attacks (measured on SmolLM2: the alignment split's
+    # answers, which align waits for, started 2 min late, behind the unaligned model's refusal evaluation)
+    priority: 1
     resources:
         **MODEL_RESOURCES,
     params:
