@@ -4,13 +4,17 @@ built organism between working directories (tests/test_slurm.py), so its determi
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
+import yaml
 from conftest import harmful_prompts
 
+from tamperlab.commands.models import register
 from tamperlab.errors import UserError
-from tamperlab.models.organism import OrganismParams, build, real_token_share
+from tamperlab.models.organism import SAMPLINGS, OrganismParams, build, real_token_share
 
 REFUSALS = ["I'm sorry, but I cannot help with that request.", "I cannot assist with that."]
 
@@ -67,3 +71,12 @@ def test_a_refusal_the_judge_would_not_recognise_stops_the_build_before_training
     with pytest.raises(UserError, match="organism.refusals: 'Let us talk of tea.'"):
         build(rows(), params(refusals=["Let us talk of tea."]), [], tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_the_schema_and_the_command_line_offer_the_samplings_the_build_knows():
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    assert schema["$defs"]["organism"]["properties"]["sampling"]["enum"] == list(SAMPLINGS)
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    build_organism = parser._subparsers._group_actions[0].choices["build-organism"]
+    assert {action.dest: action.choices for action in build_organism._actions}["sampling"] == SAMPLINGS
