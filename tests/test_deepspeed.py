@@ -15,12 +15,12 @@ import importlib.util
 import json
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch
 from safetensors.torch import load_file
 from test_attack import RESPONSE, attack_command, base  # noqa: F401  (base: the organism-like fixture)
 
@@ -46,8 +46,7 @@ def env() -> dict[str, str]:
 
 
 def run(command: list[str], cwd: Path) -> None:
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env=env(), cwd=cwd)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    launch(command, env(), cwd)
 
 
 def under_zero3(command: list[str], config: Path) -> list[str]:

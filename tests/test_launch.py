@@ -1,4 +1,5 @@
-"""The launcher by size class and the ZeRO-3 config: pure functions, no torch."""
+"""The launcher by size class and the ZeRO-3 config (pure functions, no torch), and the tests' own launch helper
+against a real torchrun."""
 
 from __future__ import annotations
 
@@ -130,3 +131,41 @@ def test_the_launch_module_does_not_import_torch():
 
     code = "import sys, tamperlab.launch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+ABORTS_ONCE = """
+import os, pathlib, torch.distributed as dist
+dist.init_process_group("gloo")
+marker = pathlib.Path("aborted")
+if dist.get_rank() == 1 and not marker.exists():
+    marker.touch()
+    os.abort()
+dist.barrier()
+print(f"rank {dist.get_rank()} done", flush=True)
+"""
+RAISES = """
+import torch.distributed as dist
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    raise ValueError("no such model")
+dist.barrier()
+"""
+
+
+def test_a_rank_killed_by_a_signal_is_launched_again_once_and_a_python_error_is_not(tmp_path):
+    """tests/conftest.py `launch` against torch.distributed.elastic's real report: a rank that aborts (once) is
+    rerun with a warning that carries its faulthandler stack; a rank that raises fails at once, its error shown."""
+    import os
+    import sys
+
+    from conftest import launch as run_launch
+
+    (tmp_path / "aborts.py").write_text(ABORTS_ONCE)
+    (tmp_path / "raises.py").write_text(RAISES)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with pytest.warns(UserWarning, match=r"(?s)rank 1 died by SIGABRT; launched again.*Fatal Python error: Abort"):
+        output = run_launch([*torchrun, "aborts.py"], env, tmp_path, timeout=120)
+    assert "rank 0 done" in output and "rank 1 done" in output
+    with pytest.raises(AssertionError, match="(?s)launch failed.*no such model"):
+        run_launch([*torchrun, "raises.py"], env, tmp_path, timeout=120)

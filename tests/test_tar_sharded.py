@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import defence_split, save_base_model, snakemake_env, tiny_llama, write_splits
+from conftest import defence_split, launch, save_base_model, snakemake_env, tiny_llama, write_splits
 from safetensors.torch import load_file
 from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
@@ -184,9 +184,7 @@ def test_fsdp_without_a_launch_is_one_process_of_one(base, single_refusal, tmp_p
 
 @pytest.mark.slow
 def test_refusal_on_two_processes_gives_the_one_process_weights(base, single_refusal, tmp_path):
-    result = subprocess.run(sharded(base, tmp_path / "fsdp", REFUSAL_PARAMS), capture_output=True, text=True,
-                            env=env(), cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    output = launch(sharded(base, tmp_path / "fsdp", REFUSAL_PARAMS), env(), tmp_path, timeout=300)
     assert_close_to_one_process(single_refusal, tmp_path / "fsdp", base[0])
     manifest = read_manifest(tmp_path / "fsdp")
     assert manifest["status"] == "complete" and manifest["params"]["fsdp"] is True
@@ -194,7 +192,7 @@ def test_refusal_on_two_processes_gives_the_one_process_weights(base, single_ref
     assert manifest["results"]["trainable_parameters"] == read_manifest(single_refusal)["results"][
         "trainable_parameters"]  # whole parameters counted, not shards
     assert sorted(os.listdir(tmp_path / "fsdp")) == sorted(os.listdir(single_refusal))
-    assert result.stderr.count("TAR outer step 3/3") == 1  # one log: process 0's
+    assert output.count("TAR outer step 3/3") == 1  # one log: process 0's
 
 
 @pytest.mark.slow
