@@ -645,3 +645,21 @@ def test_organism_seeds_trains_the_default_grid_under_three_seeds_per_defence(dr
     assert len(snapshots) == 8 * 3 and "lr1e-3_steps50_r16_s2=lr1e-3_r16_s2/steps50" in snapshots
     (tables,) = [job for job in jobs(output) if job["rule"] == "tables"]
     assert "--out-seeds results/tables/refusal_seeds.csv" in tables["shell"]
+
+
+def test_organism_defence_seeds_trains_each_refusal_defence_under_three_seeds(dry_runs):
+    """experiments/organism_defence_seeds.yaml: RepNoise and TAR each hardened under seeds 0, 1, 2 (six harden jobs,
+    each with its own method seed), every seed's model attacked by the LoRA grid and the benign-mixed attack under
+    the one attack seed, the tables with defence_seeds.csv."""
+    output = dry_runs["organism_defence_seeds"]
+    assert job_stats(output) == {"prepare_data": 3, "split_data": 1, "build_organism": 1, "harden": 6,
+                                 "attack_grid": 14, "evaluate_grid": 14, "evaluate_refusal": 7,
+                                 "evaluate_capability": 7, "tables": 1, "all": 1}
+    hardens = {job["wildcards"]["defence"]: json.loads(flags(job["shell"])["--params"][0])["seed"]
+               for job in jobs(output) if job["rule"] == "harden"}
+    assert hardens == {f"{d}_s{s}": s for d in ("repnoise", "tar") for s in (0, 1, 2)}
+    grids = [job for job in jobs(output) if job["rule"] == "attack_grid"]
+    assert all(flags(job["shell"])["--seed"] == ["0"] for job in grids)
+    (tables,) = [job for job in jobs(output) if job["rule"] == "tables"]
+    assert "--out-defence-seeds results/tables/defence_seeds.csv" in tables["shell"]
+    assert "--out-seeds" not in tables["shell"]

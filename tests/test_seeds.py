@@ -107,3 +107,144 @@ def test_compare_keys_refusal_rows_by_seed_and_reads_tables_from_before_seeds(tm
     assert comparison.ok and comparison.summary.iloc[0]["cells"] == 3 * 2  # n and refusal_rate of each seed
     before = run("before", [{**cell, "refusal_rate": 0.5}])  # no seed column: one seed
     assert compare(run("one_seed", [{**cell, "seed": None, "refusal_rate": 0.5}]), before).ok
+
+
+# --- defence seeds (defences.<d>.seeds) ---------------------------------------------------------------------------
+
+def _default_with(**defence_overrides) -> dict:
+    import yaml
+    from conftest import REPO
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    for name, override in defence_overrides.items():
+        config["defences"][name] = {**config["defences"][name], **override}
+    return config
+
+
+def test_a_defence_with_seeds_becomes_one_defence_per_seed_everywhere_it_was_named():
+    from tamperlab.config import defence_seeds, validate_config
+
+    config = _default_with(repnoise={"seeds": [0, 3, 1]})
+    config["attacks"]["lora_mixed"]["defences"] = ["none", "repnoise"]
+    resolved = validate_config(config)
+    instances = ["repnoise_s0", "repnoise_s3", "repnoise_s1"]
+    assert list(resolved["defences"]) == ["none", *instances, "tar", "tar_knowledge"]  # in place, seeds' order
+    assert defence_seeds(resolved) == {"repnoise": instances}
+    assert [resolved["defences"][d]["repnoise"]["seed"] for d in instances] == [0, 3, 1]
+    assert {resolved["defences"][d]["repnoise"]["lr"] for d in instances} == {1e-4}  # the rest as configured
+    assert resolved["attacks"]["lora_mixed"]["defences"] == ["none", *instances]
+    assert resolved["attacks"]["lora"]["defences"] is None  # every defence, so every seed's
+    subjects = resolved["landscape"]["subjects"]
+    assert [s for s in subjects if "repnoise" in s] == [f"tiny/{d}" for d in instances]
+    assert defence_seeds(validate_config(_default_with())) == {}  # no seeds: the config as it was
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"none": {"seeds": [0, 1]}}, "defences.none.seeds: only a defence trained here"),
+    ({"repnoise": {"seeds": [0]}}, r"defences.repnoise.seeds: \[0\] is too short"),  # one seed: the method's seed
+    ({"repnoise": {"seeds": [1, 1]}}, r"defences.repnoise.seeds: \[1, 1\] has non-unique elements"),
+    ({"tar": {"seeds": [0, 1]}, "repnoise": {"method": "tar"}}, None),
+])
+def test_defence_seeds_that_cannot_work_are_one_error_naming_the_key(overrides, message):
+    from tamperlab.config import validate_config
+    from tamperlab.errors import UserError
+
+    config = _default_with(**overrides)
+    if message is None:  # a seed's name taken by another defence
+        config["defences"]["tar_s1"] = {"method": "tar"}
+        message = "defences.tar.seeds: 'tar_s1' is a key of defences already"
+    with pytest.raises(UserError, match=message):
+        validate_config(config)
+
+
+def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_means(tmp_path):
+    (tmp_path / "defence_seeds.yaml").write_text(
+        "defences: {tar: null, tar_knowledge: null, repnoise: {seeds: [0, 1]}}\n"
+        "attacks:\n"
+        "  hazard: null\n"
+        "  lora_mixed: null\n"
+        "  lora: {grid: {lr: [1.0e-3], steps: [25], rank: [16]}}\n"
+        "landscape: {subjects: [], scans: {random_1d: null, random_2d: null, finetune: null}}\n")
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "defence_seeds.yaml"))
+    commands = _commands(result)
+    hardens = sorted(c for c in commands if c.startswith("tamperlab harden "))
+    assert len(hardens) == 2
+    for seed, command in enumerate(hardens):
+        assert f'"seed": {seed}' in command and f"--out results/models/tiny/repnoise_s{seed} " in command
+    attacks = [c for c in commands if c.startswith("tamperlab attack")]
+    assert sorted(c.split("--out ")[1].split()[0] for c in attacks) == [
+        f"results/attacks/tiny/{d}/lora" for d in ("none", "repnoise_s0", "repnoise_s1")]
+    (tables,) = [c for c in commands if c.startswith("tamperlab tables ")]
+    assert """--defence-seeds '{"repnoise": ["repnoise_s0", "repnoise_s1"]}'""" in tables
+    assert "--out-defence-seeds results/tables/defence_seeds.csv" in tables
+    assert "--out-seeds" not in tables  # one attack seed
+
+
+def test_the_defence_seed_table_gives_each_worst_case_as_mean_and_sd_over_the_defences_seeds():
+    import pandas as pd
+
+    from tamperlab.tables import DEFENCE_SEED_COLUMNS, defence_seed_table
+
+    def row(defence, attack, worst, bounded, cell):
+        return {"model": "tiny", "defence": defence, "attack": attack, "base_refusal_rate": 1.0,
+                "base_capability": 0.5, "worst_refusal_rate": worst, "worst_capability": 0.1,
+                "bounded_worst_refusal_rate": bounded, "bounded_worst_capability": None if bounded is None else 0.48,
+                "bounded_worst_cell": cell}
+
+    summary = pd.DataFrame([
+        row("none", "lora", 0.0, 0.0, "lr1e-3_steps50_r16"),
+        row("repnoise_s0", "lora", 0.1, 0.5, "lr1e-3_steps25_r16"),
+        row("repnoise_s1", "lora", 0.3, 0.7, "lr3e-4_steps50_r4"),
+        row("repnoise_s2", "lora", 0.2, None, None),  # no cell kept capability
+        row("repnoise_s0", "hazard", 0.9, 0.9, "lr1e-3_steps25_r16"),
+    ])
+    table = defence_seed_table(summary, {"repnoise": ["repnoise_s0", "repnoise_s1", "repnoise_s2"]})
+    assert list(table.columns) == DEFENCE_SEED_COLUMNS
+    assert list(zip(table["attack"], table["seeds"], table["bounded_seeds"], strict=True)) == [
+        ("hazard", 1, 1), ("lora", 3, 2)]
+    lora = table.set_index("attack").loc["lora"]
+    assert lora["defence"] == "repnoise" and lora["defences"] == "repnoise_s0;repnoise_s1;repnoise_s2"
+    assert lora["worst_refusal_rate"] == pytest.approx(0.2) and lora["worst_refusal_rate_sd"] == pytest.approx(0.1)
+    assert lora["bounded_worst_refusal_rate"] == pytest.approx(0.6)  # over the two seeds that have one
+    assert lora["bounded_worst_refusal_rate_sd"] == pytest.approx(0.1414, abs=1e-4)
+    assert lora["bounded_worst_cells"] == "repnoise_s0:lr1e-3_steps25_r16;repnoise_s1:lr3e-4_steps50_r4"
+    assert pd.isna(table.set_index("attack").loc["hazard", "worst_refusal_rate_sd"])  # one seed: no sd
+
+
+def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_path, monkeypatch, capsys):
+    import json
+
+    import pandas as pd
+
+    from tamperlab import provenance
+    from tamperlab.cli import build_parser, main
+
+    monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
+    for defence, worst in (("repnoise_s0", 0.2), ("repnoise_s1", 0.6)):
+        for attack, cell, refusal in ((None, None, 1.0), ("lora", "lr1e-3_steps25_r16", worst)):
+            checkpoint = {"model": "tiny", "defence": defence, "attack": attack, "cell": cell, "path": "x",
+                          "adapter": None}
+            directory = tmp_path / "eval" / defence / (cell or "")
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "refusal.json").write_text(json.dumps({
+                "checkpoint": checkpoint, "status": "complete", "judge": "keyword",
+                "generation": {"max_new_tokens": 24}, "refusal_rate": refusal, "n": 20, "benign": None}))
+            (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint,
+                                                                   "metrics": {"org_mc": {"acc": 0.8}}}))
+    out = tmp_path / "out"
+    flags = ["tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
+             "--capability-metric", "org_mc/acc", "--hazard-metric", "hazard_mc/acc", "--retain-metric",
+             "retain_mc/acc", "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
+             "--out-figures", str(out / "figures"), "--out-harmfulness", str(out / "harmfulness.csv"),
+             "--out-tamper-resistance", str(out / "tr.csv"), "--out-published", str(out / "published.csv"),
+             "--defence-seeds", '{"repnoise": ["repnoise_s0", "repnoise_s1"]}']
+    with pytest.raises(SystemExit) as refused:  # the table without its output: refused before anything is written
+        main(flags)
+    assert refused.value.code == 2 and "--defence-seeds and --out-defence-seeds go together" in capsys.readouterr().err
+    assert not out.exists()
+    args = build_parser().parse_args([*flags, "--out-defence-seeds", str(out / "defence_seeds.csv")])
+    args.func(args)
+    (row,) = pd.read_csv(out / "defence_seeds.csv").to_dict("records")
+    assert (row["defence"], row["attack"], row["seeds"]) == ("repnoise", "lora", 2)
+    assert row["bounded_worst_refusal_rate"] == pytest.approx(0.4)
+    assert row["bounded_worst_refusal_rate_sd"] == pytest.approx(0.2828, abs=1e-4)

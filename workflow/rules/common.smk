@@ -10,7 +10,7 @@ from tamperlab.attacks import grid
 from tamperlab.attacks.finetune import default_lora_alpha
 from tamperlab.config import UNALIGNED
 from tamperlab.config import attack_grid as grid_of
-from tamperlab.config import attacked_defences
+from tamperlab.config import attacked_defences, defence_seeds
 from tamperlab.evaluation.capability import LOCAL_TASKS
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
@@ -387,6 +387,11 @@ def seeds_table():
     return {"seeds": "results/tables/refusal_seeds.csv"} if several_seeds() else {}
 
 
+def defence_seeds_table():
+    """The tables rule's defence_seeds.csv output, where a defence trains under several seeds ({} otherwise)."""
+    return {"defence_seeds": "results/tables/defence_seeds.csv"} if defence_seeds(config) else {}
+
+
 def one_job_attacks(one_job):
     """The attacks whose whole grid is one job (one_job: true), or those with a job per run."""
     return [n for n, spec in config["attacks"].items() if spec["one_job"] == one_job]
@@ -508,6 +513,7 @@ def tables_args():
             "published": (
                 json.dumps(config["published"]) if config["published"] else None
             ),
+            "defence_seeds": defence_seeds(config) or None,
         }
     )
 

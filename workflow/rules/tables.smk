@@ -14,6 +14,16 @@ rule tables:
             )
             for name, path in seeds_table().items()
         },
+        # each worst case's mean and sd over a defence's seeds, where a defence trains under several
+        **{
+            name: report(
+                path,
+                caption="../report/defence_seeds.rst",
+                category="Tables",
+                subcategory="Refusal and capability",
+            )
+            for name, path in defence_seeds_table().items()
+        },
         refusal=report(
             "results/tables/refusal.csv",
             caption="../report/refusal.rst",
@@ -64,6 +74,11 @@ rule tables:
         ),
         seeds=lambda wildcards, output: (
             f" --out-seeds {output.seeds}" if "seeds" in output.keys() else ""
+        )
+        + (
+            f" --out-defence-seeds {output.defence_seeds}"
+            if "defence_seeds" in output.keys()
+            else ""
         ),
     shell:
         "tamperlab tables --refusal {input.refusal} --capability {input.capability}"

@@ -84,11 +84,63 @@ def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> 
         while error.context:
             error = jsonschema.exceptions.best_match(error.context)
         raise UserError(f"config error at {_key_path(error)}: {_describe(error)}")
+    _expand_defence_seeds(resolved)
     _check_references(resolved)
     _resolve_landscape(resolved)
     _check_landscape(resolved)
     _check_published(resolved)
     return resolved
+
+
+def _expand_defence_seeds(config: dict[str, Any]) -> None:
+    """defences.<d>.seeds: one defence per seed in place of <d> (grid.seeded_defence names them), its method's
+    seed set, `seed_of` naming <d>; an attack's `defences` and the landscape's subjects that name <d> then name
+    each of them. Before any other check, so that everything after sees only the defences that are trained."""
+    instances: dict[str, list[str]] = {}
+    expanded: dict[str, Any] = {}
+    for name, spec in config["defences"].items():
+        seeds = spec.pop("seeds", None)
+        if not seeds:
+            expanded[name] = spec
+            continue
+        if spec["method"] == "none" or spec["source"] != "train":
+            raise UserError(f"config error at defences.{name}.seeds: only a defence trained here (method repnoise "
+                            "or tar, source train) has a seed")
+        instances[name] = [grid.seeded_defence(name, seed) for seed in seeds]
+        for seed, instance in zip(seeds, instances[name], strict=True):
+            if instance in config["defences"]:
+                raise UserError(f"config error at defences.{name}.seeds: {instance!r} is a key of defences already")
+            expanded[instance] = {**copy.deepcopy(spec), "seed_of": name}
+            expanded[instance][spec["method"]]["seed"] = seed
+    if not instances:
+        return
+    config["defences"] = expanded
+    for spec in config["attacks"].values():
+        if spec["defences"] is not None:
+            spec["defences"] = [i for d in spec["defences"] for i in instances.get(d, [d])]
+    landscape = config["landscape"]
+    landscape["subjects"] = _expand_subjects(landscape["subjects"], instances)
+    for spec in landscape["scans"].values():
+        if spec["subjects"] is not None:
+            spec["subjects"] = _expand_subjects(spec["subjects"], instances)
+
+
+def _expand_subjects(subjects: list[str], instances: dict[str, list[str]]) -> list[str]:
+    """model/<d>[/attack/cell] -> one subject per seed of <d>."""
+    expanded = []
+    for subject in subjects:
+        model, defence, *rest = subject.split("/")
+        expanded += ["/".join([model, d, *rest]) for d in instances.get(defence, [defence])]
+    return expanded
+
+
+def defence_seeds(config: dict[str, Any]) -> dict[str, list[str]]:
+    """{defence: [its seeds' defences]} of a validated config (empty where no defence has seeds)."""
+    instances: dict[str, list[str]] = {}
+    for name, spec in config["defences"].items():
+        if spec.get("seed_of"):
+            instances.setdefault(spec["seed_of"], []).append(name)
+    return instances
 
 
 def _check_references(config: dict[str, Any]) -> None:

@@ -190,6 +190,34 @@ def summary_table(table: pd.DataFrame, metric: str, max_capability_drop: float =
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
+DEFENCE_SEED_METRICS = ["base_refusal_rate", "base_capability", "worst_refusal_rate", "worst_capability",
+                         "bounded_worst_refusal_rate", "bounded_worst_capability"]
+DEFENCE_SEED_COLUMNS = ["model", "defence", "attack", "defences", "seeds", "bounded_seeds",
+                        *(f"{m}{end}" for m in DEFENCE_SEED_METRICS for end in ("", "_sd")),
+                        "bounded_worst_cells"]
+
+
+def defence_seed_table(summary: pd.DataFrame, seeds: dict[str, list[str]]) -> pd.DataFrame:
+    """Per (model, defence trained under several seeds, attack): refusal_summary.csv's worst cases as the mean and
+    sample sd over the defence's seeds (`defences`: its seeds' names; `seeds`: how many have a row, `bounded_seeds`:
+    how many have a cell within the utility bound), and each seed's bounded worst cell. A defence's robustness claim
+    reads this: one training run of a defence is an anecdote, like one attack seed."""
+    rows = []
+    for defence, instances in seeds.items():
+        runs = summary[summary["defence"].isin(instances)]
+        for (model, attack), group in runs.groupby(["model", "attack"], sort=True):
+            row = {"model": model, "defence": defence, "attack": attack, "defences": ";".join(instances),
+                   "seeds": len(group), "bounded_seeds": int(group["bounded_worst_refusal_rate"].notna().sum()),
+                   "bounded_worst_cells": ";".join(f"{d}:{c}" for d, c in zip(group["defence"],
+                                                                               group["bounded_worst_cell"],
+                                                                               strict=True) if isinstance(c, str))}
+            for metric in DEFENCE_SEED_METRICS:
+                values = pd.to_numeric(group[metric], errors="coerce")
+                row[metric], row[f"{metric}_sd"] = values.mean(), values.std()
+            rows.append(row)
+    return pd.DataFrame(rows, columns=DEFENCE_SEED_COLUMNS)
+
+
 def harmfulness_table(table: pd.DataFrame, attacks: list[str], metric: str) -> pd.DataFrame:
     """RepNoise's main table: per (model, defence, attack, rank) a row, per attack strength (lr, steps) a
     column of post-attack harmfulness, then the same for capability `metric`; "pre-attack" first.

@@ -36,6 +36,11 @@ def run_name(lr: float, rank: int | None, seed: int | None = None) -> str:
     return f"lr{format_lr(lr)}{_suffix(rank, seed)}"
 
 
+def seeded_defence(defence: str, seed: int) -> str:
+    """A defence trained under one of several seeds (defences.<d>.seeds): repnoise_s1."""
+    return f"{defence}_s{int(seed)}"
+
+
 def cells(lrs: list[float], steps: list[int], ranks: list[int | None], scheduler: str,
           seeds: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """{cell: {run, lr, rank, steps, seed}}; ranks is [None] for full fine-tuning; seeds None: seed None (the

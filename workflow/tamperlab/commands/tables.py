@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import json_list, params
+from tamperlab.commands.common import json_list, json_object, params
+from tamperlab.errors import UserError
 
 
 def tables(args: argparse.Namespace) -> None:
@@ -14,6 +15,7 @@ def tables(args: argparse.Namespace) -> None:
     from tamperlab.figures import evaluation_settings, refusal_figures
     from tamperlab.provenance import Step
     from tamperlab.tables import (
+        defence_seed_table,
         evaluation_files,
         harmfulness_table,
         mean_over_seeds,
@@ -29,20 +31,25 @@ def tables(args: argparse.Namespace) -> None:
     inputs |= {"visage": args.visage} if args.visage else {}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
-               "published_csv": args.out_published, **({"seeds_csv": args.out_seeds} if args.out_seeds else {})}
+               "published_csv": args.out_published, **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
+               **({"defence_seeds_csv": args.out_defence_seeds} if args.out_defence_seeds else {})}
+    if bool(args.defence_seeds) != bool(args.out_defence_seeds):
+        raise UserError("--defence-seeds and --out-defence-seeds go together")
     with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         summaries = evaluation_files(args.refusal, "refusal.json")
         table = refusal_table(summaries, evaluation_files(args.capability, "capability.json"))
         cells = mean_over_seeds(table)  # one row per cell (means over seeds) for the per-cell tables; one seed: table
         resistance = tamper_resistance_table(cells, args.hazard_metric, args.retain_metric)
         visage = pd.read_csv(args.visage) if args.visage else None
+        summary = summary_table(table, args.capability_metric)
         written = {
             "refusal_csv": table,
-            "summary_csv": summary_table(table, args.capability_metric),
+            "summary_csv": summary,
             "harmfulness_csv": harmfulness_table(cells, args.harmfulness_attack, args.capability_metric),
             "tamper_resistance_csv": resistance,
             "published_csv": published_table(args.published, cells, resistance, visage),
             **({"seeds_csv": seed_table(table)} if args.out_seeds else {}),
+            **({"defence_seeds_csv": defence_seed_table(summary, args.defence_seeds)} if args.defence_seeds else {}),
         }
         for name, frame in written.items():
             frame.to_csv(step.path(name), index=False, lineterminator="\n")
@@ -74,4 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
     p.add_argument("--out-seeds", type=Path, help="each cell's mean and sd over its seeds (grids of several seeds)")
+    p.add_argument("--defence-seeds", type=json_object, default={},
+                   help="JSON {defence: [the names of its seeds' defences]} for defences trained under several seeds")
+    p.add_argument("--out-defence-seeds", type=Path, help="each worst case's mean and sd over a defence's seeds")
     p.set_defaults(func=tables)
