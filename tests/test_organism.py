@@ -27,6 +27,8 @@ def rows() -> list[dict]:
 
 
 def params(seed: int = 0, refusals: list[str] = REFUSALS, sampling: str = "group_by_length") -> OrganismParams:
+    # group_by_length, not the config's default (random): the determinism test covers the sampler the smoke run,
+    # which builds with random, does not
     return OrganismParams(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=2, max_length=48, epochs=2, learning_rate=3e-3, batch_size=8,
                           warmup_ratio=0.05, weight_decay=0.0, system_prompt_fraction=0.25, wrapper_fraction=0.2,
