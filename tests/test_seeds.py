@@ -248,3 +248,16 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
     assert (row["defence"], row["attack"], row["seeds"]) == ("repnoise", "lora", 2)
     assert row["bounded_worst_refusal_rate"] == pytest.approx(0.4)
     assert row["bounded_worst_refusal_rate_sd"] == pytest.approx(0.2828, abs=1e-4)
+
+
+def test_a_published_number_names_one_training_of_a_defence_trained_under_several_seeds():
+    from tamperlab.config import validate_config
+    from tamperlab.errors import UserError
+
+    entry = {"table": "refusal", "model": "tiny", "attack": "lora", "cell": None, "metric": "asr", "value": 90.0,
+             "relation": "=", "unit": "percent", "source": "a paper, Table 1"}
+    config = {**_default_with(repnoise={"seeds": [0, 1]}), "published": [{**entry, "defence": "repnoise_s1"}]}
+    validate_config(config)
+    with pytest.raises(UserError, match=r"^config error at published\[0\] .*defence 'repnoise' is trained under "
+                                        r"several seeds .*: name one of repnoise_s0, repnoise_s1$"):
+        validate_config({**config, "published": [{**entry, "defence": "repnoise"}]})

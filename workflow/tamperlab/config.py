@@ -210,15 +210,20 @@ def published_name(entry: dict[str, Any]) -> str:
 def _check_published(config: dict[str, Any]) -> None:
     """A published entry's benchmark names a data set its number is looked up on (results/tables/published.csv):
     for a refusal rate, one whose prompts the refusal evaluation uses; for VISAGE, the landscape's data set. A
-    VISAGE entry's system prompt is a key of system_prompts. Checked here so a run stops at start-up."""
+    VISAGE entry's system prompt is a key of system_prompts; its defence is not one trained under several seeds
+    (those are defences of their own, one per seed). Checked here so a run stops at start-up."""
     def harmful_in(split: str | None) -> list[str]:
         return [name for name, spec in config["datasets"].items()
                 if spec.get("kind") == "harmful" and (spec.get("splits") or {}).get(split, 0) > 0]
 
     evaluated = harmful_in(config["evaluation"]["refusal"]["split"])
     landscape = (config.get("landscape") or {}).get("prompts") or {}
+    seeded = defence_seeds(config)
     for i, entry in enumerate(config["published"]):
         where = f"config error at published[{i}] ({published_name(entry)})"
+        if entry.get("defence") in seeded:  # ours would be no row at all, silently
+            raise UserError(f"{where}: defence {entry['defence']!r} is trained under several seeds (defences."
+                            f"{entry['defence']}.seeds): name one of {', '.join(seeded[entry['defence']])}")
         if entry["table"] == "visage":  # the landscape's prompts: a data set's, or a split's harmful ones
             known = [landscape["dataset"]] if landscape.get("dataset") else harmful_in(landscape.get("split"))
             prompt = entry.get("system_prompt")
