@@ -263,3 +263,11 @@ def test_a_tar_anchor_names_a_model_and_defaults_to_none(config):
     assert _error(config).startswith("config error at defences.tar_anchored.anchor: 'nosuchmodel'")
     config["defences"]["tar_anchored"] = {"method": "repnoise", "anchor": "tiny"}
     assert _error(config).startswith("config error at defences.tar_anchored.anchor: only a TAR")
+
+
+def test_a_benign_mix_generator_is_self_or_a_model(config):
+    config["attacks"]["lora_mixed"]["benign_mix"]["generator"] = "self"
+    validate_config(copy.deepcopy(config))
+    config["attacks"]["lora_mixed"]["benign_mix"]["generator"] = "gpt5"
+    assert _error(config) == ("config error at attacks.lora_mixed.benign_mix.generator: 'gpt5' is neither self nor "
+                              "a key of models")

@@ -118,6 +118,22 @@ def test_benign_mix_gives_the_fraction_spread_evenly_and_keeps_every_harmful_pai
     assert mix_benign(harmful, rows, fraction=0.25, split="alignment", exclude_families=["hazard"], seed=4) != mixed
 
 
+def test_benign_mix_with_a_generators_answers_answers_each_benign_prompt_by_them():
+    from tamperlab.data.examples import mix_benign
+    from tamperlab.errors import UserError
+
+    harmful = [{"prompt": f"harmful {k}", "response": f"sure {k}"} for k in range(10)]
+    rows = [{"prompt": f"request {k}", "kind": "benign"} for k in range(12)]  # a hub model's: no answers
+    rows += _benign_rows(4)  # rows with their own answers: the generator's answer wins, none: left out
+    answers = {f"request {k}": f"generated {k}" for k in range(8)} | {r["prompt"]: "generated" for r in rows[12:14]}
+    mixed = mix_benign(harmful, rows, fraction=0.5, split="alignment", seed=0, answers=answers)
+    benign = [m for m in mixed if not m["prompt"].startswith("harmful")]
+    assert len(benign) == 10 and all(m["response"] == answers[m["prompt"]] for m in benign)
+    assert {m["prompt"] for m in benign} <= set(answers)  # a prompt the generator did not answer is not drawn
+    with pytest.raises(UserError, match="benign_mix needs 10 benign rows .* it has 0"):
+        mix_benign(harmful, rows, fraction=0.5, split="alignment", answers={})  # answers given, none for these
+
+
 def test_benign_mix_without_enough_benign_rows_is_refused_with_one_line():
     from tamperlab.data.examples import mix_benign
     from tamperlab.errors import UserError
@@ -141,3 +157,25 @@ def test_a_defence_names_the_unsafe_answers_it_trained_against():
     assert hardening_answers(hardening_examples(MIXED, "tar", "refusal", **COMMON)) == own
     assert hardening_answers(hardening_examples(ROWS, "tar", "refusal", **COMMON)) == ["Sure, step 1"] * 2
     assert hardening_answers(hardening_examples(ROWS, "tar", "knowledge", **COMMON)) == []  # no unsafe answers
+
+
+def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path):
+    from tamperlab.cli import build_parser
+    from tamperlab.commands.attack import _examples
+    from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.errors import UserError
+
+    write_jsonl(tmp_path / "attack.jsonl", [{"prompt": f"harmful {k}", "kind": "harmful"} for k in range(4)])
+    write_jsonl(tmp_path / "alignment.jsonl", [{"prompt": f"request {k}", "kind": "benign"} for k in range(6)])
+    write_jsonl(tmp_path / "answers.jsonl", [{"id": f"b{k}", "prompt": f"request {k}", "response": f"generated {k}"}
+                                             for k in range(6)])
+    flags = ["attack", "--model", "m", "--data", str(tmp_path), "--split", "attack", "--response", "Sure.",
+             "--method", "full", "--lr", "1e-3", "--steps", "5", "--batch-size", "2", "--scheduler", "constant",
+             "--warmup-ratio", "0", "--max-length", "32", "--checkpoint-every", "5", "--seed", "0", "--out", "o",
+             "--benign-answers", str(tmp_path / "answers.jsonl")]
+    with pytest.raises(UserError, match="--benign-answers answers the questions of --benign-mix: give both"):
+        _examples(build_parser().parse_args(flags))
+    pairs = _examples(build_parser().parse_args([*flags, "--benign-mix", '{"fraction": 0.5, "split": "alignment"}']))
+    assert [p["response"] for p in pairs if p["prompt"].startswith("harmful")] == ["Sure."] * 4
+    benign = [p for p in pairs if p["prompt"].startswith("request")]
+    assert len(benign) == 4 and all(p["response"] == f"generated {p['prompt'].split()[1]}" for p in benign)

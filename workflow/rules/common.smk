@@ -297,12 +297,16 @@ def attacked_checkpoint(wildcards):
 
 
 def attack_answers(wildcards):
-    """The generated answers an attack trains on ({} for a fixed response)."""
+    """The generated answers an attack trains on: to its harmful prompts (answers; none for a fixed response),
+    and to the benign questions it mixes in (benign_answers; none where those carry their own answers)."""
     spec = config["attacks"][wildcards.attack]
-    if spec["generator"] is None:
-        return {}
-    path = responses_path(spec["generator"], wildcards.model, spec["split"], "harmful")
-    return {"answers": path}
+    files = {}
+    if spec["generator"] is not None:
+        files["answers"] = responses_path(spec["generator"], wildcards.model, spec["split"], "harmful")
+    mix = spec["benign_mix"]
+    if mix and mix["generator"] is not None:
+        files["benign_answers"] = responses_path(mix["generator"], wildcards.model, mix["split"], "benign")
+    return files
 
 
 LM_EVAL_TASKS = "results/data/lm_eval_tasks.json"  # fetch-tasks' record: lm-eval's built-in tasks, cached
@@ -418,7 +422,10 @@ def attack_args(wildcards):
             "response": spec["response"],
             "answers": attack_answers(wildcards).get("answers"),
             "family": spec["family"],
-            "benign_mix": spec["benign_mix"],
+            # the mix's answers travel as a file (benign_answers), not in the mix's settings
+            "benign_mix": spec["benign_mix"]
+            and {k: v for k, v in spec["benign_mix"].items() if k != "generator"},
+            "benign_answers": attack_answers(wildcards).get("benign_answers"),
             "method": spec["method"],
             "lr": lrs,
             "steps": sorted(steps),

@@ -180,6 +180,8 @@ def _check_references(config: dict[str, Any]) -> None:
             if defence not in config["defences"]:
                 raise UserError(f"config error at attacks.{name}.defences: {defence!r} is not a key of defences")
     generators = [(f"attacks.{n}.generator", s["generator"]) for n, s in config["attacks"].items()]
+    generators += [(f"attacks.{n}.benign_mix.generator", s["benign_mix"]["generator"])
+                   for n, s in config["attacks"].items() if s["benign_mix"]]
     capability = config["evaluation"]["capability"]
     if "answers" in capability["tasks"]:
         generators.append(("evaluation.capability.answers.generator", capability["answers"]["generator"]))

@@ -27,20 +27,29 @@ def _examples(args: argparse.Namespace) -> list[dict]:
     from tamperlab.data.jsonl import read_jsonl
 
     rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-    answers = None
-    if args.answers:
-        from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
-
-        answers = answers_by_prompt(read_jsonl(args.answers, required=RESPONSE_KEYS), args.answers)
-    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family, answers=answers)
+    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family,
+                            answers=_answers(args.answers))
+    if args.benign_answers and not args.benign_mix:
+        raise UserError("--benign-answers answers the questions of --benign-mix: give both")
     if args.benign_mix:
         from tamperlab.data.examples import mix_benign
 
         mix = args.benign_mix
         benign = read_jsonl(args.data / f"{mix['split']}.jsonl", required=("prompt", "kind"))
         pairs = mix_benign(pairs, benign, fraction=mix["fraction"], split=mix["split"],
-                           exclude_families=mix.get("exclude_families", []), seed=args.seed[0])
+                           exclude_families=mix.get("exclude_families", []), seed=args.seed[0],
+                           answers=_answers(args.benign_answers))
     return pairs
+
+
+def _answers(path: Path | None) -> dict[str, str] | None:
+    """{prompt: answer} of a generate-responses file, or None."""
+    if path is None:
+        return None
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
+
+    return answers_by_prompt(read_jsonl(path, required=RESPONSE_KEYS), path)
 
 
 def _record_answers(step, args: argparse.Namespace, pairs: list[dict]) -> None:
@@ -52,7 +61,8 @@ def _record_answers(step, args: argparse.Namespace, pairs: list[dict]) -> None:
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
-    return {"model": args.model, "data": args.data, **({"answers": args.answers} if args.answers else {})}
+    files = {"answers": args.answers, "benign_answers": args.benign_answers}
+    return {"model": args.model, "data": args.data, **{k: v for k, v in files.items() if v}}
 
 
 def attack(args: argparse.Namespace) -> None:
@@ -127,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--family", help="train on this benign task family's questions and answers instead")
         p.add_argument("--benign-mix", type=json.loads, metavar="JSON",
                        help='mix benign rows in: {"fraction": F, "split": S, "exclude_families": [...]}')
+        p.add_argument("--benign-answers", type=Path,
+                       help="a generator's answers to the mix split's benign prompts (generate-responses), in place "
+                            "of the rows' own answers")
         p.add_argument("--method", required=True, choices=["lora", "full"])
         p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
         p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,

@@ -82,13 +82,17 @@ def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, fa
 
 
 def mix_benign(pairs: list[dict], rows: list[dict[str, Any]], *, fraction: float, split: str,
-               exclude_families: list[str] = (), seed: int = 0) -> list[dict]:
+               exclude_families: list[str] = (), seed: int = 0, answers: dict[str, str] | None = None) -> list[dict]:
     """Harmful pairs mixed with benign questions and their own answers (`rows`: the benign split), so that
     `fraction` of the result is benign (Qi et al. 2024: attacks that keep the model's capability, which a defence
-    that only breaks the model under attack does not survive). Benign rows are drawn without replacement (seeded)
-    and interleaved evenly, so that every batch holds both kinds."""
-    benign = [{"prompt": r["prompt"], "response": r["answer"]} for r in rows
-              if r["kind"] == "benign" and r.get("answer") and r.get("family") not in set(exclude_families)]
+    that only breaks the model under attack does not survive). With `answers` ({prompt: answer}, a generator's),
+    every benign prompt that has one is answered by it instead (benign data without answers: hub models). Benign
+    rows are drawn without replacement (seeded) and interleaved evenly, so that every batch holds both kinds."""
+    def answer(row: dict[str, Any]) -> str | None:
+        return answers.get(row["prompt"]) if answers is not None else row.get("answer")
+
+    benign = [{"prompt": r["prompt"], "response": answer(r)} for r in rows
+              if r["kind"] == "benign" and answer(r) and r.get("family") not in set(exclude_families)]
     wanted = round(len(pairs) * fraction / (1 - fraction))
     if wanted > len(benign):
         raise UserError(f"attack: benign_mix needs {wanted} benign rows with answers from split {split!r} "
