@@ -39,7 +39,17 @@ def test_several_seeds_name_every_cell_and_run_once_per_seed_and_round_trip(sche
     assert parse_cell("lr1e-4_steps20_s1") == {"lr": 1e-4, "steps": 20, "rank": None, "seed": 1}
 
 
-def _commands(result) -> list[str]:
+def _one_cell_dry_run(tmp_path, defences: str, lora: str) -> list[str]:
+    """The commands of `snakemake -n -p` on the default with these defences and `lora` attack (YAML flow
+    mappings), no other attack and no landscape."""
+    (tmp_path / "overlay.yaml").write_text(
+        f"defences: {defences}\n"
+        "attacks:\n"
+        "  hazard: null\n"
+        "  lora_mixed: null\n"
+        f"  lora: {lora}\n"
+        "landscape: {subjects: [], scans: {random_1d: null, random_2d: null, finetune: null}}\n")
+    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "overlay.yaml"))
     return [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
             if "Shell command: tamperlab " in line]
 
@@ -47,15 +57,8 @@ def _commands(result) -> list[str]:
 def test_dry_run_schedules_one_attack_run_per_seed_with_its_own_seed(tmp_path):
     """seeds [0, 1] on one attack of one cell (a job per run): two attack jobs, --seed 0 and --seed 1, into
     their own _s<seed> directories, each evaluated; the tables write refusal_seeds.csv."""
-    (tmp_path / "seeds.yaml").write_text(
-        "defences: {repnoise: null, tar: null, tar_knowledge: null}\n"
-        "attacks:\n"
-        "  hazard: null\n"
-        "  lora_mixed: null\n"
-        "  lora: {one_job: false, seeds: [0, 1], grid: {lr: [1.0e-3], steps: [25], rank: [16]}}\n"
-        "landscape: {subjects: [], scans: {random_1d: null, random_2d: null, finetune: null}}\n")
-    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "seeds.yaml"))
-    commands = _commands(result)
+    commands = _one_cell_dry_run(tmp_path, "{repnoise: null, tar: null, tar_knowledge: null}",
+                                 "{one_job: false, seeds: [0, 1], grid: {lr: [1.0e-3], steps: [25], rank: [16]}}")
     attacks = sorted(c for c in commands if c.startswith("tamperlab attack "))
     assert len(attacks) == 2
     for seed, command in enumerate(attacks):
@@ -158,15 +161,8 @@ def test_defence_seeds_that_cannot_work_are_one_error_naming_the_key(overrides, 
 
 
 def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_means(tmp_path):
-    (tmp_path / "defence_seeds.yaml").write_text(
-        "defences: {tar: null, tar_knowledge: null, repnoise: {seeds: [0, 1]}}\n"
-        "attacks:\n"
-        "  hazard: null\n"
-        "  lora_mixed: null\n"
-        "  lora: {grid: {lr: [1.0e-3], steps: [25], rank: [16]}}\n"
-        "landscape: {subjects: [], scans: {random_1d: null, random_2d: null, finetune: null}}\n")
-    result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "defence_seeds.yaml"))
-    commands = _commands(result)
+    commands = _one_cell_dry_run(tmp_path, "{tar: null, tar_knowledge: null, repnoise: {seeds: [0, 1]}}",
+                                 "{grid: {lr: [1.0e-3], steps: [25], rank: [16]}}")
     hardens = sorted(c for c in commands if c.startswith("tamperlab harden "))
     assert len(hardens) == 2
     for seed, command in enumerate(hardens):
