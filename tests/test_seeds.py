@@ -128,7 +128,7 @@ def test_a_defence_with_seeds_becomes_one_defence_per_seed_everywhere_it_was_nam
     from tamperlab.config import defence_seeds, validate_config
 
     config = _default_with(repnoise={"seeds": [0, 3, 1]})
-    config["attacks"]["lora_mixed"]["defences"] = ["none", "repnoise"]
+    config["attacks"]["lora_mixed"]["defences"] = ["none", "repnoise", "repnoise_s3"]  # a seed beside it: once
     resolved = validate_config(config)
     instances = ["repnoise_s0", "repnoise_s3", "repnoise_s1"]
     assert list(resolved["defences"]) == ["none", *instances, "tar", "tar_knowledge"]  # in place, seeds' order

@@ -117,7 +117,7 @@ def _expand_defence_seeds(config: dict[str, Any]) -> None:
     config["defences"] = expanded
     for spec in config["attacks"].values():
         if spec["defences"] is not None:
-            spec["defences"] = [i for d in spec["defences"] for i in instances.get(d, [d])]
+            spec["defences"] = list(dict.fromkeys(i for d in spec["defences"] for i in instances.get(d, [d])))
     landscape = config["landscape"]
     landscape["subjects"] = _expand_subjects(landscape["subjects"], instances)
     for spec in landscape["scans"].values():
@@ -131,7 +131,7 @@ def _expand_subjects(subjects: list[str], instances: dict[str, list[str]]) -> li
     for subject in subjects:
         model, defence, *rest = subject.split("/")
         expanded += ["/".join([model, d, *rest]) for d in instances.get(defence, [defence])]
-    return expanded
+    return list(dict.fromkeys(expanded))  # a seed named beside its defence: once
 
 
 def defence_seeds(config: dict[str, Any]) -> dict[str, list[str]]:
