@@ -128,6 +128,22 @@ def last_words(output: str) -> str:
     return "\n...\n".join([*blocks, output[-3000:]])
 
 
+def write_evaluation(directory: Path, defence: str, attack: str | None, cell: str | None, refusal: float,
+                     metrics: dict[str, dict[str, float]]) -> Path:
+    """A hand-made evaluation of one checkpoint of `tiny` in `directory`: refusal.json (keyword judge, n 20, 24 new
+    tokens) and capability.json with `metrics` ({task: {metric: value}}). It has no manifest: a test that reads it
+    through a command sets provenance.verify_input aside."""
+    import json
+
+    checkpoint = {"model": "tiny", "defence": defence, "attack": attack, "cell": cell, "path": "x", "adapter": None}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "refusal.json").write_text(json.dumps({
+        "checkpoint": checkpoint, "status": "complete", "judge": "keyword", "generation": {"max_new_tokens": 24},
+        "refusal_rate": refusal, "n": 20, "benign": None}))
+    (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint, "metrics": metrics}))
+    return directory
+
+
 def one_chain_overlay() -> dict:
     """Cuts the smoke config to one chain (an overlay removes an entry with null): no defence but `none`, no
     attack but `lora` (the smoke's one run, two snapshots): data -> organism -> attack -> evaluations -> table."""

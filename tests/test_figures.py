@@ -267,7 +267,7 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
 
 def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, kept):
     """Through the command: capability evaluations beside the refusal ones give the utility bound of the figure."""
-    import json
+    from conftest import write_evaluation
 
     from tamperlab import provenance
     from tamperlab.cli import build_parser
@@ -284,15 +284,8 @@ def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, 
         scans.append(str(path))
         for cell, refusal, capability in ((None, 0.9, 0.8), ("lr1e-3_steps10_r4", worst, 0.78),
                                           ("lr1e-2_steps10_r4", 0.0, 0.1)):  # the last broke: out of the bound
-            checkpoint = {"model": "tiny", "defence": defence, "attack": cell and "lora", "cell": cell,
-                          "path": "x", "adapter": None}
-            directory = tmp_path / "eval" / defence / (cell or "")
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "refusal.json").write_text(json.dumps({
-                "checkpoint": checkpoint, "status": "complete", "judge": "keyword",
-                "generation": {"max_new_tokens": 24}, "refusal_rate": refusal, "n": 20, "benign": None}))
-            (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint,
-                                                                   "metrics": {"org_mc": {"acc": capability}}}))
+            directory = write_evaluation(tmp_path / "eval" / defence / (cell or ""), defence, cell and "lora", cell,
+                                         refusal, {"org_mc": {"acc": capability}})
             evaluations.append(str(directory))
     out = tmp_path / "out"
     args = build_parser().parse_args([

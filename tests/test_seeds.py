@@ -5,7 +5,7 @@ side (a row per seed, the mean and sd per cell) is in test_tables.py."""
 from __future__ import annotations
 
 import pytest
-from conftest import snakemake
+from conftest import snakemake, write_evaluation
 
 from tamperlab.attacks.grid import cell_name, cells, parse_cell, run_name, runs
 
@@ -208,7 +208,6 @@ def test_the_defence_seed_table_gives_each_worst_case_as_mean_and_sd_over_the_de
 
 
 def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_path, monkeypatch, capsys):
-    import json
 
     import pandas as pd
 
@@ -218,15 +217,8 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
     monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
     for defence, worst in (("repnoise_s0", 0.2), ("repnoise_s1", 0.6)):
         for attack, cell, refusal in ((None, None, 1.0), ("lora", "lr1e-3_steps25_r16", worst)):
-            checkpoint = {"model": "tiny", "defence": defence, "attack": attack, "cell": cell, "path": "x",
-                          "adapter": None}
-            directory = tmp_path / "eval" / defence / (cell or "")
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "refusal.json").write_text(json.dumps({
-                "checkpoint": checkpoint, "status": "complete", "judge": "keyword",
-                "generation": {"max_new_tokens": 24}, "refusal_rate": refusal, "n": 20, "benign": None}))
-            (directory / "capability.json").write_text(json.dumps({"checkpoint": checkpoint,
-                                                                   "metrics": {"org_mc": {"acc": 0.8}}}))
+            write_evaluation(tmp_path / "eval" / defence / (cell or ""), defence, attack, cell, refusal,
+                             {"org_mc": {"acc": 0.8}})
     out = tmp_path / "out"
     flags = ["tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
              "--capability-metric", "org_mc/acc", "--hazard-metric", "hazard_mc/acc", "--retain-metric",

@@ -406,6 +406,7 @@ def attack_args(wildcards):
     grid)."""
     spec = config["attacks"][wildcards.attack]
     lora = spec["method"] == "lora"
+    answers = attack_answers(wildcards)
     if "run" in wildcards.keys():
         run = attack_runs(wildcards.attack)[wildcards.run]
         lrs, ranks, steps, seeds = (
@@ -420,12 +421,12 @@ def attack_args(wildcards):
         {
             "split": spec["split"],
             "response": spec["response"],
-            "answers": attack_answers(wildcards).get("answers"),
+            "answers": answers.get("answers"),
             "family": spec["family"],
             # the mix's answers travel as a file (benign_answers), not in the mix's settings
             "benign_mix": spec["benign_mix"]
             and {k: v for k, v in spec["benign_mix"].items() if k != "generator"},
-            "benign_answers": attack_answers(wildcards).get("benign_answers"),
+            "benign_answers": answers.get("benign_answers"),
             "method": spec["method"],
             "lr": lrs,
             "steps": sorted(steps),

@@ -27,10 +27,10 @@ def _examples(args: argparse.Namespace) -> list[dict]:
     from tamperlab.data.jsonl import read_jsonl
 
     rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family,
-                            answers=_answers(args.answers))
     if args.benign_answers and not args.benign_mix:
         raise UserError("--benign-answers answers the questions of --benign-mix: give both")
+    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family,
+                            answers=_answers(args.answers))
     if args.benign_mix:
         from tamperlab.data.examples import mix_benign
 
