@@ -134,6 +134,23 @@ def test_benign_mix_with_a_generators_answers_answers_each_benign_prompt_by_them
         mix_benign(harmful, rows, fraction=0.5, split="alignment", answers={})  # answers given, none for these
 
 
+def test_benign_mix_is_bounded_by_the_rows_the_attack_consumes():
+    from tamperlab.data.examples import mix_benign
+
+    harmful = [{"prompt": f"harmful {k}", "response": f"sure {k}"} for k in range(100)]
+    rows = _benign_rows(30)
+    # 10 steps x batch 4 = 40 rows seen: 20 harmful (a seeded sample, in order) and 20 benign, not 100 + 100
+    mixed = mix_benign(harmful, rows, fraction=0.5, split="alignment", seed=1, consumed=40)
+    kept = [m for m in mixed if m["prompt"].startswith("harmful")]
+    assert len(mixed) == 40 and len(kept) == 20
+    assert kept == sorted(kept, key=lambda m: int(m["prompt"].split()[1])) and kept != harmful[:20]
+    assert mix_benign(harmful, rows, fraction=0.5, split="alignment", seed=1, consumed=40) == mixed
+    # an attack that sees every harmful pair mixes them all, as without the bound
+    small = harmful[:10]
+    assert (mix_benign(small, rows, fraction=0.5, split="alignment", seed=1, consumed=400)
+            == mix_benign(small, rows, fraction=0.5, split="alignment", seed=1))
+
+
 def test_benign_mix_without_enough_benign_rows_is_refused_with_one_line():
     from tamperlab.data.examples import mix_benign
     from tamperlab.errors import UserError

@@ -41,21 +41,23 @@ COMMIT = re.compile(r"^[0-9a-f]{40}$")
 # are snapshots of one run), one per cell under cosine. Fetched once, by local rules: lm-eval's built-in tasks
 # (fetch_tasks) and a hub judge model (register_judge).
 EXPECTED_JOBS = {
-    # 4 models (3 chat, the base generator) x 1 defence x (3 lr x 3 ranks) runs; the generator's answers to the attack
-    # prompts; 5 data sets (AdvBench, HarmBench, 2 Do-Not-Answer, benign)
-    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 1, "attack": 27,
-                   "evaluate_run": 27, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1,
+    # 4 models (3 chat, the base generator) x 1 defence x (3 lr x 3 ranks + 2 lr mixed) runs; the generator's answers
+    # to the attack prompts and each chat model's to the benign mix; 5 data sets (AdvBench, HarmBench, 2
+    # Do-Not-Answer, benign)
+    "lermen2023": {"prepare_data": 5, "split_data": 1, "register_model": 4, "generate_responses": 4, "attack": 33,
+                   "evaluate_run": 33, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1, "all": 1,
                    "fetch_tasks": 1},
     # 1 model x 2 defences (none, trained; the release is commented until pinned) x (3 lr x 2 steps + 2 lr x 3
-    # steps) cosine runs
+    # steps + 2 lr mixed) cosine runs; the model's answers to the benign mix
     "rosati2024_repnoise": {"prepare_data": 5, "split_data": 1, "register_model": 1, "harden": 1,
-                            "attack": 24, "evaluate_run": 24, "evaluate_refusal": 2,
+                            "attack": 28, "evaluate_run": 28, "evaluate_refusal": 2,
                             "evaluate_capability": 2, "tables": 1, "all": 1, "fetch_tasks": 1,
-                            "register_judge": 1},
-    # 1 model x 3 defences (none, TAR refusal, TAR bio) x (3 full + 2 LoRA + 3 hazard) runs
-    "tamirisa2024_tar": {"prepare_data": 4, "split_data": 1, "register_model": 1, "harden": 2, "attack": 24,
-                         "evaluate_run": 24, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
-                         "all": 1, "fetch_tasks": 1, "register_judge": 1},
+                            "register_judge": 1, "generate_responses": 1},
+    # 1 model x 3 defences (none, TAR refusal, TAR bio) x (3 full + 2 LoRA + 3 hazard + 2 mixed) runs; the model's
+    # answers to the benign mix
+    "tamirisa2024_tar": {"prepare_data": 4, "split_data": 1, "register_model": 1, "harden": 2, "attack": 30,
+                         "evaluate_run": 30, "evaluate_refusal": 3, "evaluate_capability": 3, "tables": 1,
+                         "all": 1, "fetch_tasks": 1, "register_judge": 1, "generate_responses": 1},
     # 4 models x 1 defence x 1 run (5/25/50 steps snapshotted)
     "peng2024_visage": {"prepare_data": 4, "split_data": 1, "register_model": 4, "attack": 4, "evaluate_run": 4,
                         "evaluate_refusal": 4, "evaluate_capability": 4, "tables": 1, "all": 1, "fetch_tasks": 1,
@@ -338,7 +340,7 @@ def test_lermen_70b_jobs_request_eight_gpus_and_train_under_zero3(dry_runs):
     8 GPUs and trains under DeepSpeed ZeRO-3."""
     big = [job for job in jobs(dry_runs["lermen2023"]) if job["wildcards"].get("model") == "llama2-70b-chat"]
     training = [job for job in big if job["rule"] in ("attack", "attack_grid", "harden")]
-    assert len(training) == 9
+    assert len(training) == 9 + 2  # the grid (3 lr x 3 ranks) and lora_mixed (2 lr)
     for job in big:
         if job["rule"] == "register_model":  # writes a pointer and hashes: no GPU
             continue
@@ -509,8 +511,8 @@ def test_lermen_70b_evaluation_and_landscape_jobs_load_across_their_eight_gpus(l
                "llama2-7b-chat": ("1", None), "llama2-7b": ("1", None)}
     inference = [job for job in every if job["rule"] in (*INFERENCE, "generate_responses")]
     seen = Counter((job["rule"], job["wildcards"]["model"]) for job in inference)
-    # 70B: 1 refusal + 1 capability + 9 runs + 3 scan shards + 1 projection
-    assert [seen[(rule, "llama2-70b-chat")] for rule in INFERENCE] == [1, 1, 9, 3, 1]
+    # 70B: 1 refusal + 1 capability + 9 + 2 (mixed) runs + 3 scan shards + 1 projection
+    assert [seen[(rule, "llama2-70b-chat")] for rule in INFERENCE] == [1, 1, 11, 3, 1]
     assert seen[("landscape_scan", "llama2-13b-chat")] == 3
     for job in inference:
         gpus, memory = by_size[job["wildcards"]["model"]]
@@ -575,6 +577,43 @@ def test_paper_attack_and_defence_data_are_per_prompt(paper):
             continue
         sources = _harmful_sources(config, spec["splits"])
         assert sources and all(s.get("response_field") for s in sources.values()), (name, sorted(sources))
+
+
+# The capability-preserving attack each overlay runs beside its paper's (Qi et al. 2024). peng2024_visage has none:
+# its attacks are the harmful-shot subjects of the landscape, whose basin is measured on the harmful side only.
+MIXED_ATTACKS = {"lermen2023": "lora_mixed", "rosati2024_repnoise": "full_mixed", "tamirisa2024_tar": "full_mixed"}
+
+
+@pytest.mark.parametrize("paper", sorted(MIXED_ATTACKS))
+def test_paper_overlays_attack_with_benign_rows_answered_by_the_attacked_model(dry_runs, paper):
+    """Each attack paper's overlay also runs a benign-mixed attack against every defence: half its rows benign
+    requests and tasks answered by the attacked model itself (a generate-responses file of that model), and its
+    steps x batch within what the benign answers cover (mix_benign refuses a mix it cannot fill)."""
+    from tamperlab.config import validate_config
+
+    config = validate_config(merged(paper))
+    name = MIXED_ATTACKS[paper]
+    spec = config["attacks"][name]
+    assert spec["benign_mix"]["generator"] == "self" and spec["benign_mix"]["fraction"] == 0.5
+    assert "hazard" in spec["benign_mix"]["exclude_families"]
+    limit = config["responses"]["limit"]
+    limit = limit.get(spec["benign_mix"]["split"]) if isinstance(limit, dict) else limit
+    consumed = max(spec["grid"]["steps"]) * spec["batch_size"]
+    # the benign half, and room for the hazard family's share of the answered tasks (1 in 8 families)
+    assert limit is None or limit * (1 - 1 / 16) >= consumed * spec["benign_mix"]["fraction"], (limit, consumed)
+    runs = [job for job in papers_jobs(paper, dry_runs[paper])
+            if job["rule"] == "attack" and job["wildcards"]["attack"] == name]
+    models = {m for m, s in entries(overlay(paper), "models").items() if not s.get("generator_only")}
+    defences = set(entries(overlay(paper), "defences"))
+    assert {(j["wildcards"]["model"], j["wildcards"]["defence"]) for j in runs} == {
+        (m, d) for m in models for d in defences}
+    for job in runs:
+        command = flags(job["shell"])
+        model = job["wildcards"]["model"]
+        assert command["--benign-answers"] == [f"results/responses/{model}/alignment-benign.jsonl"]
+        assert json.loads(command["--benign-mix"][0])["split"] == "alignment"
+    answered = [job for job in jobs(dry_runs[paper]) if job["rule"] == "generate_responses"]
+    assert {(j["wildcards"]["model"], j["wildcards"]["split"]) for j in answered} >= {(m, "alignment") for m in models}
 
 
 def test_lermen_generator_is_a_pinned_base_model_of_the_family():

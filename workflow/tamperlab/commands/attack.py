@@ -38,7 +38,7 @@ def _examples(args: argparse.Namespace) -> list[dict]:
         benign = read_jsonl(args.data / f"{mix['split']}.jsonl", required=("prompt", "kind"))
         pairs = mix_benign(pairs, benign, fraction=mix["fraction"], split=mix["split"],
                            exclude_families=mix.get("exclude_families", []), seed=args.seed[0],
-                           answers=_answers(args.benign_answers))
+                           answers=_answers(args.benign_answers), consumed=max(args.steps) * args.batch_size)
     return pairs
 
 

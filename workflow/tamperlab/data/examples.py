@@ -3,6 +3,7 @@ forget and retain sets) and an attack's (prompt, response) pairs. Pure functions
 
 from __future__ import annotations
 
+import math
 import random
 from typing import Any
 
@@ -82,15 +83,23 @@ def attack_examples(rows: list[dict[str, Any]], *, split: str, response: str, fa
 
 
 def mix_benign(pairs: list[dict], rows: list[dict[str, Any]], *, fraction: float, split: str,
-               exclude_families: list[str] = (), seed: int = 0, answers: dict[str, str] | None = None) -> list[dict]:
+               exclude_families: list[str] = (), seed: int = 0, answers: dict[str, str] | None = None,
+               consumed: int | None = None) -> list[dict]:
     """Harmful pairs mixed with benign questions and their own answers (`rows`: the benign split), so that
     `fraction` of the result is benign (Qi et al. 2024: attacks that keep the model's capability, which a defence
     that only breaks the model under attack does not survive). With `answers` ({prompt: answer}, a generator's),
     every benign prompt that has one is answered by it instead (benign data without answers: hub models). Benign
-    rows are drawn without replacement (seeded) and interleaved evenly, so that every batch holds both kinds."""
+    rows are drawn without replacement (seeded) and interleaved evenly, so that every batch holds both kinds.
+
+    `consumed` (the attack's largest step count x its batch) bounds the mix to the rows the attack can see: where
+    the harmful pairs alone are more than its harmful share, a seeded sample of them (in their order) is mixed, so a
+    paper-scale harmful set (thousands of BeaverTails rows) needs benign answers for what is trained on only."""
     def answer(row: dict[str, Any]) -> str | None:
         return answers.get(row["prompt"]) if answers is not None else row.get("answer")
 
+    if consumed is not None and len(pairs) > math.ceil(consumed * (1 - fraction)):
+        kept = sorted(random.Random(seed).sample(range(len(pairs)), math.ceil(consumed * (1 - fraction))))
+        pairs = [pairs[k] for k in kept]
     benign = [{"prompt": r["prompt"], "response": answer(r)} for r in rows
               if r["kind"] == "benign" and answer(r) and r.get("family") not in set(exclude_families)]
     wanted = round(len(pairs) * fraction / (1 - fraction))
