@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from tamperlab import logs
+from tamperlab import cpu, logs
 from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         command = f"tamperlab {args.command}"
         if args.command not in ONLINE:  # before any hub library is imported: they read it once
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        cpu.fit_threads()  # before torch is imported: no more threads than idle cores
         status = args.func(args)
     except UserError as error:
         message = str(error)
