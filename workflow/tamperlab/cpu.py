@@ -40,13 +40,13 @@ def _read_stat() -> str:
 
 def idle_cores(interval: float = 0.25, read=_read_stat, cpus: set[int] | None = None) -> float | None:
     """How many of this process's CPUs (its affinity: a SLURM job's cpuset) were idle over `interval` seconds;
-    None where /proc/stat cannot be read (not Linux)."""
-    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    None where /proc/stat or the affinity cannot be read (not Linux)."""
     try:
+        cpus = os.sched_getaffinity(0) if cpus is None else cpus
         busy0, total0 = _busy_and_total(cpus, read())
         time.sleep(interval)
         busy1, total1 = _busy_and_total(cpus, read())
-    except OSError:
+    except (OSError, AttributeError):  # no /proc/stat, no sched_getaffinity
         return None
     if total1 <= total0:
         return None
@@ -72,8 +72,7 @@ def fit_threads(environ=os.environ, probe=idle_cores) -> int | None:
     idle = probe()
     threads = threads_for(requested, idle)
     if threads < requested:
-        log.info("%.1f of %d cores idle: %d thread(s), not the %d asked for", idle, len(os.sched_getaffinity(0)),
-                 threads, requested)
+        log.info("%.1f cores idle: %d thread(s), not the %d asked for", idle, threads, requested)
         for name in THREAD_VARIABLES:
             environ[name] = str(threads)
     return threads
