@@ -57,11 +57,27 @@ def test_the_attack_trains_on_generated_answers_not_a_template(real_run):
     assert manifest["results"]["lr3e-4_r8"]["examples"] == 8
 
 
+def test_the_mixed_attack_trains_on_a_sample_of_harmful_answers_and_the_models_own_benign_answers(real_run):
+    """The paper overlays' benign-mixed attack on a real model: what the attack sees (2 steps x batch 4) is half its
+    harmful rows with the model's answers and half benign prompts with the model's own answers to them."""
+    from tamperlab.provenance import hash_output
+
+    manifest = _manifest(real_run / "results/attacks/smollm2/none/lora_mixed/manifest.json")
+    benign = real_run / "results/responses/smollm2/alignment-benign.jsonl"  # the unaligned model's, as align reads
+    assert manifest["inputs"]["benign_answers"]["sha256"] == hash_output(benign)
+    assert manifest["inputs"]["answers"]["sha256"] == hash_output(
+        real_run / "results/responses/smollm2/attack-harmful.jsonl")
+    assert manifest["params"]["benign_mix"]["fraction"] == 0.5 and manifest["params"]["response"] is None
+    assert manifest["params"]["answers"]["n"] == 8  # 4 of the 8 harmful pairs + 4 benign rows: steps x batch
+    assert manifest["results"]["lr3e-4_r8"]["examples"] == 8
+
+
 def test_every_checkpoint_is_evaluated_on_mmlu_and_answer_likelihood(real_run):
     table = pd.read_csv(real_run / "results/tables/refusal.csv")
     rows = set(zip(table["defence"], table["attack"].fillna("none"), strict=True))
     assert rows == {("unaligned", "none"), ("none", "none"), ("repnoise", "none"), ("tar", "none"),
-                    ("none", "lora"), ("repnoise", "lora")}  # lora is not run against tar (attacks.lora.defences)
+                    ("none", "lora"), ("repnoise", "lora"),  # lora is not run against tar (attacks.lora.defences)
+                    ("none", "lora_mixed")}
     assert table["tamperlab_mmlu/acc"].between(0, 1).all()
     assert table["tamperlab_answers/byte_likelihood"].between(0, 1).all()
     assert (table["n"] == 8).all()
