@@ -261,3 +261,18 @@ def test_a_false_refusal_rate_is_judged_by_the_interval_its_reference_row_carrie
     run = _run(tmp_path / "source", {"refusal": _set("refusal_rate@advbench", 0.35)}, refusal=refusal)
     cell = _cell(compare(run, reference), "refusal", "refusal_rate@advbench")
     assert cell["outside"] and (cell["low"], cell["high"]) == pytest.approx((0.4, 0.6))
+
+
+def test_the_cpu_each_side_was_made_on_is_printed_where_recorded(tmp_path, capsys):
+    """Numbers differ between CPU kinds (README): the run's table manifest and the reference's SOURCE.md say which
+    machine made them, and compare prints both before its verdict."""
+    import json
+
+    ours, reference = _run(tmp_path / "ours"), _run(tmp_path / "reference")
+    code, out = _command([ours, reference], capsys)
+    assert code == 0 and "made on" not in out  # neither side records its machine
+    (ours / "tables" / "refusal.manifest.json").write_text(json.dumps({"cpu": "AMD EPYC, 2 cores, AVX-512"}))
+    (reference / "SOURCE.md").write_text("# Where it comes from\n\n- machine: 2-core AMD EPYC VM (AVX2), 24 GiB.\n")
+    code, out = _command([ours, reference], capsys)
+    assert code == 0
+    assert "  results made on: AMD EPYC, 2 cores, AVX-512\n  reference made on: 2-core AMD EPYC VM (AVX2), 24 GiB." in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -141,7 +142,7 @@ def test_file_step_manifest_records_status_params_hash_versions_and_timing(tmp_p
     assert set(timing["phases_s"]) == {"work"} and timing["phases_s"]["work"] >= 0
     assert timing["wall_s"] >= timing["startup_s"] >= 0
     assert manifest["started_at"].endswith("Z")
-    for key in ("command", "host", "device", "python", "git_revision"):
+    for key in ("command", "host", "device", "cpu", "python", "git_revision"):
         assert key in manifest
 
 
@@ -340,3 +341,13 @@ def test_hash_output_of_a_file_is_its_sha256_and_changes_with_content(tmp_path):
     assert hash_output(path) == sha256_file(path) == abc
     path.write_bytes(b"abd")
     assert hash_output(path) != abc
+
+
+def test_a_manifest_names_the_cpu_kind_that_made_it():
+    from tamperlab.provenance import cpu_name
+
+    info = "processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
+    assert cpu_name(info) == f"AMD EPYC 9654, {os.cpu_count()} cores, AVX-512"
+    assert cpu_name(info.replace(" avx512f avx512bw", "")).endswith(", AVX2")
+    assert cpu_name("model name\t: Old\nflags\t: sse2\n").endswith(", no AVX2")
+    assert cpu_name()  # this machine's

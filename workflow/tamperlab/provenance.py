@@ -143,6 +143,21 @@ def git_revision() -> str | None:
     return rev + ("-dirty" if dirty else "")
 
 
+def cpu_name(cpuinfo: str | None = None) -> str:
+    """The CPU model, its cores and its widest vector extension, e.g. "AMD EPYC, 2 cores, AVX-512": another kind can
+    pick other BLAS kernels and give other numbers (README, "What is bit-exact"), so every manifest names it."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{fields.get('model name', platform.machine())}, {os.cpu_count()} cores, {vector}"
+
+
 def device_name() -> str:
     import torch
 
@@ -231,6 +246,7 @@ class Step:
             "git_revision": git_revision(),
             "host": platform.node(),
             "device": device_name(),
+            "cpu": cpu_name(),
             "python": platform.python_version(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started)),
             "timing": {

@@ -42,7 +42,10 @@ def run(args: argparse.Namespace) -> None:
         partial = args.out.with_name(args.out.name + ".partial")
         comparison.cells.to_csv(partial, index=False)
         os.replace(partial, args.out)
-    print(f"tamperlab compare: {args.results} against {args.reference}\n")
+    print(f"tamperlab compare: {args.results} against {args.reference}")
+    for side, made_on in machines(args.results, args.reference).items():
+        print(f"  {side} made on: {made_on}")
+    print()
     print(comparison.summary.to_string(index=False))
     if comparison.not_compared:
         print(f"\nnot compared (no row key known): {', '.join(comparison.not_compared)}")
@@ -64,6 +67,25 @@ def run(args: argparse.Namespace) -> None:
     print(f"NOT reproduced: {outside} cell(s) outside, {missing} row(s)/column(s)/table(s) missing "
           "(column `missing` names the side that lacks it)")
     sys.exit(1)
+
+
+def machines(results: Path, reference: Path) -> dict[str, str]:
+    """Which CPU made each side, where it is recorded: the run's refusal table manifest (`cpu`), the reference's
+    SOURCE.md (`- machine:` line). Numbers differ between CPU kinds (README, "What is not" bit-exact)."""
+    import json
+
+    from tamperlab.provenance import manifest_path
+
+    found = {}
+    manifest = manifest_path(results / "tables" / "refusal.csv")
+    if manifest.is_file():
+        found["results"] = json.loads(manifest.read_text()).get("cpu") or "not recorded"
+    source = reference / "SOURCE.md"
+    if source.is_file():
+        lines = [line for line in source.read_text().splitlines() if line.startswith("- machine:")]
+        if lines:
+            found["reference"] = lines[0].removeprefix("- machine:").strip()
+    return found
 
 
 def _listing(cells) -> str:
