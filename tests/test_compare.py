@@ -275,4 +275,5 @@ def test_the_cpu_each_side_was_made_on_is_printed_where_recorded(tmp_path, capsy
     (reference / "SOURCE.md").write_text("# Where it comes from\n\n- machine: 2-core AMD EPYC VM (AVX2), 24 GiB.\n")
     code, out = _command([ours, reference], capsys)
     assert code == 0
-    assert "  results made on: AMD EPYC, 2 cores, AVX-512\n  reference made on: 2-core AMD EPYC VM (AVX2), 24 GiB." in out
+    assert ("  results made on: AMD EPYC, 2 cores, AVX-512\n"
+            "  reference made on: 2-core AMD EPYC VM (AVX2), 24 GiB.") in out

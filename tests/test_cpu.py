@@ -13,7 +13,7 @@ def _stat(cpu0: list[int], cpu1: list[int]) -> str:
     def line(name, values):
         return f"{name} " + " ".join(str(v) for v in values) + " 0 0"
 
-    total = [a + b for a, b in zip(cpu0, cpu1)]
+    total = [a + b for a, b in zip(cpu0, cpu1, strict=True)]
     return "\n".join([line("cpu", total), line("cpu0", cpu0), line("cpu1", cpu1), "intr 1 2 3", "ctxt 9"])
 
 

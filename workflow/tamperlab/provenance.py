@@ -151,8 +151,8 @@ def cpu_name(cpuinfo: str | None = None) -> str:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:  # not Linux
             return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    fields = {key.strip(): value.strip() for key, _, value in
+              (line.partition(":") for line in cpuinfo.splitlines() if ":" in line)}
     flags = set(fields.get("flags", "").split())
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{fields.get('model name', platform.machine())}, {os.cpu_count()} cores, {vector}"

@@ -72,14 +72,12 @@ def run(args: argparse.Namespace) -> None:
 def machines(results: Path, reference: Path) -> dict[str, str]:
     """Which CPU made each side, where it is recorded: the run's refusal table manifest (`cpu`), the reference's
     SOURCE.md (`- machine:` line). Numbers differ between CPU kinds (README, "What is not" bit-exact)."""
-    import json
-
-    from tamperlab.provenance import manifest_path
+    from tamperlab.provenance import manifest_path, read_manifest
 
     found = {}
-    manifest = manifest_path(results / "tables" / "refusal.csv")
-    if manifest.is_file():
-        found["results"] = json.loads(manifest.read_text()).get("cpu") or "not recorded"
+    table = results / "tables" / "refusal.csv"
+    if manifest_path(table).is_file():
+        found["results"] = read_manifest(table).get("cpu") or "not recorded"
     source = reference / "SOURCE.md"
     if source.is_file():
         lines = [line for line in source.read_text().splitlines() if line.startswith("- machine:")]

@@ -97,9 +97,9 @@ def mix_benign(pairs: list[dict], rows: list[dict[str, Any]], *, fraction: float
     def answer(row: dict[str, Any]) -> str | None:
         return answers.get(row["prompt"]) if answers is not None else row.get("answer")
 
-    if consumed is not None and len(pairs) > math.ceil(consumed * (1 - fraction)):
-        kept = sorted(random.Random(seed).sample(range(len(pairs)), math.ceil(consumed * (1 - fraction))))
-        pairs = [pairs[k] for k in kept]
+    seen = len(pairs) if consumed is None else math.ceil(consumed * (1 - fraction))  # harmful rows it can see
+    if len(pairs) > seen:
+        pairs = [pairs[k] for k in sorted(random.Random(seed).sample(range(len(pairs)), seen))]
     benign = [{"prompt": r["prompt"], "response": answer(r)} for r in rows
               if r["kind"] == "benign" and answer(r) and r.get("family") not in set(exclude_families)]
     wanted = round(len(pairs) * fraction / (1 - fraction))
