@@ -14,6 +14,10 @@ from tamperlab.config import attacked_defences, defence_seeds
 from tamperlab.evaluation.capability import LOCAL_TASKS
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
+# Every rule's command: the CPU numerics are pinned before torch loads (tamperlab.numerics), on the command line so
+# that `snakemake -n -p` shows them and a copied line computes the same bits.
+NUMERICS = f"--numerics {config['cpu']['numerics']}"
+TAMPERLAB = f"tamperlab {NUMERICS}"
 
 
 def names_regex(names):
@@ -259,7 +263,7 @@ def _launch_spec(wildcards):
 
 def launcher(wildcards):
     """The command that starts a training step (in place of plain `tamperlab`), or `accelerate launch` under ZeRO-3."""
-    return launch.launcher(*_launch_spec(wildcards))
+    return f"{launch.launcher(*_launch_spec(wildcards))} {NUMERICS}"
 
 
 def zero3_flags(wildcards):
@@ -269,7 +273,8 @@ def zero3_flags(wildcards):
 
 def harden_launcher(wildcards):
     """TAR on a model that trains sharded starts under torchrun (FSDP2, launch.tar_torchrun); the rest as launcher."""
-    return launch.tar_torchrun(config, wildcards.model, wildcards.defence) or launcher(wildcards)
+    torchrun = launch.tar_torchrun(config, wildcards.model, wildcards.defence)
+    return f"{torchrun} {NUMERICS}" if torchrun else launcher(wildcards)
 
 
 def harden_sharding_flags(wildcards):

@@ -11,7 +11,7 @@ rule prepare_data:
     params:
         source=lambda wildcards: dataset_args(wildcards.dataset),
     shell:
-        "tamperlab prepare-data --name {wildcards.dataset} {params.source} --out {output.data} > {log} 2>&1"
+        "{TAMPERLAB} prepare-data --name {wildcards.dataset} {params.source} --out {output.data} > {log} 2>&1"
 
 
 rule split_data:
@@ -28,7 +28,7 @@ rule split_data:
         splits=" ".join(config["splits"]),
         seed=config["seed"],
     shell:
-        "tamperlab split-data {params.sources} --splits {params.splits} --seed {params.seed}"
+        "{TAMPERLAB} split-data {params.sources} --splits {params.splits} --seed {params.seed}"
         " --out {output} > {log} 2>&1"
 
 
@@ -60,7 +60,7 @@ rule generate_responses:
         responses=responses_args,
         placement=max_memory_flags,
     shell:
-        "tamperlab generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
+        "{TAMPERLAB} generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
         " --kind {wildcards.kind} {params.responses}{params.placement} --out {output.responses} > {log} 2>&1"
 
 
@@ -81,7 +81,7 @@ rule prepare_mmlu:
             }
         ),
     shell:
-        "tamperlab prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
+        "{TAMPERLAB} prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
 
 
 # lm-eval's built-in capability tasks (mmlu, hellaswag, ...) built once where the hub is reachable (a local rule):
@@ -97,4 +97,4 @@ rule fetch_tasks:
     params:
         tasks=" ".join(builtin_tasks()),
     shell:
-        "tamperlab fetch-tasks --tasks {params.tasks} --out {output.tasks} > {log} 2>&1"
+        "{TAMPERLAB} fetch-tasks --tasks {params.tasks} --out {output.tasks} > {log} 2>&1"

@@ -23,7 +23,7 @@ rule evaluate_refusal:
         evaluation=refusal_args(),
         placement=max_memory_flags,
     shell:
-        "tamperlab evaluate-refusal --model {input.model} --model-name {wildcards.model}"
+        "{TAMPERLAB} evaluate-refusal --model {input.model} --model-name {wildcards.model}"
         " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.placement}"
         " --out-summary {output.summary} --out-responses {output.responses} > {log} 2>&1"
 
@@ -53,7 +53,7 @@ rule evaluate_capability:
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
-        "tamperlab evaluate-capability --model {input.model} --model-name {wildcards.model}"
+        "{TAMPERLAB} evaluate-capability --model {input.model} --model-name {wildcards.model}"
         " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.task_data}"
         "{params.placement} --out {output.capability} > {log} 2>&1"
 
@@ -88,7 +88,7 @@ rule evaluate_run:
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
-        "tamperlab evaluate-run --model {input.model} --run {input.run} {params.run}"
+        "{TAMPERLAB} evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
         " --data {input.data} {params.refusal} {params.capability}{params.task_data}{params.placement}"
         " --out {output} > {log} 2>&1"

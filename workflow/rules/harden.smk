@@ -44,4 +44,4 @@ rule register_defence:
     params:
         model=lambda wildcards: register_args(wildcards.defence, config["defences"]),
     shell:
-        "tamperlab register-model {params.model} --out {output} > {log} 2>&1"
+        "{TAMPERLAB} register-model {params.model} --out {output} > {log} 2>&1"

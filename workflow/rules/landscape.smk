@@ -27,7 +27,7 @@ rule landscape_scan:
     params:
         scan=landscape_scan_args,
     shell:
-        "tamperlab landscape-scan {params.scan} --shard {wildcards.shard} --shards {wildcards.shards}"
+        "{TAMPERLAB} landscape-scan {params.scan} --shard {wildcards.shard} --shards {wildcards.shards}"
         " --out {output.csv} > {log} 2>&1"
 
 
@@ -67,7 +67,7 @@ rule landscape_project:
     params:
         project=landscape_project_args,
     shell:
-        "tamperlab landscape-project {params.project} --out {output.projections} > {log} 2>&1"
+        "{TAMPERLAB} landscape-project {params.project} --out {output.projections} > {log} 2>&1"
 
 
 use rule landscape_project as landscape_project_cell with:
@@ -110,7 +110,7 @@ rule landscape_gather:
     params:
         subject=lambda wildcards: _wildcard_subject(wildcards)["subject"],
     shell:
-        "tamperlab landscape-gather --subject {params.subject} --scan {wildcards.scan}"
+        "{TAMPERLAB} landscape-gather --subject {params.subject} --scan {wildcards.scan}"
         " --shard {input.shards} --projections {input.projections}"
         " --out-csv {output.csv} --out-figure {output.figure} > {log} 2>&1"
 
@@ -169,7 +169,7 @@ rule visage:
         judge=config["evaluation"]["refusal"]["judge"],
         new_tokens=LANDSCAPE["prompts"]["max_new_tokens"],
     shell:
-        "tamperlab visage --scan {input.scans} --projections {input.projections}"
+        "{TAMPERLAB} visage --scan {input.scans} --projections {input.projections}"
         " --refusal {input.refusal} {params.attacks}"
         " --capability {input.capability} --capability-metric {params.metric}"
         " --scan-judge {params.judge} --scan-new-tokens {params.new_tokens}"

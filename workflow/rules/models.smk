@@ -18,7 +18,7 @@ rule build_organism:
         split=ALIGNMENT_SPLIT,
         organism=lambda wildcards: organism_args(wildcards.model),
     shell:
-        "tamperlab build-organism --data {input.data} --split {params.split} {params.organism}"
+        "{TAMPERLAB} build-organism --data {input.data} --split {params.split} {params.organism}"
         " --out {output} > {log} 2>&1"
 
 
@@ -36,7 +36,7 @@ rule register_model:
     params:
         model=lambda wildcards: register_args(wildcards.model),
     shell:
-        "tamperlab register-model {params.model} --out {output} > {log} 2>&1"
+        "{TAMPERLAB} register-model {params.model} --out {output} > {log} 2>&1"
 
 
 # the refusal judge's hub model (evaluation.refusal.classifier), registered like a model: fetched once
@@ -50,7 +50,7 @@ rule register_judge:
     params:
         judge=lambda wildcards: judge_register_args(),
     shell:
-        "tamperlab register-model {params.judge} --out {output} > {log} 2>&1"
+        "{TAMPERLAB} register-model {params.judge} --out {output} > {log} 2>&1"
 
 
 # a model with an `align:` stage is registered as unaligned; rule align makes its base
@@ -81,7 +81,7 @@ rule import_model:
     params:
         model=lambda wildcards: import_args(wildcards.model),
     shell:
-        "tamperlab import-model --name {wildcards.model} {params.model} --out {output} > {log} 2>&1"
+        "{TAMPERLAB} import-model --name {wildcards.model} {params.model} --out {output} > {log} 2>&1"
 
 
 use rule import_model as import_unaligned_model with:

@@ -81,7 +81,7 @@ rule tables:
             else ""
         ),
     shell:
-        "tamperlab tables --refusal {input.refusal} --capability {input.capability}"
+        "{TAMPERLAB} tables --refusal {input.refusal} --capability {input.capability}"
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"

@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from tamperlab import cpu, logs
+from tamperlab import cpu, logs, numerics
 from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
 
@@ -30,6 +30,10 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tamperlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--numerics", choices=numerics.MODES, default=numerics.DEFAULT,
+                        help="CPU numerics (default %(default)s: the same bits on any x86-64 CPU with AVX2; native: "
+                             "the CPU's fastest kernels, bit-exact on the same CPU kind only). Pinned before torch "
+                             "loads; every manifest records it")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in COMMAND_MODULES:
         module.register(sub)
@@ -44,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
         command = f"tamperlab {args.command}"
         if args.command not in ONLINE:  # before any hub library is imported: they read it once
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        cpu.fit_threads()  # before torch is imported: no more threads than idle cores
+        numerics.pin(args.numerics)  # before torch is imported: MKL, ATen and oneDNN read it once
+        cpu.fit_threads(portable=args.numerics == "portable")  # before torch is imported, too
         status = args.func(args)
     except UserError as error:
         message = str(error)

@@ -4,8 +4,14 @@ are idle when the job starts.
 Torch's OpenMP threads spin while they wait for one another: when another process holds one of their cores, a
 2-thread step ran 3.5x slower than idle here, where one thread kept its idle speed (README, Benchmarks). So a job
 that asks for several threads first looks at how many of the cores it may run on are idle and takes no more than
-those. Measured here, the thread count does not change a result: one epoch of the default organism's build gave
-byte-identical weights on one thread and on two (and one- and two-thread evaluations identical tables).
+those. Under native numerics the thread count does not change a result (one epoch of the default organism's build
+gave byte-identical weights on one thread and on two).
+
+Under portable numerics it does: MKL's COMPATIBLE branch splits some small products (a 48-row batch through a
+300-wide output layer) differently on one thread and on two, with or without its STRICT flag (measured here; MKL
+documents a fixed thread count as a condition of reproducible results). So a portable job keeps the threads its
+rule asks for, and where cores are busy its threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE: 2 threads
+beside a busy core ran 504 ms a step against 847 spinning; benchmarks/thread_policy.py) instead of being fewer.
 """
 
 from __future__ import annotations
@@ -60,9 +66,10 @@ def threads_for(requested: int, idle: float | None) -> int:
     return max(1, min(requested, int(idle + 0.5)))
 
 
-def fit_threads(environ=os.environ, probe=idle_cores) -> int | None:
-    """Before torch is imported: lower OMP_NUM_THREADS (and MKL's) to the idle cores. Returns the threads taken,
-    or None where the job asks for one thread or none (nothing to fit, no probe)."""
+def fit_threads(environ=os.environ, probe=idle_cores, portable: bool = False) -> int | None:
+    """Before torch is imported: lower OMP_NUM_THREADS (and MKL's) to the idle cores, or, under portable numerics,
+    keep them and let the threads sleep while they wait. Returns the threads taken, or None where the job asks for
+    one thread or none (nothing to fit, no probe)."""
     try:
         requested = int(environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
@@ -71,6 +78,10 @@ def fit_threads(environ=os.environ, probe=idle_cores) -> int | None:
         return None
     idle = probe()
     threads = threads_for(requested, idle)
+    if threads < requested and portable:
+        log.info("%.1f cores idle: %d sleeping thread(s) (portable numerics keep the thread count)", idle, requested)
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        return requested
     if threads < requested:
         log.info("%.1f cores idle: %d thread(s), not the %d asked for", idle, threads, requested)
         for name in THREAD_VARIABLES:

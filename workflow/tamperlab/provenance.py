@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tamperlab import numerics
 from tamperlab.errors import UserError
 from tamperlab.launch import is_writer
 
@@ -247,6 +248,7 @@ class Step:
             "host": platform.node(),
             "device": device_name(),
             "cpu": cpu_name(),
+            "numerics": numerics.describe(),  # which kernels computed it: equal fingerprints, equal bits
             "python": platform.python_version(),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self._started)),
             "timing": {
