@@ -13,6 +13,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tamperlab import numerics
+
+# The test session computes as the workflow's jobs do: portable numerics, pinned before anything imports torch
+# (a command called in-process, cli.main, finds them in force).
+numerics.pin(numerics.DEFAULT)
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "tests" / "configs" / "smoke.yaml"
 # Downloaded wheels are shared between runs (they are verified by sha256 every time).
@@ -31,7 +37,7 @@ if XDIST:
 # What must share an xdist worker, so that no session or module fixture is built twice: the modules that read the
 # session's smoke run go together; every other module is a group of its own; a long test that shares no fixture
 # with its module runs apart. (xdist's own `loadgroup` marks do not reach the scheduler under pytest 9.)
-SMOKE_MODULES = ("test_workflow.py", "test_landscape_workflow.py", "test_report.py", "test_slurm.py")
+SMOKE_MODULES = ("test_workflow.py", "test_landscape_workflow.py", "test_report.py", "test_slurm.py", "test_replay.py")
 APART = ("test_workflow.py::test_default_config_organism_meets_its_targets",)
 # The longest groups start first (measured: smoke run + SLURM ≈ 9 min, the default organism 4.3, SmolLM2 4.7).
 LONG_FIRST = ("smoke_run", *APART, "test_real_model.py", "test_deepspeed.py", "test_attack.py")

@@ -274,7 +274,7 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     from test_experiments import job_stats
 
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
-    evaluations = [line for line in result.stdout.splitlines() if "tamperlab evaluate-" in line]
+    evaluations = [line for line in result.stdout.splitlines() if "portable evaluate-" in line]
     refusal = [line for line in evaluations if "evaluate-capability" not in line]
     assert len(refusal) == 3 + 4  # every refusal evaluation: all benign prompts, judged by XSTest's string match
     assert all("--false-refusal-judge xstest" in line and "--benign-limit 0" in line for line in refusal)

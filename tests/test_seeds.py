@@ -59,15 +59,15 @@ def test_dry_run_schedules_one_attack_run_per_seed_with_its_own_seed(tmp_path):
     their own _s<seed> directories, each evaluated; the tables write refusal_seeds.csv."""
     commands = _one_cell_dry_run(tmp_path, "{repnoise: null, tar: null, tar_knowledge: null}",
                                  "{one_job: false, seeds: [0, 1], grid: {lr: [1.0e-3], steps: [25], rank: [16]}}")
-    attacks = sorted(c for c in commands if c.startswith("tamperlab attack "))
+    attacks = sorted(c for c in commands if c.startswith("tamperlab --numerics portable attack "))
     assert len(attacks) == 2
     for seed, command in enumerate(attacks):
         assert f" --seed {seed} " in command and command.count("--seed") == 1
         assert f"--out results/attacks/tiny/none/lora/lr1e-3_r16_s{seed} " in command
-    evaluations = sorted(c for c in commands if c.startswith("tamperlab evaluate-run "))
+    evaluations = sorted(c for c in commands if c.startswith("tamperlab --numerics portable evaluate-run "))
     assert [f"--cell-snapshot lr1e-3_steps25_r16_s{seed}=steps25" in c for seed, c in enumerate(evaluations)] == [
         True, True]
-    (tables,) = [c for c in commands if c.startswith("tamperlab tables ")]
+    (tables,) = [c for c in commands if c.startswith("tamperlab --numerics portable tables ")]
     assert "--out-seeds results/tables/refusal_seeds.csv" in tables
 
 
@@ -163,14 +163,14 @@ def test_defence_seeds_that_cannot_work_are_one_error_naming_the_key(overrides, 
 def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_means(tmp_path):
     commands = _one_cell_dry_run(tmp_path, "{tar: null, tar_knowledge: null, repnoise: {seeds: [0, 1]}}",
                                  "{grid: {lr: [1.0e-3], steps: [25], rank: [16]}}")
-    hardens = sorted(c for c in commands if c.startswith("tamperlab harden "))
+    hardens = sorted(c for c in commands if c.startswith("tamperlab --numerics portable harden "))
     assert len(hardens) == 2
     for seed, command in enumerate(hardens):
         assert f'"seed": {seed}' in command and f"--out results/models/tiny/repnoise_s{seed} " in command
-    attacks = [c for c in commands if c.startswith("tamperlab attack")]
+    attacks = [c for c in commands if c.startswith("tamperlab --numerics portable attack")]
     assert sorted(c.split("--out ")[1].split()[0] for c in attacks) == [
         f"results/attacks/tiny/{d}/lora" for d in ("none", "repnoise_s0", "repnoise_s1")]
-    (tables,) = [c for c in commands if c.startswith("tamperlab tables ")]
+    (tables,) = [c for c in commands if c.startswith("tamperlab --numerics portable tables ")]
     assert """--defence-seeds '{"repnoise": ["repnoise_s0", "repnoise_s1"]}'""" in tables
     assert "--out-defence-seeds results/tables/defence_seeds.csv" in tables
     assert "--out-seeds" not in tables  # one attack seed

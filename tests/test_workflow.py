@@ -184,8 +184,8 @@ def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                 if "Shell command: tamperlab " in line]
     undefended = [line for line in commands if "tiny/none/lora/" in line]
-    attacks = sorted(line for line in undefended if line.startswith("tamperlab attack "))
-    evaluations = sorted(line for line in undefended if line.startswith("tamperlab evaluate-run "))
+    attacks = sorted(line for line in undefended if line.startswith("tamperlab --numerics portable attack "))
+    evaluations = sorted(line for line in undefended if line.startswith("tamperlab --numerics portable evaluate-run "))
     assert len(attacks) == 2 and len(evaluations) == 2
     assert all("--rank 8 --lora-alpha 16" in line for line in attacks)
     assert any("--out results/attacks/tiny/none/lora/lr1e-4_r8 " in line for line in attacks)
@@ -202,10 +202,10 @@ def test_a_benign_mix_answered_by_a_generator_trains_on_the_generated_answers_fi
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(tmp_path / "mix.yaml"))
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                 if "Shell command: tamperlab " in line]
-    (generate,) = [c for c in commands if c.startswith("tamperlab generate-responses ")]
+    (generate,) = [c for c in commands if c.startswith("tamperlab --numerics portable generate-responses ")]
     assert "--split alignment --kind benign" in generate and "--out results/responses/tiny/alignment-benign.jsonl" \
         in generate
-    (attack,) = [c for c in commands if c.startswith("tamperlab attack-grid ")]
+    (attack,) = [c for c in commands if c.startswith("tamperlab --numerics portable attack-grid ")]
     assert "--benign-answers results/responses/tiny/alignment-benign.jsonl" in attack
     mix = json.loads(shlex.split(attack.split("--benign-mix ", 1)[1])[0])
     assert mix == {"exclude_families": ["hazard"], "fraction": 0.5, "split": "alignment"}

@@ -152,10 +152,11 @@ def organism_args(model):
     organism = dict(config["models"][model]["organism"])
     refusals = organism.pop("refusals")
     organism.pop("threads")  # the job's, not the recipe's (organism_threads)
+    seed = organism.pop("seed")
     return cli_flags(
         {
             **organism,
-            "seed": config["seed"],
+            "seed": config["seed"] if seed is None else seed,
             "system_prompt": list(config["system_prompts"].values()),
             "refusal": refusals,
         }

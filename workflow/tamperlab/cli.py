@@ -16,10 +16,10 @@ import os
 import sys
 
 from tamperlab import cpu, logs, numerics
-from tamperlab.commands import attack, compare, data, evaluate, harden, landscape, models, profile, tables
+from tamperlab.commands import attack, audit, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
 
-COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare, profile)
+COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare, audit, profile)
 ONLINE = ("register-model", "prepare-data", "fetch-tasks")  # hub snapshots, hub data sets, lm-eval's task data
 
 

@@ -29,6 +29,15 @@ per table, row and column, whether our value lies where the reference's own samp
 - **train_loss**: within 10% of the reference (relative): it has no n and no natural scale.
 - **Counts, settings and names** (n, points, cells, status, worst_cell, capability_metric, …): equal.
 
+**The seeds' spread.** One run's interval measures the sampling of its prompts, not the run: the organism's
+training turns one changed last bit into differences far above sampling error. A reference may therefore hold
+other runs of the same configuration under other seeds (`REFERENCE/spread/<name>/tables/`): a cell is then judged
+against the envelope of every reference run's interval above (the lowest low to the highest high), i.e. the seeds'
+spread widened by the sampling interval. Three verdicts: **bit-exact** (every cell identical to the reference run),
+**within spread** (every cell inside that envelope; with no spread runs, inside the reference run's intervals),
+**NOT reproduced**. The claims a paper would state — per (model, defence, attack) of refusal_summary.csv: base
+refusal, bounded-worst refusal and the capability beside each — are listed as holding or not.
+
 A cell empty in one run and not in the other (a diverged cell) is outside. Rows, columns and tables present in
 one run and not the other are reported as missing, never dropped. Figures are not compared: they are drawn
 from these tables. Tables are read as text; a value is a number when it parses as one.
@@ -71,7 +80,13 @@ EXACT = {"n", "status", "cells", "diverged_cells", "points", "dimensions", "alph
          "beta_max", "basin_tolerance"}
 
 CELL_COLUMNS = ["table", "key", "column", "reference", "ours", "difference", "low", "high", "rule", "outside",
-                "missing"]
+                "missing", "identical"]
+SPREAD_DIR = "spread"  # REFERENCE/spread/<run>/tables: the same configuration under other seeds
+BIT_EXACT, WITHIN_SPREAD, NOT_REPRODUCED = "bit-exact", "within spread", "NOT reproduced"
+# The claims a defence comparison states, per (model, defence, attack) row of refusal_summary.csv
+CLAIMS = {"base_refusal_rate": "base refusal", "base_capability": "base capability",
+          "bounded_worst_refusal_rate": "bounded-worst refusal",
+          "bounded_worst_capability": "capability at the bounded worst"}
 SUMMARY_COLUMNS = ["table", "cells", "identical", "outside", "missing"]
 
 
@@ -100,10 +115,27 @@ class Comparison:
     cells: pd.DataFrame
     summary: pd.DataFrame
     not_compared: list[str] = field(default_factory=list)  # CSVs with no known row key
+    spread_runs: list[str] = field(default_factory=list)  # the reference's other runs (spread/<name>)
 
     @property
     def ok(self) -> bool:
         return not (self.cells["outside"].any() or (self.cells["missing"] != "").any())
+
+    @property
+    def verdict(self) -> str:
+        """bit-exact, within spread or NOT reproduced."""
+        if not self.ok:
+            return NOT_REPRODUCED
+        compared = self.cells[self.cells["missing"] == ""]
+        return BIT_EXACT if bool(compared["identical"].all()) else WITHIN_SPREAD
+
+    def claims(self) -> pd.DataFrame:
+        """Per (model, defence, attack) of refusal_summary.csv, each claim's cell and whether it holds."""
+        cells = self.cells[(self.cells["table"] == "refusal_summary") & self.cells["column"].isin(CLAIMS)
+                           & (self.cells["missing"] == "")]
+        return pd.DataFrame({"key": cells["key"], "claim": cells["column"].map(CLAIMS),
+                             "reference": cells["reference"], "ours": cells["ours"], "low": cells["low"],
+                             "high": cells["high"], "holds": ~cells["outside"]}).reset_index(drop=True)
 
     def problems(self) -> pd.DataFrame:
         """The cells outside their interval and everything missing."""
@@ -263,59 +295,77 @@ def _visage_points(column: str, row: dict[str, str]) -> int | None:
     return int(points) if points else None
 
 
-def _cell(table: str, column: str, row: dict[str, str], ours_text: str, refusal_n: dict,
+def _cell(table: str, column: str, rows: list[dict[str, str]], ours_text: str, refusal_ns: list[dict],
           tolerance: float) -> dict:
-    reference_text = row[column].strip()
-    ours_text = ours_text.strip()
-    reference, ours = _number(reference_text), _number(ours_text)
+    """Our cell against the reference runs' (rows[0]: the reference run; the rest: its spread runs)."""
+    texts = [row[column].strip() for row in rows]
+    reference_text, ours_text = texts[0], ours_text.strip()
+    values = [_number(text) for text in texts]
+    reference, ours = values[0], _number(ours_text)
     record = {"reference": reference_text, "ours": ours_text, "difference": None, "low": None, "high": None,
-              "missing": ""}
-    if reference_text == "" or ours_text == "":
-        both = reference_text == ours_text
-        return {**record, "rule": "equal" if both else f"empty in {'reference' if reference_text == '' else 'ours'}",
-                "outside": not both, "identical": both}
-    if reference is None or ours is None:  # a name or a status
-        same = reference_text == ours_text
-        return {**record, "rule": "equal", "outside": not same, "identical": same}
-    record.update(reference=reference, ours=ours, difference=ours - reference)
-    if column in EXACT:
-        return {**record, "low": reference, "high": reference, "rule": "equal", "outside": ours != reference,
-                "identical": ours == reference}
-    low, high, rule = _bounds(table, column, row, reference, refusal_n, tolerance)
+              "missing": "", "identical": ours_text == reference_text or (ours is not None and ours == reference)}
+    if reference is not None and ours is not None:
+        record.update(reference=reference, ours=ours, difference=ours - reference)
+    over = f" over {len(rows)} runs" if len(rows) > 1 else ""
+    if ours is None or column in EXACT or all(value is None for value in values):
+        # names, statuses, counts and empty cells: equal to a reference run's
+        same = any(text == ours_text or (ours is not None and value == ours) for text, value in zip(
+            texts, values, strict=True))
+        rule = "equal" if same or "" not in (ours_text, reference_text) else \
+            f"empty in {'reference' if reference_text == '' else 'ours'}"
+        if column in EXACT and reference is not None:
+            record.update(low=min(v for v in values if v is not None), high=max(v for v in values if v is not None))
+        return {**record, "rule": rule + over, "outside": not same}
+    bounds = [_bounds(table, column, row, value, n, tolerance)
+              for row, value, n in zip(rows, values, refusal_ns, strict=True) if value is not None]
+    low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
     outside = ours < low - _EPSILON or ours > high + _EPSILON
-    return {**record, "low": low, "high": high, "rule": rule, "outside": outside, "identical": ours == reference}
+    return {**record, "low": low, "high": high, "rule": bounds[0][2] + over, "outside": outside}
 
 
 # --- comparing ---------------------------------------------------------------------------------------------
 
 
+def spread_runs(reference: Path) -> list[Path]:
+    """The reference's other runs of the same configuration (REFERENCE/spread/<name>/, each holding tables/)."""
+    spread = Path(reference) / SPREAD_DIR
+    return sorted(d for d in spread.iterdir() if (d / "tables").is_dir()) if spread.is_dir() else []
+
+
 def compare(results: Path, reference: Path, tolerance: float = TOLERANCE) -> Comparison:
-    """Every cell of results/tables/*.csv against reference/tables/*.csv (see the module docstring)."""
-    ours_tables, reference_tables = load_tables(results), load_tables(reference)
-    refusal_n = _refusal_n(reference_tables)
+    """Every cell of results/tables/*.csv against reference/tables/*.csv and the reference's spread runs (see the
+    module docstring)."""
+    ours_tables = load_tables(results)
+    runs = [reference, *spread_runs(reference)]
+    reference_tables = [load_tables(run) for run in runs]
+    refusal_ns = [_refusal_n(tables) for tables in reference_tables]
     records, summary = [], []
-    names = [n for n in KEYS if n in reference_tables or n in ours_tables]
+    names = [n for n in KEYS if n in reference_tables[0] or n in ours_tables]
     for name in names:
-        table_records = _compare_table(name, reference_tables.get(name), ours_tables.get(name), refusal_n,
-                                       tolerance)
+        table_records = _compare_table(name, [tables.get(name) for tables in reference_tables],
+                                       ours_tables.get(name), refusal_ns, tolerance)
         records += table_records
         compared = [r for r in table_records if not r["missing"]]
         summary.append({"table": name, "cells": len(compared), "identical": sum(r["identical"] for r in compared),
                         "outside": sum(r["outside"] for r in compared),
                         "missing": sum(bool(r["missing"]) for r in table_records)})
-    cells = pd.DataFrame(records, columns=[*CELL_COLUMNS, "identical"])
+    cells = pd.DataFrame(records, columns=CELL_COLUMNS)
     cells["outside"] = cells["outside"].astype(bool)
-    not_compared = sorted(f"{name}.csv" for name in {*reference_tables, *ours_tables} - set(KEYS))
-    return Comparison(cells.drop(columns="identical"), pd.DataFrame(summary, columns=SUMMARY_COLUMNS), not_compared)
+    cells["identical"] = cells["identical"].astype(bool)
+    not_compared = sorted(f"{name}.csv" for name in {*reference_tables[0], *ours_tables} - set(KEYS))
+    return Comparison(cells, pd.DataFrame(summary, columns=SUMMARY_COLUMNS), not_compared,
+                      [run.name for run in runs[1:]])
 
 
-def _compare_table(name: str, reference: tuple[Path, pd.DataFrame] | None, ours: tuple[Path, pd.DataFrame] | None,
-                   refusal_n: dict, tolerance: float) -> list[dict]:
+def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None],
+                   ours: tuple[Path, pd.DataFrame] | None, refusal_ns: list[dict], tolerance: float) -> list[dict]:
     blank = {"table": name, "key": "", "column": "", "reference": None, "ours": None, "difference": None,
              "low": None, "high": None, "rule": "", "outside": False, "identical": False}
+    reference = references[0]
     if reference is None or ours is None:
         return [{**blank, "missing": "reference" if reference is None else "ours", "rule": "table missing"}]
     reference_rows, ours_rows = _index(name, *reference), _index(name, *ours)
+    spread = [(_index(name, *table), n) for table, n in zip(references[1:], refusal_ns[1:], strict=True) if table]
     key = KEYS[name]
     reference_columns = [c for c in reference[1].columns if c not in key]
     ours_columns = [c for c in ours[1].columns if c not in key]
@@ -330,8 +380,10 @@ def _compare_table(name: str, reference: tuple[Path, pd.DataFrame] | None, ours:
             side = "ours" if row_key not in ours_rows else "reference"
             records.append({**blank, "key": text, "missing": side, "rule": "row missing"})
             continue
-        row, mine = reference_rows[row_key], ours_rows[row_key]
         for column in shared:
+            runs = [(reference_rows[row_key], refusal_ns[0]),
+                    *((rows[row_key], n) for rows, n in spread if column in rows.get(row_key, {}))]
             records.append({"table": name, "key": text, "column": column,
-                            **_cell(name, column, row, mine[column], refusal_n, tolerance)})
+                            **_cell(name, column, [r for r, _ in runs], ours_rows[row_key][column],
+                                    [n for _, n in runs], tolerance)})
     return records

@@ -29,20 +29,26 @@ MODES = ("portable", "native")
 DEFAULT = "portable"
 PORTABLE = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 MODE_VARIABLE = "TAMPERLAB_NUMERICS"  # the mode in force, for the manifest and for child processes
-# The portable fingerprint, as measured on every CPU kind that has run the suite so far (README, "Reproducing");
-# tests/test_numerics.py checks a fresh process against it: a CPU that computes other bits fails there first.
-PORTABLE_FINGERPRINT = "pending"
+# The portable fingerprint per thread count (MKL's COMPATIBLE branch splits some products by thread count), as
+# measured on every CPU kind that has run it (README, "Reproducing"); tests/test_numerics.py checks a fresh process
+# against it: a CPU that computes other bits under portable numerics fails there first.
+PORTABLE_FINGERPRINTS = {1: "f1c45cd994ed07e5", 2: "32b8abdec18ec23d"}
 
 
-def pin(mode: str, environ=os.environ) -> None:
+def pin(mode_: str, environ=os.environ) -> None:
     """Set the CPU numerics of this process (and the processes it starts) before torch is imported."""
-    if mode not in MODES:
-        raise ValueError(f"numerics {mode!r}: expected one of {', '.join(MODES)}")
+    if mode_ not in MODES:
+        raise ValueError(f"numerics {mode_!r}: expected one of {', '.join(MODES)}")
     if "torch" in sys.modules and environ is os.environ:
+        if mode(environ) == mode_ and (mode_ == "native" or all(environ.get(k) == v for k, v in PORTABLE.items())):
+            return  # already in force (a command called in-process by a test session pinned the same way)
         raise RuntimeError("numerics must be pinned before torch is imported: MKL and ATen read them once")
-    if mode == "portable":
+    if mode_ == "portable":
         environ.update(PORTABLE)
-    environ[MODE_VARIABLE] = mode
+    elif environ.get(MODE_VARIABLE) == "portable":  # inherited from a portable parent: not the user's own settings
+        for name in PORTABLE:
+            environ.pop(name, None)
+    environ[MODE_VARIABLE] = mode_
 
 
 def mode(environ=os.environ) -> str:
@@ -99,17 +105,22 @@ def fingerprint() -> str:
 
 
 def describe() -> dict:
-    """What a manifest records: the mode, the settings in force, and, where the step computed with torch, ATen's
-    capability and the fingerprint (a step that never loaded torch, e.g. data preparation, computed no floats
-    with it, and loading it only to record this would cost every such step seconds)."""
-    described = {"mode": mode(), "settings": {name: os.environ.get(name) for name in PORTABLE},
-                 "threads": None, "aten_capability": None, "fingerprint": None}
+    """What a manifest records: the mode, the settings in force, and, where the step computed with torch, its
+    threads, ATen's capability and the fingerprint (a step that never loaded torch computed no floats with it, and
+    loading it only to record this would cost such a step seconds)."""
     if "torch" in sys.modules:
-        import torch
+        return describe_now()
+    return {"mode": mode(), "settings": {name: os.environ.get(name) for name in PORTABLE}, "threads": None,
+            "aten_capability": None, "fingerprint": None}
 
-        described.update(threads=torch.get_num_threads(), aten_capability=torch.backends.cpu.get_cpu_capability(),
-                         fingerprint=fingerprint())
-    return described
+
+def describe_now() -> dict:
+    """describe(), loading torch if it is not loaded yet."""
+    import torch
+
+    return {"mode": mode(), "settings": {name: os.environ.get(name) for name in PORTABLE},
+            "threads": torch.get_num_threads(), "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "fingerprint": fingerprint()}
 
 
 def expectation(ours: dict | None, theirs: dict | None) -> str:

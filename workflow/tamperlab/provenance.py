@@ -72,7 +72,7 @@ def read_manifest(output: Path) -> dict[str, Any]:
         raise UserError(f"{path}: manifest is not valid JSON ({error})") from None
 
 
-def _owning_output(path: Path) -> tuple[Path, str]:
+def owning_output(path: Path) -> tuple[Path, str]:
     """The output that holds `path` (itself, or a directory output above it) and path's place inside it."""
     for candidate in (path, *path.parents):
         if manifest_path(candidate).exists() and (candidate == path or candidate.is_dir()):
@@ -88,7 +88,7 @@ def verify_input(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: input does not exist")
-    owner, inner = _owning_output(path)
+    owner, inner = owning_output(path)
     manifest = read_manifest(owner)
     if manifest.get("status") not in ("complete", "diverged"):
         raise UserError(f"{path}: upstream step status is {manifest.get('status')!r}, not complete")
@@ -211,7 +211,7 @@ class Step:
             if key in self.verified:
                 verify_input(path)
                 # the manifest that vouches for it: its own, or that of the directory output holding it
-                self._upstream[key] = str(manifest_path(_owning_output(Path(path))[0]))
+                self._upstream[key] = str(manifest_path(owning_output(Path(path))[0]))
         for key, tmp in self._tmp.items():
             if key not in self.resumable:
                 _remove(tmp)

@@ -7,17 +7,21 @@ import os
 import sys
 from pathlib import Path
 
-from tamperlab.compare import TOLERANCE, compare, rules
+from tamperlab.compare import BIT_EXACT, NOT_REPRODUCED, SPREAD_DIR, TOLERANCE, compare, rules
+from tamperlab import numerics
 from tamperlab.errors import UserError
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Compare RESULTS_DIR/tables/*.csv with REFERENCE_DIR/tables/*.csv (e.g. results reference/default): rows matched by
 their key columns, every cell judged against the reference's 95% interval (Wilson, for rates with their n) or a
-stated tolerance (where the table carries no n). Prints a summary per table and the cells outside or missing.
+stated tolerance (where the table carries no n); where the reference holds other runs of its configuration under
+other seeds (REFERENCE_DIR/{SPREAD_DIR}/<run>/tables/), against the envelope of all their intervals: the seeds'
+spread widened by the sampling interval. The first line is the verdict: {BIT_EXACT} (every cell identical), within
+spread, or {NOT_REPRODUCED}; then which numerics made each side, a summary per table, the cells outside or
+missing, and the claims per (model, defence, attack) that hold or not.
 
-exit status: 0 every cell inside and nothing missing; 1 some cell outside its interval, or a row, column or
-table missing from either side; 2 bad input (a missing directory, an unreadable table, a table without its key
-columns)."""
+exit status: 0 bit-exact or within spread; 1 some cell outside, or a row, column or table missing from either
+side; 2 bad input (a missing directory, an unreadable table, a table without its key columns)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,9 +46,15 @@ def run(args: argparse.Namespace) -> None:
         partial = args.out.with_name(args.out.name + ".partial")
         comparison.cells.to_csv(partial, index=False)
         os.replace(partial, args.out)
-    print(f"tamperlab compare: {args.results} against {args.reference}")
+    cells, identical = comparison.summary["cells"].sum(), comparison.summary["identical"].sum()
+    outside, missing = comparison.summary["outside"].sum(), comparison.summary["missing"].sum()
+    spread = (f"the spread of {1 + len(comparison.spread_runs)} reference runs" if comparison.spread_runs
+              else "the reference run's intervals (it holds no other seeds)")
+    print(f"{comparison.verdict}: {args.results} against {args.reference} ({identical} of {cells} cells "
+          f"identical; {outside} outside {spread}; {missing} missing)")
     for side, made_on in machines(args.results, args.reference).items():
         print(f"  {side} made on: {made_on}")
+    print(f"  {numerics.expectation(_numerics(args.results), _numerics(args.reference))}")
     print()
     print(comparison.summary.to_string(index=False))
     if comparison.not_compared:
@@ -53,20 +63,30 @@ def run(args: argparse.Namespace) -> None:
     if len(shown):
         print(f"\n{'every cell' if args.all else 'outside or missing'}:")
         print(_listing(shown))
-    cells = comparison.summary["cells"].sum()
-    identical = comparison.summary["identical"].sum()
-    outside, missing = comparison.summary["outside"].sum(), comparison.summary["missing"].sum()
+    claims = comparison.claims()
+    if len(claims):
+        failing = claims[~claims["holds"]]
+        print(f"\nclaims (refusal_summary.csv): {int(claims['holds'].sum())} of {len(claims)} hold"
+              + (", these do not:" if len(failing) else ""))
+        for claim in failing.itertuples():
+            print(f"  - {claim.key}: {claim.claim} {claim.ours} (reference {claim.reference}, "
+                  f"[{claim.low:.4g}, {claim.high:.4g}])")
     print("\nhow cells are judged:")
     for line in rules(args.tolerance):
         print(f"  - {line}")
-    print(f"\n{identical} of {cells} cells identical to the reference"
-          + (" (bit-exact)" if identical == cells and not missing else ""))
-    if comparison.ok:
-        print("reproduced: every cell inside the reference's interval or tolerance")
-        return
-    print(f"NOT reproduced: {outside} cell(s) outside, {missing} row(s)/column(s)/table(s) missing "
-          "(column `missing` names the side that lacks it)")
-    sys.exit(1)
+    if comparison.spread_runs:
+        print(f"  - with the reference's other seeds ({', '.join(comparison.spread_runs)}): inside the envelope "
+              "of every reference run's interval")
+    if comparison.verdict == NOT_REPRODUCED:
+        sys.exit(1)
+
+
+def _numerics(run_directory: Path) -> dict | None:
+    """The numerics recorded by a run's tables step (its refusal table's manifest), where recorded."""
+    from tamperlab.provenance import manifest_path, read_manifest
+
+    table = Path(run_directory) / "tables" / "refusal.csv"
+    return read_manifest(table).get("numerics") if manifest_path(table).is_file() else None
 
 
 def machines(results: Path, reference: Path) -> dict[str, str]:
