@@ -79,6 +79,9 @@ def test_the_thread_count_is_part_of_portable_numerics():
     assert fit_threads(environ, probe=lambda: 2.0, portable=True) == 2 and environ == {"OMP_NUM_THREADS": "2"}
     environ = {"OMP_NUM_THREADS": "2"}
     assert fit_threads(environ, probe=lambda: 1.0) == 1 and environ["OMP_NUM_THREADS"] == "1"
+    environ = {}  # a command run by hand: one thread, whatever the machine's cores
+    fit_threads(environ, probe=lambda: 8.0, portable=True)
+    assert environ == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def test_expectation_says_bit_exact_only_for_equal_fingerprints():

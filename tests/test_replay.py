@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tamperlab import numerics
-from tamperlab.provenance import hash_output
+from tamperlab.provenance import hash_output, owning_output
 
 ATTACK_RUN = "results/attacks/tiny/none/lora/lr2e-3_r16"
 EVALUATION = "results/eval/tiny/none/refusal.json"
@@ -30,7 +30,8 @@ def test_a_replayed_step_is_bit_exact(smoke_run, output, tmp_path):
     result = _replay(smoke_run / output, tmp_path)  # from elsewhere: the working directory comes from the manifest
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0].startswith(f"replay: {smoke_run / output} (step ")
+    step_output = owning_output(smoke_run / output)[0]  # an attack run is replayed as its grid's step
+    assert lines[0].startswith(f"replay: {step_output} (step ")
     assert "same numerics (portable, fingerprint" in result.stdout and "bit-exact expected" in result.stdout
     assert lines[-1].startswith("bit-exact: ") and "differs" not in result.stdout
     files = [line for line in lines if line.startswith("  identical ")]

@@ -11,7 +11,8 @@ Under portable numerics it does: MKL's COMPATIBLE branch splits some small produ
 300-wide output layer) differently on one thread and on two, with or without its STRICT flag (measured here; MKL
 documents a fixed thread count as a condition of reproducible results). So a portable job keeps the threads its
 rule asks for, and where cores are busy its threads sleep while they wait (OMP_WAIT_POLICY=PASSIVE: 2 threads
-beside a busy core ran 504 ms a step against 847 spinning; benchmarks/thread_policy.py) instead of being fewer.
+beside a busy core ran 504 ms a step against 847 spinning; benchmarks/thread_policy.py) instead of being fewer;
+a command run by hand, with no OMP_NUM_THREADS, takes one thread, not however many cores the machine has.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ def fit_threads(environ=os.environ, probe=idle_cores, portable: bool = False) ->
     """Before torch is imported: lower OMP_NUM_THREADS (and MKL's) to the idle cores, or, under portable numerics,
     keep them and let the threads sleep while they wait. Returns the threads taken, or None where the job asks for
     one thread or none (nothing to fit, no probe)."""
+    if portable and not environ.get("OMP_NUM_THREADS"):  # a command run by hand: the bits depend on the threads,
+        for name in THREAD_VARIABLES:                       # so one, not however many cores this machine has
+            environ[name] = "1"
     try:
         requested = int(environ.get("OMP_NUM_THREADS", ""))
     except ValueError:
