@@ -1,4 +1,4 @@
-"""Manifests: every step records what it ran on, with what, and what it wrote (DESIGN.md, principle 2).
+"""Manifests: every step records what it ran on, with what, and what it wrote.
 
 A step's outputs are written to temporary paths and moved into place only when the step succeeds, and the
 manifest is written last: an output without a manifest (or whose bytes differ from its manifest) is not

@@ -114,7 +114,7 @@ class FSDP2(OneProcess):
 
         if self.started and dist.is_initialized():
             if wait:
-                dist.barrier()  # (a rare abort at exit was seen without it: shared/notes/deepspeed.md)
+                dist.barrier()  # (a rare abort at exit was seen without it, once, on the 2-core CPU machine)
             dist.destroy_process_group()
 
     def describe(self) -> dict[str, Any]:

@@ -105,7 +105,7 @@ def resolve(model_dir: Path) -> tuple[str, dict[str, Any], dict[str, Any]]:
 def default_dtype():
     import torch
 
-    # bf16 on CPU is ~40x slower here than fp32 (shared/notes/machine.md).
+    # bf16 on CPU is ~40x slower here than fp32 (measured on the 2-core development machines).
     return torch.bfloat16 if torch.cuda.is_available() else torch.float32
 
 
