@@ -1,7 +1,8 @@
 """A real one-node SLURM (munge + slurmctld + slurmd from Debian's packages) for the cluster tests.
 
 The configuration must sit at /etc/slurm/slurm.conf (the slurm executor's job step drops SLURM_CONF before its
-inner srun). Everything else (pid files, state, spool, logs) lives under one state directory, so the daemons can be found again, and stopped, by their pid files.
+inner srun). Everything else (pid files, state, spool, logs) lives under one state directory, so the daemons can
+be found again, and stopped, by their pid files.
 
 Starting is idempotent: a machine may be reused, so daemons that already run with this configuration are
 adopted rather than started twice, and daemons left running with another configuration are restarted.
