@@ -86,7 +86,7 @@ def main() -> None:
     for threads in args.threads:
         for name, environment in SETTINGS.items():
             rows.append({"setting": name, "threads": threads, **measure(environment, threads)})
-    print(f"| setting | threads | ATen | step ms | vs native | matmul share | "
+    print("| setting | threads | ATen | step ms | vs native | matmul share | "
           + " | ".join(f"{s} GFLOP/s" for s in SHAPES) + " |")
     print("|" + "---|" * (5 + len(SHAPES)))
     for row in rows:

@@ -157,15 +157,16 @@ def test_figures_exist_and_are_not_blank(run):
 
 def test_dry_run_shows_every_landscape_setting_on_the_command_line(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", targets=("results/tables/visage.csv",))
+    tamperlab = "tamperlab --numerics portable "  # every rule's command pins the CPU numerics first
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
-                if "Shell command: tamperlab landscape-" in line]
-    base = next(c for c in commands if c.startswith("tamperlab --numerics portable landscape-scan --subject tiny/none --scan random_1d "))
+                if f"Shell command: {tamperlab}landscape-" in line]
+    base = next(c for c in commands if c.startswith(f"{tamperlab}landscape-scan --subject tiny/none --scan random_1d "))
     for flag in ("--kind 1d", "--n 21", "--extent 1.5", "--seed 0", "--limit 48", "--max-new-tokens 16",
                  "--system-prompt none", "--system-prompt 'default=", "--judge keyword", "--shard 0 --shards 1"):
         assert flag in base, flag
     path = next(c for c in commands if " --scan finetune " in c)
     # lora/strongest: the default grid's cell of the largest lr, steps and rank
     assert "--target lora/lr1e-3_steps50_r16" in path and "--steps 10 --extend 5" in path and "--n " not in path
-    assert any(c.startswith("tamperlab --numerics portable landscape-project ") and "--cell lora/lr1e-3_steps50_r16 " in c
+    assert any(c.startswith(f"{tamperlab}landscape-project ") and "--cell lora/lr1e-3_steps50_r16 " in c
                for c in commands)
     assert any(" --subject tiny/none/lora/lr1e-3_steps50_r16 " in c and " --adapter " in c for c in commands)

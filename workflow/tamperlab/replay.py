@@ -21,7 +21,7 @@ from typing import Any
 
 from tamperlab import numerics
 from tamperlab.errors import UserError
-from tamperlab.provenance import owning_output, hash_output, package_versions, read_manifest
+from tamperlab.provenance import hash_output, owning_output, package_versions, read_manifest
 
 
 @dataclass

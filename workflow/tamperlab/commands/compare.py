@@ -7,8 +7,8 @@ import os
 import sys
 from pathlib import Path
 
-from tamperlab.compare import BIT_EXACT, NOT_REPRODUCED, SPREAD_DIR, TOLERANCE, compare, rules
 from tamperlab import numerics
+from tamperlab.compare import BIT_EXACT, NOT_REPRODUCED, SPREAD_DIR, TOLERANCE, compare, rules
 from tamperlab.errors import UserError
 
 DESCRIPTION = f"""\
