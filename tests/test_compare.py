@@ -372,3 +372,31 @@ def test_compare_says_what_the_numerics_of_both_sides_let_one_expect(tmp_path, c
     (reference / "tables" / "refusal.manifest.json").write_text(json.dumps({"numerics": native}))
     _, out = _command([ours, reference], capsys)
     assert "numerics differ (portable 32b8abdec18ec23d vs native cc90f8f5bf3c9b88): bit-exact not expected" in out
+
+
+def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
+    """reference/default and the runs of its spread (the default with its organism under seeds 1 and 2), all made
+    under portable numerics: seed 2's run lies within the spread of the other two, and the same run with two
+    defences' rows swapped does not, naming the claims that fail."""
+    import shutil
+    from pathlib import Path
+
+    default = Path(__file__).resolve().parents[1] / "reference" / "default"
+    reference = tmp_path / "reference"
+    shutil.copytree(default / "tables", reference / "tables")
+    shutil.copytree(default / "spread" / "seed1" / "tables", reference / "spread" / "seed1" / "tables")
+    ours = default / "spread" / "seed2"
+    comparison = compare(ours, reference)
+    assert comparison.verdict == "within spread", comparison.problems().to_string()
+
+    swapped = tmp_path / "swapped" / "tables"
+    swapped.mkdir(parents=True)
+    for path in (ours / "tables").glob("*.csv"):
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        if "defence" in frame.columns:
+            frame["defence"] = frame["defence"].replace({"none": "tar", "tar": "none"})
+        frame.to_csv(swapped / path.name, index=False)
+    comparison = compare(swapped.parent, reference)
+    assert comparison.verdict == "NOT reproduced"
+    failing = comparison.claims().query("not holds")
+    assert {"model=tiny defence=none attack=lora", "model=tiny defence=tar attack=lora"} <= set(failing["key"])

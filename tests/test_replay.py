@@ -42,7 +42,7 @@ def test_a_replayed_step_is_bit_exact(smoke_run, output, tmp_path):
 def _copy_of_the_tables_step(smoke_run: Path, tmp_path: Path) -> Path:
     """The tables step's inputs and outputs, copied into a working directory of their own."""
     workdir = tmp_path / "run"
-    for part in ("tables", "eval", "figures"):
+    for part in ("tables", "eval", "figures", "attacks"):  # attacks: the loss logs it reads beside the evaluations
         shutil.copytree(smoke_run / "results" / part, workdir / "results" / part, symlinks=True)
     return workdir
 
@@ -58,6 +58,7 @@ def test_a_changed_output_is_reported_as_differing(smoke_run, tmp_path):
     result = _replay(workdir / TABLES, tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "  differs   results/tables/refusal.csv" in result.stdout
+    assert "  identical results/tables/refusal_summary.csv" in result.stdout
     assert result.stdout.splitlines()[-1].startswith("differs: ")
 
 

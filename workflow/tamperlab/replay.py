@@ -1,11 +1,10 @@
 """Replay one step from its manifest: verify what it read, run its recorded command again in a scratch directory,
 and say, output file by output file, whether the bytes came out the same.
 
-The scratch directory mirrors the step's working directory: every input the manifest lists (and the manifest
-that vouches for it) is linked into place under the same relative path, and every other top-level entry of the
-working directory (the wheel cache, say) is linked whole, except the outputs' own top-level folder (`results`),
-which is made anew. The recorded command writes its outputs under the same relative paths there, never over the
-originals. The command runs under the numerics and the thread count its manifest records (a portable result
+The scratch directory mirrors the step's working directory: every entry is linked into place, except the step's
+own outputs and the folders on the way to them, which are made anew; the recorded command writes its outputs under
+the same relative paths there, never over the originals. (The links reach what a step reads without declaring it:
+the tables step reads the attack runs' loss logs beside the evaluations it declares.) The command runs under the numerics and the thread count its manifest records (a portable result
 depends on its thread count: tamperlab.cpu).
 """
 
@@ -117,20 +116,24 @@ def _environment(plan: Plan) -> dict[str, str]:
 
 
 def stage(plan: Plan, scratch: Path) -> None:
-    """Lay out the scratch directory: inputs (and their manifests) linked in place, outputs' folders made anew."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    owned = {Path(o["path"]).parts[0] for o in plan.manifest["outputs"].values()}
-    for entry in plan.workdir.iterdir():
-        if entry.name not in owned and not (scratch / entry.name).exists():
-            (scratch / entry.name).symlink_to(entry.resolve())
-    for recorded in plan.manifest.get("inputs", {}).values():
-        for relative in (recorded["path"], recorded.get("manifest")):
-            if not relative or Path(relative).parts[0] not in owned:
+    """Lay out the scratch directory as the working directory, linked entry by entry, except the step's outputs:
+    the folders on the way to an output are made anew, an output itself is left for the command to write."""
+    outputs = {Path(o["path"]) for o in plan.manifest["outputs"].values()}
+    opened = {parent for output in outputs for parent in output.parents if parent != Path(".")}
+
+    def mirror(relative: Path) -> None:
+        (scratch / relative).mkdir(parents=True, exist_ok=True)
+        for entry in (plan.workdir / relative).iterdir():
+            inner = relative / entry.name
+            if inner in outputs or entry.name.startswith(".") and (".tmp-" in entry.name or
+                                                                  entry.name.endswith(".partial")):
                 continue
-            target = scratch / relative
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.symlink_to((plan.workdir / relative).resolve())
+            if inner in opened:
+                mirror(inner)
+            elif not (scratch / inner).exists():
+                (scratch / inner).symlink_to(entry.resolve())
+
+    mirror(Path("."))
 
 
 def run(plan: Plan, scratch: Path) -> subprocess.CompletedProcess:
