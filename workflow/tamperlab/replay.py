@@ -4,8 +4,8 @@ and say, output file by output file, whether the bytes came out the same.
 The scratch directory mirrors the step's working directory: every entry is linked into place, except the step's
 own outputs and the folders on the way to them, which are made anew; the recorded command writes its outputs under
 the same relative paths there, never over the originals. (The links reach what a step reads without declaring it:
-the tables step reads the attack runs' loss logs beside the evaluations it declares.) The command runs under the numerics and the thread count its manifest records (a portable result
-depends on its thread count: tamperlab.cpu).
+the tables step reads the attack runs' loss logs beside the evaluations it declares.) The command runs under the
+numerics and the thread count its manifest records (a portable result depends on its thread count: tamperlab.cpu).
 """
 
 from __future__ import annotations
