@@ -116,7 +116,7 @@ def test_every_step_writes_a_complete_manifest_that_links_to_its_inputs(smoke_ru
             "evaluate-capability", "evaluate-run", "tables"} <= set(found)
     for manifest in manifests(workdir):
         assert manifest["status"] == "complete"
-        assert manifest["command"].startswith(f"tamperlab {manifest['step']} ")
+        assert manifest["command"].startswith(f"tamperlab --numerics portable {manifest['step']} ")
         assert manifest["versions"]["torch"] and manifest["versions"]["transformers"]
         assert manifest["timing"]["wall_s"] > 0
         for item in manifest["inputs"].values():
