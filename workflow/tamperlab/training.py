@@ -166,6 +166,7 @@ def save_trained(trainer: Trainer, model, directory: Path) -> None:
     """
     if not trainer.is_deepspeed_enabled:
         model.save_pretrained(directory, safe_serialization=True)
+        _sort_adapter_config(directory)
         return
     if hasattr(model, "peft_config"):
         import deepspeed
@@ -173,10 +174,23 @@ def save_trained(trainer: Trainer, model, directory: Path) -> None:
         with deepspeed.zero.GatheredParameters([p for p in model.parameters() if p.requires_grad]):
             if trainer.is_world_process_zero():
                 model.save_pretrained(directory, safe_serialization=True)
+                _sort_adapter_config(directory)
     else:
         state_dict = trainer.accelerator.get_state_dict(trainer.deepspeed)  # 16-bit weights, whole only on rank 0
         if trainer.is_world_process_zero():
             model.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+
+
+def _sort_adapter_config(directory: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in the set's order, which Python's string hashing changes
+    from process to process: sorted, the same adapter gives the same adapter_config.json bytes (tamperlab replay)."""
+    path = Path(directory) / "adapter_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def trainable_parameters(model) -> int:
