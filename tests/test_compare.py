@@ -376,27 +376,36 @@ def test_compare_says_what_the_numerics_of_both_sides_let_one_expect(tmp_path, c
 
 def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
     """reference/default and the runs of its spread (the default with its organism under seeds 1 and 2), all made
-    under portable numerics: seed 2's run lies within the spread of the other two, and the same run with two
-    defences' rows swapped does not, naming the claims that fail."""
+    under portable numerics on one machine. Measured (leave one out): seed 2's run against seeds 0 and 1 has 435
+    cells outside their envelope, against seed 0's intervals alone 632; the same run with the `none` and `tar`
+    rows swapped has 549. The organism's seeds still move cells beyond two seeds' spread (README: not yet a claim
+    that a third seed is "within spread"); what must hold is the ordering: spread judges a genuine seed by less
+    than one run's intervals do, and a swapped defence by more than a genuine seed."""
     import shutil
     from pathlib import Path
 
     default = Path(__file__).resolve().parents[1] / "reference" / "default"
-    reference = tmp_path / "reference"
-    shutil.copytree(default / "tables", reference / "tables")
-    shutil.copytree(default / "spread" / "seed1" / "tables", reference / "spread" / "seed1" / "tables")
-    ours = default / "spread" / "seed2"
-    comparison = compare(ours, reference)
-    assert comparison.verdict == "within spread", comparison.problems().to_string()
+    seed2 = default / "spread" / "seed2"
+    alone, spread = tmp_path / "alone", tmp_path / "spread"
+    for reference in (alone, spread):
+        shutil.copytree(default / "tables", reference / "tables")
+    shutil.copytree(default / "spread" / "seed1" / "tables", spread / "spread" / "seed1" / "tables")
 
+    def outside(run, reference):
+        comparison = compare(run, reference)
+        return comparison, int(comparison.summary["outside"].sum())
+
+    by_spread, genuine = outside(seed2, spread)
+    _, by_intervals = outside(seed2, alone)
     swapped = tmp_path / "swapped" / "tables"
     swapped.mkdir(parents=True)
-    for path in (ours / "tables").glob("*.csv"):
+    for path in (seed2 / "tables").glob("*.csv"):
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "defence" in frame.columns:
             frame["defence"] = frame["defence"].replace({"none": "tar", "tar": "none"})
         frame.to_csv(swapped / path.name, index=False)
-    comparison = compare(swapped.parent, reference)
-    assert comparison.verdict == "NOT reproduced"
-    failing = comparison.claims().query("not holds")
+    by_swap, wrong = outside(swapped.parent, spread)
+    assert genuine < by_intervals and wrong > genuine
+    assert by_swap.verdict == "NOT reproduced" and by_spread.spread_runs == ["seed1"]
+    failing = by_swap.claims().query("not holds")
     assert {"model=tiny defence=none attack=lora", "model=tiny defence=tar attack=lora"} <= set(failing["key"])

@@ -14,10 +14,9 @@ from tamperlab.config import attacked_defences, defence_seeds
 from tamperlab.evaluation.capability import LOCAL_TASKS
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
-# Every rule's command: the CPU numerics are pinned before torch loads (tamperlab.numerics), on the command line so
-# that `snakemake -n -p` shows them and a copied line computes the same bits.
+# Every rule's command pins the CPU numerics before torch loads (tamperlab.numerics): on the command line, so that
+# `snakemake -n -p` shows them and a copied line computes the same bits, and a param, so that changing them reruns.
 NUMERICS = f"--numerics {config['cpu']['numerics']}"
-TAMPERLAB = f"tamperlab {NUMERICS}"
 
 
 def names_regex(names):

@@ -9,9 +9,10 @@ rule prepare_data:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         source=lambda wildcards: dataset_args(wildcards.dataset),
     shell:
-        "{TAMPERLAB} prepare-data --name {wildcards.dataset} {params.source} --out {output.data} > {log} 2>&1"
+        "tamperlab {params.numerics} prepare-data --name {wildcards.dataset} {params.source} --out {output.data} > {log} 2>&1"
 
 
 rule split_data:
@@ -24,11 +25,12 @@ rule split_data:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         sources=split_sources_args(),
         splits=" ".join(config["splits"]),
         seed=config["seed"],
     shell:
-        "{TAMPERLAB} split-data {params.sources} --splits {params.splits} --seed {params.seed}"
+        "tamperlab {params.numerics} split-data {params.sources} --splits {params.splits} --seed {params.seed}"
         " --out {output} > {log} 2>&1"
 
 
@@ -57,10 +59,11 @@ rule generate_responses:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         responses=responses_args,
         placement=max_memory_flags,
     shell:
-        "{TAMPERLAB} generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
+        "tamperlab {params.numerics} generate-responses --model {input.model} --data {input.data} --split {wildcards.split}"
         " --kind {wildcards.kind} {params.responses}{params.placement} --out {output.responses} > {log} 2>&1"
 
 
@@ -74,6 +77,7 @@ rule prepare_mmlu:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         mmlu=lambda wildcards: cli_flags(
             {
                 **config["evaluation"]["capability"]["mmlu"],
@@ -81,7 +85,7 @@ rule prepare_mmlu:
             }
         ),
     shell:
-        "{TAMPERLAB} prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
+        "tamperlab {params.numerics} prepare-mmlu {params.mmlu} --out {output.data} > {log} 2>&1"
 
 
 # lm-eval's built-in capability tasks (mmlu, hellaswag, ...) built once where the hub is reachable (a local rule):
@@ -95,6 +99,7 @@ rule fetch_tasks:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         tasks=" ".join(builtin_tasks()),
     shell:
-        "{TAMPERLAB} fetch-tasks --tasks {params.tasks} --out {output.tasks} > {log} 2>&1"
+        "tamperlab {params.numerics} fetch-tasks --tasks {params.tasks} --out {output.tasks} > {log} 2>&1"

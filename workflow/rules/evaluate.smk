@@ -20,10 +20,11 @@ rule evaluate_refusal:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         evaluation=refusal_args(),
         placement=max_memory_flags,
     shell:
-        "{TAMPERLAB} evaluate-refusal --model {input.model} --model-name {wildcards.model}"
+        "tamperlab {params.numerics} evaluate-refusal --model {input.model} --model-name {wildcards.model}"
         " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.placement}"
         " --out-summary {output.summary} --out-responses {output.responses} > {log} 2>&1"
 
@@ -49,11 +50,12 @@ rule evaluate_capability:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         evaluation=capability_args(),
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
-        "{TAMPERLAB} evaluate-capability --model {input.model} --model-name {wildcards.model}"
+        "tamperlab {params.numerics} evaluate-capability --model {input.model} --model-name {wildcards.model}"
         " --defence {wildcards.defence} --data {input.data} {params.evaluation}{params.task_data}"
         "{params.placement} --out {output.capability} > {log} 2>&1"
 
@@ -82,13 +84,14 @@ rule evaluate_run:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         run=run_evaluation_args,
         refusal=refusal_args(),
         capability=capability_args(prefix="capability_"),
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
-        "{TAMPERLAB} evaluate-run --model {input.model} --run {input.run} {params.run}"
+        "tamperlab {params.numerics} evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
         " --data {input.data} {params.refusal} {params.capability}{params.task_data}{params.placement}"
         " --out {output} > {log} 2>&1"

@@ -42,6 +42,7 @@ rule register_defence:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         model=lambda wildcards: register_args(wildcards.defence, config["defences"]),
     shell:
-        "{TAMPERLAB} register-model {params.model} --out {output} > {log} 2>&1"
+        "tamperlab {params.numerics} register-model {params.model} --out {output} > {log} 2>&1"

@@ -25,9 +25,10 @@ rule landscape_scan:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         scan=landscape_scan_args,
     shell:
-        "{TAMPERLAB} landscape-scan {params.scan} --shard {wildcards.shard} --shards {wildcards.shards}"
+        "tamperlab {params.numerics} landscape-scan {params.scan} --shard {wildcards.shard} --shards {wildcards.shards}"
         " --out {output.csv} > {log} 2>&1"
 
 
@@ -65,9 +66,10 @@ rule landscape_project:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         project=landscape_project_args,
     shell:
-        "{TAMPERLAB} landscape-project {params.project} --out {output.projections} > {log} 2>&1"
+        "tamperlab {params.numerics} landscape-project {params.project} --out {output.projections} > {log} 2>&1"
 
 
 use rule landscape_project as landscape_project_cell with:
@@ -108,9 +110,10 @@ rule landscape_gather:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         subject=lambda wildcards: _wildcard_subject(wildcards)["subject"],
     shell:
-        "{TAMPERLAB} landscape-gather --subject {params.subject} --scan {wildcards.scan}"
+        "tamperlab {params.numerics} landscape-gather --subject {params.subject} --scan {wildcards.scan}"
         " --shard {input.shards} --projections {input.projections}"
         " --out-csv {output.csv} --out-figure {output.figure} > {log} 2>&1"
 
@@ -162,6 +165,7 @@ rule visage:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         tolerance=LANDSCAPE["basin_tolerance"],
         system_prompt=config["evaluation"]["refusal"]["system_prompt"] or "none",
         attacks=visage_post_attack_args(),
@@ -169,7 +173,7 @@ rule visage:
         judge=config["evaluation"]["refusal"]["judge"],
         new_tokens=LANDSCAPE["prompts"]["max_new_tokens"],
     shell:
-        "{TAMPERLAB} visage --scan {input.scans} --projections {input.projections}"
+        "tamperlab {params.numerics} visage --scan {input.scans} --projections {input.projections}"
         " --refusal {input.refusal} {params.attacks}"
         " --capability {input.capability} --capability-metric {params.metric}"
         " --scan-judge {params.judge} --scan-new-tokens {params.new_tokens}"

@@ -15,10 +15,11 @@ rule build_organism:
     resources:
         **{**MODEL_RESOURCES, "cpus_per_task": organism_threads},
     params:
+        numerics=NUMERICS,
         split=ALIGNMENT_SPLIT,
         organism=lambda wildcards: organism_args(wildcards.model),
     shell:
-        "{TAMPERLAB} build-organism --data {input.data} --split {params.split} {params.organism}"
+        "tamperlab {params.numerics} build-organism --data {input.data} --split {params.split} {params.organism}"
         " --out {output} > {log} 2>&1"
 
 
@@ -34,9 +35,10 @@ rule register_model:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         model=lambda wildcards: register_args(wildcards.model),
     shell:
-        "{TAMPERLAB} register-model {params.model} --out {output} > {log} 2>&1"
+        "tamperlab {params.numerics} register-model {params.model} --out {output} > {log} 2>&1"
 
 
 # the refusal judge's hub model (evaluation.refusal.classifier), registered like a model: fetched once
@@ -48,9 +50,10 @@ rule register_judge:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         judge=lambda wildcards: judge_register_args(),
     shell:
-        "{TAMPERLAB} register-model {params.judge} --out {output} > {log} 2>&1"
+        "tamperlab {params.numerics} register-model {params.judge} --out {output} > {log} 2>&1"
 
 
 # a model with an `align:` stage is registered as unaligned; rule align makes its base
@@ -79,9 +82,10 @@ rule import_model:
     resources:
         **MODEL_RESOURCES,
     params:
+        numerics=NUMERICS,
         model=lambda wildcards: import_args(wildcards.model),
     shell:
-        "{TAMPERLAB} import-model --name {wildcards.model} {params.model} --out {output} > {log} 2>&1"
+        "tamperlab {params.numerics} import-model --name {wildcards.model} {params.model} --out {output} > {log} 2>&1"
 
 
 use rule import_model as import_unaligned_model with:

@@ -67,6 +67,7 @@ rule tables:
     conda:
         "../../envs/tamperlab.yaml"
     params:
+        numerics=NUMERICS,
         metric=config["evaluation"]["capability"]["metric"],
         tables=tables_args(),
         visage=lambda wildcards, input: (
@@ -81,7 +82,7 @@ rule tables:
             else ""
         ),
     shell:
-        "{TAMPERLAB} tables --refusal {input.refusal} --capability {input.capability}"
+        "tamperlab {params.numerics} tables --refusal {input.refusal} --capability {input.capability}"
         " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
