@@ -195,7 +195,7 @@ class _Stub:
     def parse_args(self, argv):
         import argparse
 
-        return argparse.Namespace(command=self.command, func=lambda args: None)
+        return argparse.Namespace(command=self.command, numerics="portable", func=lambda args: None)
 
 
 # --- lm-eval's built-in tasks: their data sets fetched once too ----------------------------------------------------

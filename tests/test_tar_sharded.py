@@ -237,6 +237,7 @@ def test_the_tar_overlay_launches_its_8b_tar_jobs_sharded_on_four_gpus(tmp_path)
     assert len(jobs) == 2, output[-4000:]
     for job in jobs:
         shell = next(line for line in job.splitlines() if line.startswith("Shell command: "))
-        assert shell.startswith(f"Shell command: {launcher(4)} harden --model results/models/llama3-8b-instruct/")
+        prefix = f"Shell command: {launcher(4)} --numerics native harden"  # the overlay's GPU jobs run native
+        assert shell.startswith(f"{prefix} --model results/models/llama3-8b-instruct/")
         assert " --fsdp " in shell and "--deepspeed" not in shell and '"setting": ' in shell
         assert "gpu=4" in next(line for line in job.splitlines() if line.strip().startswith("resources:"))
