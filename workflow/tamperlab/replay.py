@@ -10,6 +10,7 @@ numerics and the thread count its manifest records (a portable result depends on
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -101,8 +102,6 @@ def numerics_here(plan: Plan) -> dict[str, Any]:
                              "--json"], capture_output=True, text=True, env=_environment(plan), check=False)
     if result.returncode:
         raise RuntimeError(f"tamperlab numerics failed: {result.stderr.strip()[-500:]}")
-    import json
-
     return json.loads(result.stdout)
 
 
