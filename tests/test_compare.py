@@ -375,12 +375,12 @@ def test_compare_says_what_the_numerics_of_both_sides_let_one_expect(tmp_path, c
 
 
 def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
-    """reference/default and the runs of its spread (the default with its organism under seeds 1 and 2), all made
-    under portable numerics on one machine. Measured (leave one out): seed 2's run against seeds 0 and 1 has 435
-    cells outside their envelope, against seed 0's intervals alone 632; the same run with the `none` and `tar`
-    rows swapped has 549. The organism's seeds still move cells beyond two seeds' spread (README: not yet a claim
-    that a third seed is "within spread"); what must hold is the ordering: spread judges a genuine seed by less
-    than one run's intervals do, and a swapped defence by more than a genuine seed."""
+    """reference/default and the runs of its spread (the default with its organism under seeds 1-4), all made
+    under portable numerics on one machine. Measured (leave one out, benchmarks/spread_leave_one_out.py): seed 2's
+    run against the other four runs' envelope has 207 cells outside, against seed 0's intervals alone 632; the same
+    run with the `none` and `tar` rows swapped has 357. The organism's seeds still move cells beyond four seeds'
+    spread (README: not yet a claim that another seed is "within spread"); what must hold is the ordering: spread
+    judges a genuine seed by less than one run's intervals do, and a swapped defence by more than a genuine seed."""
     import shutil
     from pathlib import Path
 
@@ -389,7 +389,9 @@ def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
     alone, spread = tmp_path / "alone", tmp_path / "spread"
     for reference in (alone, spread):
         shutil.copytree(default / "tables", reference / "tables")
-    shutil.copytree(default / "spread" / "seed1" / "tables", spread / "spread" / "seed1" / "tables")
+    others = ["seed1", "seed3", "seed4"]
+    for name in others:
+        shutil.copytree(default / "spread" / name / "tables", spread / "spread" / name / "tables")
 
     def outside(run, reference):
         comparison = compare(run, reference)
@@ -406,6 +408,6 @@ def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
         frame.to_csv(swapped / path.name, index=False)
     by_swap, wrong = outside(swapped.parent, spread)
     assert genuine < by_intervals and wrong > genuine
-    assert by_swap.verdict == "NOT reproduced" and by_spread.spread_runs == ["seed1"]
+    assert by_swap.verdict == "NOT reproduced" and by_spread.spread_runs == others
     failing = by_swap.claims().query("not holds")
     assert {"model=tiny defence=none attack=lora", "model=tiny defence=tar attack=lora"} <= set(failing["key"])
