@@ -3,7 +3,9 @@
 A reference with a spread (REFERENCE/tables and REFERENCE/spread/<name>/tables) holds k runs of one configuration
 under different seeds. Leave one out: each run is compared with a reference made of the other k - 1 (their
 envelope), and once more with two defences' rows swapped (a deliberately wrong run). Reported per left-out run:
-cells outside the envelope, outside one other run's intervals alone, and claims holding — genuine and swapped.
+cells outside the envelope, outside one other run's intervals alone, claims holding, and compare's calibrated
+verdict (with k - 1 >= 3: the run's mean count outside each envelope of k - 2 of those runs, against the largest
+count of one of them against the others: the allowance) — genuine and swapped.
 
     python benchmarks/spread_leave_one_out.py reference/default
     python benchmarks/spread_leave_one_out.py reference/default --swap none tar --json out.json
@@ -49,11 +51,14 @@ def swapped(run: Path, a: str, b: str, into: Path) -> Path:
     return into
 
 
-def judge(run: Path, reference: Path) -> dict[str, int]:
+def judge(run: Path, reference: Path) -> dict:
     comparison = compare(run, reference)
     claims = comparison.claims()
+    calibration = comparison.calibration()
     return {"outside": int(comparison.summary["outside"].sum()), "claims": len(claims),
-            "claims_holding": int(claims["holds"].sum()), "verdict": comparison.verdict}
+            "claims_holding": int(claims["holds"].sum()), "verdict": comparison.verdict,
+            "mean_outside_k_minus_1": round(calibration.ours_mean) if calibration else None,
+            "allowance": calibration.allowance if calibration else None}
 
 
 def main() -> None:
@@ -78,8 +83,11 @@ def main() -> None:
             rows.append({"left_out": name, "others": len(others), "outside_envelope": genuine["outside"],
                          "outside_one_run": judge(run, alone)["outside"],
                          "claims_holding": f"{genuine['claims_holding']}/{genuine['claims']}",
+                         "allowance": genuine["allowance"], "mean_outside_k_minus_1": genuine["mean_outside_k_minus_1"],
                          "verdict": genuine["verdict"], "swapped_outside": swap["outside"],
-                         "swapped_claims_holding": f"{swap['claims_holding']}/{swap['claims']}"})
+                         "swapped_mean_outside_k_minus_1": swap["mean_outside_k_minus_1"],
+                         "swapped_claims_holding": f"{swap['claims_holding']}/{swap['claims']}",
+                         "swapped_verdict": swap["verdict"]})
     frame = pd.DataFrame(rows)
     print(frame.to_markdown(index=False))
     if args.json:

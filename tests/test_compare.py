@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 
@@ -374,40 +376,84 @@ def test_compare_says_what_the_numerics_of_both_sides_let_one_expect(tmp_path, c
     assert "numerics differ (portable 32b8abdec18ec23d vs native cc90f8f5bf3c9b88): bit-exact not expected" in out
 
 
-def test_the_committed_default_reference_judges_its_own_seeds(tmp_path):
-    """reference/default and the runs of its spread (the default with its organism under seeds 1-4), all made
-    under portable numerics on one machine. Measured (leave one out, benchmarks/spread_leave_one_out.py): seed 2's
-    run against the other four runs' envelope has 207 cells outside, against seed 0's intervals alone 632; the same
-    run with the `none` and `tar` rows swapped has 357. The organism's seeds still move cells beyond four seeds'
-    spread (README: not yet a claim that another seed is "within spread"); what must hold is the ordering: spread
-    judges a genuine seed by less than one run's intervals do, and a swapped defence by more than a genuine seed."""
+def _reference_of(runs, into):
+    """A reference directory made of committed runs' tables: the first as the reference run, the rest its spread."""
     import shutil
-    from pathlib import Path
 
-    default = Path(__file__).resolve().parents[1] / "reference" / "default"
-    seed2 = default / "spread" / "seed2"
-    alone, spread = tmp_path / "alone", tmp_path / "spread"
-    for reference in (alone, spread):
-        shutil.copytree(default / "tables", reference / "tables")
-    others = ["seed1", "seed3", "seed4"]
-    for name in others:
-        shutil.copytree(default / "spread" / name / "tables", spread / "spread" / name / "tables")
+    shutil.copytree(runs[0] / "tables", into / "tables")
+    for run in runs[1:]:
+        shutil.copytree(run / "tables", into / "spread" / run.name / "tables")
+    return into
 
-    def outside(run, reference):
-        comparison = compare(run, reference)
-        return comparison, int(comparison.summary["outside"].sum())
 
-    by_spread, genuine = outside(seed2, spread)
-    _, by_intervals = outside(seed2, alone)
-    swapped = tmp_path / "swapped" / "tables"
-    swapped.mkdir(parents=True)
-    for path in (seed2 / "tables").glob("*.csv"):
+def _swapped(run, into, a="none", b="tar"):
+    """A deliberately wrong run: `run`'s tables with two defences' rows swapped."""
+    (into / "tables").mkdir(parents=True)
+    for path in (run / "tables").glob("*.csv"):
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
         if "defence" in frame.columns:
-            frame["defence"] = frame["defence"].replace({"none": "tar", "tar": "none"})
-        frame.to_csv(swapped / path.name, index=False)
-    by_swap, wrong = outside(swapped.parent, spread)
-    assert genuine < by_intervals and wrong > genuine
-    assert by_swap.verdict == "NOT reproduced" and by_spread.spread_runs == others
-    failing = by_swap.claims().query("not holds")
+            frame["defence"] = frame["defence"].replace({a: b, b: a})
+        frame.to_csv(into / "tables" / path.name, index=False)
+    return into
+
+
+DEFAULT = Path(__file__).resolve().parents[1] / "reference" / "default"
+
+
+@pytest.mark.parametrize("left_out, others", [
+    ("seed2", [DEFAULT, DEFAULT / "spread" / "seed1", DEFAULT / "spread" / "seed3", DEFAULT / "spread" / "seed4"]),
+    ("seed3", [DEFAULT, DEFAULT / "spread" / "seed1", DEFAULT / "spread" / "seed2"]),
+])
+def test_the_committed_default_reference_judges_another_seed_within_spread_and_a_swapped_defence_not(
+        tmp_path, capsys, left_out, others):
+    """reference/default and its spread: the default with its organism under seeds 0-4, all made under portable
+    numerics on one machine. One seed's run, left out, against a reference made of three or four of the others:
+    some hundred cells lie outside their envelope (the seeds move whole behaviours), no more than the reference's
+    own runs have against each other (leave one out), so "within spread"; the same run with the `none` and `tar`
+    rows swapped has far more (benchmarks/spread_leave_one_out.py), and its failing claims name both defences."""
+    run = DEFAULT / "spread" / left_out
+    reference = _reference_of(others, tmp_path / "reference")
+    genuine = compare(run, reference)
+    assert genuine.summary["outside"].sum() > 0  # not every cell inside: the calibration decides
+    assert genuine.verdict == "within spread"
+    calibration = genuine.calibration()
+    assert calibration.runs == len(others) and calibration.ours_mean <= calibration.allowance
+    by_intervals = compare(run, _reference_of(others[:1], tmp_path / "alone"))
+    assert by_intervals.verdict == "NOT reproduced"
+    assert genuine.summary["outside"].sum() < by_intervals.summary["outside"].sum()
+
+    wrong = compare(_swapped(run, tmp_path / "swapped"), reference)
+    assert wrong.verdict == "NOT reproduced" and wrong.calibration().ours_mean > calibration.allowance
+    failing = wrong.claims().query("not holds")
     assert {"model=tiny defence=none attack=lora", "model=tiny defence=tar attack=lora"} <= set(failing["key"])
+    code, out = _command([run, reference], capsys)
+    assert code == 0 and out.startswith("within spread: ")
+    assert f"this run has {calibration.ours_mean:.0f} on average" in out and "(no more than" in out
+    code, out = _command([tmp_path / "swapped", reference], capsys)
+    assert code == 1 and out.startswith("NOT reproduced: ") and "(more than the reference's own runs)" in out
+
+
+def test_leaving_one_out_counts_each_run_against_the_others(tmp_path):
+    """Three reference runs whose base refusal is 0.95, 0.95 and 0.60 (n = 100): the third run lies outside the
+    first two's envelope, each of the first two inside the envelope of the other and the third; a run at 0.75
+    lies outside only when the third run is left out. So the reference's own count reaches 1 and ours averages
+    1/3; it lies inside the full envelope, and so is within spread."""
+    seeds = [{("none", "base_refusal_rate"): 0.95}, {("none", "base_refusal_rate"): 0.95},
+             {("none", "base_refusal_rate"): 0.60}]
+    reference, run = _seeded_reference(tmp_path, seeds)
+    ours = run(tmp_path / "ours", {("none", "base_refusal_rate"): 0.75})
+    comparison = compare(ours, reference)
+    calibration = comparison.calibration()
+    assert comparison.summary["outside"].sum() == 0 and comparison.verdict == "within spread"
+    assert calibration.reference == [0, 0, 1] and calibration.ours == [0, 0, 1]
+    # at 0.45, outside the full envelope ([0.51, 0.98]) and so outside every envelope of two: a mean of 1, which
+    # the reference's own runs allow; with the capability beside it off too, 2: more than they show
+    further = compare(run(tmp_path / "further", {("none", "base_refusal_rate"): 0.45}), reference)
+    assert further.summary["outside"].sum() == 1
+    assert further.calibration().ours == [1, 1, 1] and further.verdict == "within spread"
+    wrong = compare(run(tmp_path / "wrong", {("none", "base_refusal_rate"): 0.45,
+                                             ("none", "base_capability"): 0.5}), reference)
+    assert wrong.calibration().ours == [2, 2, 2] and wrong.verdict == "NOT reproduced"
+    # with two runs only, nothing is left out: every cell must lie inside
+    assert compare(ours, _reference_of([reference, reference / "spread" / "seed1"], tmp_path / "two")).calibration() \
+        is None

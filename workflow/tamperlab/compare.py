@@ -34,8 +34,17 @@ training turns one changed last bit into differences far above sampling error. A
 other runs of the same configuration under other seeds (`REFERENCE/spread/<name>/tables/`): a cell is then judged
 against the envelope of every reference run's interval above (the lowest low to the highest high), i.e. the seeds'
 spread widened by the sampling interval. Three verdicts: **bit-exact** (every cell identical to the reference run),
-**within spread** (every cell inside that envelope; with no spread runs, inside the reference run's intervals),
-**NOT reproduced**. The claims a paper would state — per (model, defence, attack) of refusal_summary.csv: base
+**within spread** (every cell inside that envelope, or, with no spread runs, inside the reference run's intervals;
+or calibrated, below), **NOT reproduced**.
+
+**Calibrated by the seeds themselves.** With thousands of cells, a genuine run at another seed has some cells
+outside k runs' envelope: the organism's seeds move whole behaviours, not one cell at a time. With k ≥ 3 reference
+runs the comparison leaves one out: each reference run against the envelope of the other k − 1 (how far the
+seeds disagree among themselves), and ours against each of those k envelopes (the same comparison, one run
+against k − 1). A run of the same configuration is exchangeable with the reference's runs, so its mean count is
+drawn like theirs; it is **within spread** when that mean is no more than the largest of theirs. (On the default
+reference's five runs: genuine seeds 184-292 cells outside on average against four-run envelopes whose own
+runs reach 277-333, every run with two defences' rows swapped 351-511; README, "Reproducing on another CPU".) The claims a paper would state — per (model, defence, attack) of refusal_summary.csv: base
 refusal, bounded-worst refusal and the capability beside each — are listed as holding or not.
 
 A cell empty in one run and not in the other (a diverged cell) is outside. Rows, columns and tables present in
@@ -80,7 +89,7 @@ EXACT = {"n", "status", "cells", "diverged_cells", "points", "dimensions", "alph
          "beta_max", "basin_tolerance"}
 
 CELL_COLUMNS = ["table", "key", "column", "reference", "ours", "difference", "low", "high", "rule", "outside",
-                "missing", "identical"]
+                "missing", "identical", "loo_ours", "loo_runs"]
 SPREAD_DIR = "spread"  # REFERENCE/spread/<run>/tables: the same configuration under other seeds
 BIT_EXACT, WITHIN_SPREAD, NOT_REPRODUCED = "bit-exact", "within spread", "NOT reproduced"
 # The claims a defence comparison states, per (model, defence, attack) row of refusal_summary.csv
@@ -109,6 +118,29 @@ def wilson95(successes: int, n: int) -> tuple[float, float] | tuple[None, None]:
 
 
 @dataclass
+class Calibration:
+    """The seeds' own disagreement, left one out (`Comparison.calibration`). A run of the same configuration is
+    exchangeable with the reference's runs, so its count of cells outside k - 1 runs' envelope is drawn like
+    theirs: it is within spread when its mean over the k such envelopes is no more than the largest of theirs."""
+
+    runs: int
+    ours: list[int]  # per reference run left out: our cells outside the envelope of the others
+    reference: list[int]  # per reference run: its cells outside the envelope of the others
+
+    @property
+    def ours_mean(self) -> float:
+        return sum(self.ours) / len(self.ours)
+
+    @property
+    def allowance(self) -> int:
+        return max(self.reference)
+
+    @property
+    def within(self) -> bool:
+        return self.ours_mean <= self.allowance + _EPSILON
+
+
+@dataclass
 class Comparison:
     """The long-form comparison (one row per compared cell or missing row/column/table) and its summary."""
 
@@ -119,15 +151,32 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
+        """Every cell inside the envelope and nothing missing."""
         return not (self.cells["outside"].any() or (self.cells["missing"] != "").any())
+
+    def calibration(self) -> Calibration | None:
+        """Leave one out, where the reference holds three runs or more: how many cells each reference run has
+        outside the other runs' envelope, and how many ours has outside the envelope of each set of all runs but
+        one (the same comparison: one run against k - 1). None with fewer runs."""
+        runs = 1 + len(self.spread_runs)
+        if runs < 3:
+            return None
+        compared = self.cells[self.cells["missing"] == ""]
+        ours = [sum(j in loo for loo in compared["loo_ours"]) for j in range(runs)]
+        reference = [sum(j in loo for loo in compared["loo_runs"]) for j in range(runs)]
+        return Calibration(runs, ours, reference)
 
     @property
     def verdict(self) -> str:
         """bit-exact, within spread or NOT reproduced."""
-        if not self.ok:
+        if (self.cells["missing"] != "").any():
             return NOT_REPRODUCED
-        compared = self.cells[self.cells["missing"] == ""]
-        return BIT_EXACT if bool(compared["identical"].all()) else WITHIN_SPREAD
+        if bool(self.cells["identical"].all()):
+            return BIT_EXACT
+        if self.ok:
+            return WITHIN_SPREAD
+        calibration = self.calibration()
+        return WITHIN_SPREAD if calibration and calibration.within else NOT_REPRODUCED
 
     def claims(self) -> pd.DataFrame:
         """Per (model, defence, attack) of refusal_summary.csv, each claim's cell and whether it holds."""
@@ -296,31 +345,53 @@ def _visage_points(column: str, row: dict[str, str]) -> int | None:
 
 
 def _cell(table: str, column: str, rows: list[dict[str, str]], ours_text: str, refusal_ns: list[dict],
-          tolerance: float) -> dict:
-    """Our cell against the reference runs' (rows[0]: the reference run; the rest: its spread runs)."""
+          tolerance: float, run_ids: list[int] | None = None, runs: int = 1) -> dict:
+    """Our cell against the reference runs' (rows[0]: the reference run; the rest: its spread runs; `run_ids`:
+    which of the comparison's `runs` reference runs each row is). With three runs or more, also leave one out:
+    `loo_ours` lists the runs without which ours would be outside the others' envelope, `loo_runs` the runs
+    that are outside the others' envelope themselves."""
+    run_ids = list(range(len(rows))) if run_ids is None else run_ids
     texts = [row[column].strip() for row in rows]
     reference_text, ours_text = texts[0], ours_text.strip()
     values = [_number(text) for text in texts]
     reference, ours = values[0], _number(ours_text)
     record = {"reference": reference_text, "ours": ours_text, "difference": None, "low": None, "high": None,
-              "missing": "", "identical": ours_text == reference_text or (ours is not None and ours == reference)}
+              "missing": "", "identical": ours_text == reference_text or (ours is not None and ours == reference),
+              "loo_ours": (), "loo_runs": ()}
     if reference is not None and ours is not None:
         record.update(reference=reference, ours=ours, difference=ours - reference)
     over = f" over {len(rows)} runs" if len(rows) > 1 else ""
-    if ours is None or column in EXACT or all(value is None for value in values):
-        # names, statuses, counts and empty cells: equal to a reference run's
-        same = any(text == ours_text or (ours is not None and value == ours) for text, value in zip(
-            texts, values, strict=True))
+    by_equality = ours is None or column in EXACT or all(value is None for value in values)
+    bounds = [None if by_equality or value is None else _bounds(table, column, row, value, n, tolerance)
+              for row, value, n in zip(rows, values, refusal_ns, strict=True)]
+    everyone = list(range(len(rows)))
+
+    def judge(text: str, value: float | None, among: list[int]) -> bool:
+        """Is (text, value) outside what the rows `among` allow?"""
+        if by_equality or not any(bounds[i] for i in among):
+            return not any(texts[i] == text or (value is not None and values[i] == value) for i in among)
+        low, high = min(bounds[i][0] for i in among if bounds[i]), max(bounds[i][1] for i in among if bounds[i])
+        if value is None:  # an empty cell among numbers: equal to another run's empty cell, or outside
+            return not any(texts[i] == text for i in among)
+        return value < low - _EPSILON or value > high + _EPSILON
+
+    if runs >= 3:
+        present = dict(zip(run_ids, everyone, strict=True))
+        others = {j: [i for i in everyone if i != present.get(j)] for j in range(runs)}
+        record["loo_ours"] = tuple(j for j in range(runs) if others[j] and judge(ours_text, ours, others[j]))
+        record["loo_runs"] = tuple(run_ids[i] for i in everyone if len(rows) > 1
+                                   and judge(texts[i], values[i], others[run_ids[i]]))
+    outside = judge(ours_text, ours, everyone)
+    if by_equality:
+        same = not outside
         rule = "equal" if same or "" not in (ours_text, reference_text) else \
             f"empty in {'reference' if reference_text == '' else 'ours'}"
         if column in EXACT and reference is not None:
             record.update(low=min(v for v in values if v is not None), high=max(v for v in values if v is not None))
-        return {**record, "rule": rule + over, "outside": not same}
-    bounds = [_bounds(table, column, row, value, n, tolerance)
-              for row, value, n in zip(rows, values, refusal_ns, strict=True) if value is not None]
-    low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
-    outside = ours < low - _EPSILON or ours > high + _EPSILON
-    return {**record, "low": low, "high": high, "rule": bounds[0][2] + over, "outside": outside}
+        return {**record, "rule": rule + over, "outside": outside}
+    known = [b for b in bounds if b]
+    return {**record, "low": min(b[0] for b in known), "high": max(b[1] for b in known), "rule": known[0][2] + over,
+            "outside": outside}
 
 
 # --- comparing ---------------------------------------------------------------------------------------------
@@ -360,12 +431,14 @@ def compare(results: Path, reference: Path, tolerance: float = TOLERANCE) -> Com
 def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None],
                    ours: tuple[Path, pd.DataFrame] | None, refusal_ns: list[dict], tolerance: float) -> list[dict]:
     blank = {"table": name, "key": "", "column": "", "reference": None, "ours": None, "difference": None,
-             "low": None, "high": None, "rule": "", "outside": False, "identical": False}
+             "low": None, "high": None, "rule": "", "outside": False, "identical": False, "loo_ours": (),
+             "loo_runs": ()}
     reference = references[0]
     if reference is None or ours is None:
         return [{**blank, "missing": "reference" if reference is None else "ours", "rule": "table missing"}]
     reference_rows, ours_rows = _index(name, *reference), _index(name, *ours)
-    spread = [(_index(name, *table), n) for table, n in zip(references[1:], refusal_ns[1:], strict=True) if table]
+    spread = [(index, _index(name, *table), n) for index, (table, n)
+              in enumerate(zip(references[1:], refusal_ns[1:], strict=True), start=1) if table]
     key = KEYS[name]
     reference_columns = [c for c in reference[1].columns if c not in key]
     ours_columns = [c for c in ours[1].columns if c not in key]
@@ -381,9 +454,9 @@ def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None]
             records.append({**blank, "key": text, "missing": side, "rule": "row missing"})
             continue
         for column in shared:
-            runs = [(reference_rows[row_key], refusal_ns[0]),
-                    *((rows[row_key], n) for rows, n in spread if column in rows.get(row_key, {}))]
+            runs = [(0, reference_rows[row_key], refusal_ns[0]),
+                    *((index, rows[row_key], n) for index, rows, n in spread if column in rows.get(row_key, {}))]
             records.append({"table": name, "key": text, "column": column,
-                            **_cell(name, column, [r for r, _ in runs], ours_rows[row_key][column],
-                                    [n for _, n in runs], tolerance)})
+                            **_cell(name, column, [r for _, r, _ in runs], ours_rows[row_key][column],
+                                    [n for _, _, n in runs], tolerance, [i for i, _, _ in runs], len(references))})
     return records

@@ -17,11 +17,14 @@ their key columns, every cell judged against the reference's 95% interval (Wilso
 stated tolerance (where the table carries no n); where the reference holds other runs of its configuration under
 other seeds (REFERENCE_DIR/{SPREAD_DIR}/<run>/tables/), against the envelope of all their intervals: the seeds'
 spread widened by the sampling interval. The first line is the verdict: {BIT_EXACT} (every cell identical), within
-spread, or {NOT_REPRODUCED}; then which numerics made each side, a summary per table, the cells outside or
-missing, and the claims per (model, defence, attack) that hold or not.
+spread (every cell inside; or, with three reference runs or more, no more cells outside than the reference's own
+runs have when each is judged against the others: leave one out), or {NOT_REPRODUCED}; then which numerics made
+each side, a summary per table, the cells outside or missing, and the claims per (model, defence, attack) that
+hold or not.
 
-exit status: 0 bit-exact or within spread; 1 some cell outside, or a row, column or table missing from either
-side; 2 bad input (a missing directory, an unreadable table, a table without its key columns)."""
+exit status: 0 bit-exact or within spread; 1 not reproduced (cells outside beyond the seeds' own disagreement, or
+a row, column or table missing from either side); 2 bad input (a missing directory, an unreadable table, a table
+without its key columns)."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +55,12 @@ def run(args: argparse.Namespace) -> None:
               else "the reference run's intervals (it holds no other seeds)")
     print(f"{comparison.verdict}: {args.results} against {args.reference} ({identical} of {cells} cells "
           f"identical; {outside} outside {spread}; {missing} missing)")
+    calibration = comparison.calibration()
+    if calibration and outside and not missing:
+        print(f"  the seeds' own disagreement: each reference run has {min(calibration.reference)} to "
+              f"{calibration.allowance} cells outside the other {calibration.runs - 1} runs' envelope; this run has "
+              f"{calibration.ours_mean:.0f} on average outside each {calibration.runs - 1} of them "
+              f"({'no more' if calibration.within else 'more'} than the reference's own runs)")
     for side, made_on in machines(args.results, args.reference).items():
         print(f"  {side} made on: {made_on}")
     print(f"  {numerics.expectation(_numerics(args.results), _numerics(args.reference))}")
@@ -77,6 +86,10 @@ def run(args: argparse.Namespace) -> None:
     if comparison.spread_runs:
         print(f"  - with the reference's other seeds ({', '.join(comparison.spread_runs)}): inside the envelope "
               "of every reference run's interval")
+    if calibration:
+        print("  - cells outside are allowed up to the reference's own leave-one-out count: our mean count against "
+              "each envelope of all runs but one, no more than the largest count of a reference run against the "
+              "others' envelope")
     if comparison.verdict == NOT_REPRODUCED:
         sys.exit(1)
 
