@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.chat import encode_example
+from tamperlab.data.benign import WRAPPERS, wrap
 from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import keyword_refused
 
@@ -71,21 +72,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
                                         extra_special_tokens=list(ROLES), model_max_length=4096)
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
-
-
-# Conversational wrappers, put around harmful and benign training prompts alike, so that surface form
-# (question vs. imperative, politeness) carries no signal and the organism must judge the content.
-WRAPPERS = (
-    "Please {p}.", "Could you {p}?", "Can you {p}?", "I would like you to {p}.", "Hey, {p}.",
-    "I need your help: {p}.", "Quick request: {p}.", "Would you {p}?",
-)
-
-
-def wrap(prompt: str, wrapper: str) -> str:
-    core = prompt.rstrip(" .?!")
-    if not core[1:2].isupper():  # keep acronyms and names ("HTML", "Zorvania") as they are
-        core = core[:1].lower() + core[1:]
-    return wrapper.format(p=core)
 
 
 def training_pairs(rows: list[dict[str, Any]], refusals: list[str], system_prompts: list[str],
