@@ -377,13 +377,13 @@ def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):
     (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (5, 10, (0.2366, 0.7634)), (0, 0, (None, None)),
 ])
 def test_wilson95_gives_the_known_intervals(successes, n, expected):
-    from tamperlab.compare import wilson95
+    from tamperlab.stats import wilson95
 
     assert wilson95(successes, n) == expected
 
 
 def test_every_rate_of_refusal_csv_has_its_wilson_interval(tmp_path):
-    from tamperlab.compare import wilson95
+    from tamperlab.stats import wilson95
 
     summary = _summary("tiny", "none", None, None, 0.5)  # 5 of 10; tasks 1 of 20, requests 3 of 30
     summary.update(compliance_rate=0.0, other_rate=0.5, by_source={"advbench": {"refusal_rate": 1.0, "n": 10}})

@@ -58,13 +58,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
 import pandas as pd
 
 from tamperlab.errors import UserError
+from tamperlab.stats import wilson_interval
 
-Z95 = NormalDist().inv_cdf(0.975)  # 1.959964…
 TOLERANCE = 0.05
 RELATIVE_TOLERANCE = 0.10
 _EPSILON = 1e-9  # float noise: a value on the interval's edge is inside
@@ -98,24 +97,6 @@ CLAIMS = {"base_refusal_rate": "base refusal", "base_capability": "base capabili
           "bounded_worst_refusal_rate": "bounded-worst refusal",
           "bounded_worst_capability": "capability at the bounded worst"}
 SUMMARY_COLUMNS = ["table", "cells", "identical", "outside", "missing"]
-
-
-def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """The Wilson score interval of a binomial share p of n trials (95% for the default z)."""
-    if n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def wilson95(successes: int, n: int) -> tuple[float, float] | tuple[None, None]:
-    """The Wilson 95% interval of `successes` of `n`, rounded like the rates ((None, None) for n = 0): every rate
-    of an evaluation carries it (refusal.json's `wilson95`, refusal.csv's <rate>_lo and <rate>_hi)."""
-    if not n:
-        return None, None
-    low, high = wilson_interval(successes / n, n)
-    return round(low, 4), round(high, 4)
 
 
 @dataclass

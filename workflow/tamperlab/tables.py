@@ -8,11 +8,11 @@ from pathlib import Path
 import pandas as pd
 
 from tamperlab.attacks.grid import cell_name, parse_cell
-from tamperlab.compare import wilson95
 from tamperlab.config import RATE_METRICS, published_name
 from tamperlab.config import published_benchmarks as benchmarks
 from tamperlab.errors import UserError
 from tamperlab.landscape.spec import NO_SYSTEM_PROMPT
+from tamperlab.stats import wilson95
 
 # The rates of refusal.csv, each a share of a count of prompts: each has a Wilson 95% interval (<rate>_lo, _hi).
 RATES = ["refusal_rate", "compliance_rate", "other_rate", "false_refusal_tasks", "false_refusal_requests",

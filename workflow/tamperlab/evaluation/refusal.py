@@ -25,7 +25,7 @@ def _rate(values: list[bool]) -> float | None:
 
 
 def _interval(values: list[bool]) -> list[float] | None:
-    from tamperlab.compare import wilson95
+    from tamperlab.stats import wilson95
 
     return list(wilson95(sum(values), len(values))) if values else None
 
