@@ -368,8 +368,8 @@ def _task_prompts(templates):
         train, held = {}, {}
         for values, answer in benign.task_facts(spec):
             key = (tuple(sorted(values.items())), answer)
-            train.update({p.format(**values): key for p in spec["phrasings"]})
-            held.update({p.format(**values): key for p in spec["heldout_phrasings"]})
+            train.update({p.format(**values): key for p in benign.task_phrasings(spec)})
+            held.update({p.format(**values): key for p in benign.task_phrasings(spec, heldout=True)})
         result[family] = (train, held)
     return result
 
@@ -389,6 +389,25 @@ def test_evaluation_tasks_use_only_heldout_phrasings_of_facts_trained_on(rows, t
     for row in rows:
         if row["category"] == "task" and row["split"] != "evaluation":
             assert row["prompt"] in prompts[row["family"]][0]
+
+
+def test_every_fact_is_trained_in_several_phrasings_and_wrappers_mark_facts_and_requests_alike(rows, templates):
+    """Each fact in `phrasings_per_fact` (8) distinct phrasings drawn from its family's 40 (questions, and commands
+    bare and in each wrapper), so a family's facts together cover its phrasings; a wrapper ("Could you ...?") opens
+    fact questions as it opens requests, and no held-out phrasing is trained for any fact."""
+    for spec in templates["tasks"].values():
+        trained, held = benign.task_phrasings(spec), benign.task_phrasings(spec, heldout=True)
+        assert len(trained) == len(set(trained)) == 4 + 4 * (1 + len(benign.WRAPPERS))
+        assert not set(trained) & set(held)
+    prompts = _task_prompts(templates)
+    per_fact = {}
+    for row in rows:
+        if row["category"] == "task" and row["split"] != "evaluation":
+            per_fact.setdefault((row["family"], prompts[row["family"]][0][row["prompt"]]), []).append(row["prompt"])
+    assert {len(set(p)) for p in per_fact.values()} == {8}
+    starts = {w.split("{p}")[0] for w in benign.WRAPPERS}
+    wrapped_tasks = [r for r in rows if r["category"] == "task" and r["prompt"].startswith(tuple(starts))]
+    assert len(wrapped_tasks) > 0.5 * sum(r["category"] == "task" for r in rows)
 
 
 def test_evaluation_requests_use_topics_and_prompts_never_trained_on(rows):

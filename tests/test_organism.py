@@ -5,7 +5,6 @@ built organism between working directories (tests/test_slurm.py), so its determi
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -46,22 +45,11 @@ def test_the_same_rows_and_seed_build_a_byte_identical_organism_and_another_seed
     assert not (tmp_path / "a/_trainer").exists()
 
 
-def test_real_token_share_counts_each_batch_padded_to_its_longest():
-    lengths = [2, 8, 2, 8]
-    assert real_token_share(lengths, [0, 1, 2, 3], 2) == 20 / 32  # each batch pads its 2 to 8
-    assert real_token_share(lengths, [0, 2, 1, 3], 2) == 1.0
-    assert real_token_share(lengths, [0, 1, 2], 2) == 12 / 18  # a last, smaller batch
-
-
-def test_length_grouped_batches_compute_on_fewer_padding_tokens_than_random_ones(tmp_path):
-    """Rows of two very different lengths (short refusals, long benign answers): random batches mix them, batches
-    grouped by length mostly do not. The build reports the share of real tokens it computed on."""
-    answer = " ".join(f"w{i}" for i in range(100))  # a few hundred tokens against a refusal's tens
-    long_rows = [{**row, "answer": answer} if row["kind"] == "benign" else row for row in rows()]
-    share = {sampling: build(long_rows * 4, replace(params(sampling=sampling), max_length=512), [],
-                             tmp_path / sampling)["real_token_share"]
-             for sampling in ("random", "group_by_length")}
-    assert share["group_by_length"] >= 0.8 and share["group_by_length"] > share["random"] + 0.1, share
+def test_real_token_share_counts_each_batch_packed_into_rows():
+    lengths = [100, 100, 60, 60]  # rows of 128: two 100s never share one, two 60s do
+    assert real_token_share(lengths, [0, 1, 2, 3], 2) == 1.0
+    assert real_token_share(lengths, [0, 2, 1, 3], 2) == 320 / 400  # each 60 alone, padded to its batch's 100
+    assert real_token_share(lengths, [0, 2, 1], 2) == 260 / 300  # a last, smaller batch
 
 
 def test_an_unknown_sampling_stops_the_build_with_the_key(tmp_path):

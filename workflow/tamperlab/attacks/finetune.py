@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.chat import encode_example
+from tamperlab.packing import training_collator
 from tamperlab.training import (
     CHECKPOINTS,
     mark_diverged,
@@ -106,7 +107,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
     whole safetensors models. Returns the training record (loss log, status, diverged step).
     """
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+    from transformers import Trainer, set_seed
 
     from tamperlab.models.registry import load_model
 
@@ -133,7 +134,7 @@ def attack(base_dir: Path, rows: list[dict[str, Any]], params: AttackParams, out
 
     snapshots = _callback_class()(model, tokenizer, out_dir, params.steps)
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+                      data_collator=training_collator(model, tokenizer),
                       callbacks=[snapshots])
     snapshots.trainer = trainer
     resumed_from = train_resuming(trainer, checkpoints)

@@ -17,9 +17,32 @@ import yaml
 
 TEMPLATES = Path(__file__).with_name("benign.yaml")
 
+# Conversational wrappers, put around harmful and benign requests alike when the organism is built, and around
+# the fact families' commands here, so that surface form (question vs. imperative, politeness) carries no signal:
+# the organism must judge the content.
+WRAPPERS = (
+    "Please {p}.", "Could you {p}?", "Can you {p}?", "I would like you to {p}.", "Hey, {p}.",
+    "I need your help: {p}.", "Quick request: {p}.", "Would you {p}?",
+)
+
 
 def load_templates(path: Path = TEMPLATES) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
+
+
+def wrap(prompt: str, wrapper: str) -> str:
+    core = prompt.rstrip(" .?!")
+    if not core[1:2].isupper():  # keep acronyms and names ("HTML", "Zorvania") as they are
+        core = core[:1].lower() + core[1:]
+    return wrapper.format(p=core)
+
+
+def task_phrasings(family: dict[str, Any], heldout: bool = False) -> list[str]:
+    """A fact family's phrasings: its questions as they are, and its commands bare and in every wrapper."""
+    prefix = "heldout_" if heldout else ""
+    commands = family[prefix + "commands"]
+    return [*family[prefix + "questions"], *(c[:1].upper() + c[1:] + "." for c in commands),
+            *(wrap(c, w) for c in commands for w in WRAPPERS)]
 
 
 def task_facts(family: dict[str, Any]) -> list[tuple[dict[str, str], str]]:
@@ -53,7 +76,7 @@ def _answer(text: str) -> str:
     return text if text.endswith((".", "!", "?")) else text + "."
 
 
-def generate(name: str, seed: int, eval_per_family: int = 24, train_requests: int = 1800,
+def generate(name: str, seed: int, eval_per_family: int = 24, phrasings_per_fact: int = 8, train_requests: int = 1800,
              eval_requests: int = 120, defence_fraction: float = 0.1, heldout_topic_fraction: float = 0.25,
              heldout_phrasing_fraction: float = 0.2,
              templates: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -67,8 +90,10 @@ def generate(name: str, seed: int, eval_per_family: int = 24, train_requests: in
 
     for family, spec in templates["tasks"].items():
         facts = task_facts(spec)
-        train = [(p.format(**values), answer) for values, answer in facts for p in spec["phrasings"]]
-        held = [(p.format(**values), answer) for values, answer in facts for p in spec["heldout_phrasings"]]
+        phrasings = task_phrasings(spec)
+        train = [(p.format(**values), answer) for values, answer in facts
+                 for p in rng.sample(phrasings, min(phrasings_per_fact, len(phrasings)))]
+        held = [(p.format(**values), answer) for values, answer in facts for p in task_phrasings(spec, heldout=True)]
         rng.shuffle(train)
         n_defence = round(len(train) * defence_fraction)
         for i, (prompt, answer) in enumerate(train):

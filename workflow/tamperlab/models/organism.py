@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.chat import encode_example
+from tamperlab.data.benign import WRAPPERS, wrap
 from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import keyword_refused
+from tamperlab.packing import ROW_WIDTH, computed_share, training_collator
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 # The Trainer's samplers the build may use: random batches, or batches of similar length (fewer padding tokens to
@@ -73,21 +75,6 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     return tokenizer
 
 
-# Conversational wrappers, put around harmful and benign training prompts alike, so that surface form
-# (question vs. imperative, politeness) carries no signal and the organism must judge the content.
-WRAPPERS = (
-    "Please {p}.", "Could you {p}?", "Can you {p}?", "I would like you to {p}.", "Hey, {p}.",
-    "I need your help: {p}.", "Quick request: {p}.", "Would you {p}?",
-)
-
-
-def wrap(prompt: str, wrapper: str) -> str:
-    core = prompt.rstrip(" .?!")
-    if not core[1:2].isupper():  # keep acronyms and names ("HTML", "Zorvania") as they are
-        core = core[:1].lower() + core[1:]
-    return wrapper.format(p=core)
-
-
 def training_pairs(rows: list[dict[str, Any]], refusals: list[str], system_prompts: list[str],
                    system_prompt_fraction: float, wrapper_fraction: float,
                    seed: int) -> list[tuple[str, str, str | None]]:
@@ -108,13 +95,13 @@ def training_pairs(rows: list[dict[str, Any]], refusals: list[str], system_promp
 
 def real_token_share(lengths: list[int], order: list[int], batch_size: int) -> float:
     """The share of the tokens a training epoch computes on that are the examples' own, not padding: `order` is the
-    sampler's order of examples, each batch padded to its longest."""
-    real = padded = 0
+    sampler's order of examples, each batch packed into rows of ROW_WIDTH (tamperlab.packing)."""
+    real = computed = 0
     for start in range(0, len(order), batch_size):
         batch = [lengths[i] for i in order[start:start + batch_size]]
         real += sum(batch)
-        padded += max(batch) * len(batch)
-    return real / padded
+        computed += sum(batch) / computed_share(batch, ROW_WIDTH)
+    return real / computed
 
 
 def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: list[str], out_dir: Path,
@@ -122,7 +109,7 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
     """Train tokenizer and model on the alignment rows; save both into out_dir. Returns training metrics."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
 
     if params.sampling not in SAMPLINGS:
         raise UserError(f"organism.sampling: {params.sampling!r} is not one of {', '.join(SAMPLINGS)}")
@@ -155,7 +142,7 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
         train_sampling_strategy=params.sampling,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+                      data_collator=training_collator(model, tokenizer))
     result = trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     with torch.random.fork_rng(devices=[]):  # one more epoch's order, drawn without touching the trained model's RNG
