@@ -1,6 +1,6 @@
 """Benchmark: the LoRA attack step's throughput and MFU, and the refusal eval's generation speed, on one GPU.
 
-Issue goals (H100): >= 55% MFU for the attack step; >= 9,000 tok/s for the refusal eval's generation at batch 64
+Goals (H100): >= 55% MFU for the attack step; >= 9,000 tok/s for the refusal eval's generation at batch 64
 (64-token prompts, 64 new tokens). Model: a random-init Llama-2-7B architecture (4096/11008/32 layers/32 heads,
 vocabulary 32,000) in bf16 with sdpa attention, built on the GPU: nothing is downloaded. Every configuration is
 warmed up before it is timed; its first call (torch.compile's work included) is reported apart.

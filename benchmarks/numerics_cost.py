@@ -1,4 +1,4 @@
-"""Benchmark: what portable CPU numerics cost, and where (README, Benchmarks).
+"""Benchmark: what portable CPU numerics cost, and where (docs/benchmarks.md).
 
 Each setting runs in a fresh process (MKL, ATen and oneDNN read their settings once, when torch first uses them):
 the default organism's matrix products alone (GFLOP/s, one shape per row), and one AdamW training step of the

@@ -1,4 +1,4 @@
-"""Benchmark: TAR's outer-step time against its floor (issue goal: at most 1.3x).
+"""Benchmark: TAR's outer-step time against its floor (goal: at most 1.3x).
 
 The floor is what an outer step cannot avoid, each part timed on its own outside TAR's loop: K plain SFT steps
 with a fresh AdamW (the adversary's work), the TR evaluations at their count (forward + backward of L_TR on the

@@ -26,7 +26,7 @@ CACHE = REPO / ".cache" / "tamperlab"
 BIN = Path(sys.executable).parent
 SMOKE_TARGETS = ("results/tables/refusal.csv", "results/tables/visage.csv")
 
-# Under pytest-xdist (`-n 2`, README) two workers share the two cores, so nothing may run torch on two threads:
+# Under pytest-xdist (`-n 2`, docs/tests.md) two workers share the two cores, so nothing may run torch on two threads:
 # torch's threads collapse when another process takes a core they counted on (measured: the default organism's
 # 2-thread build beside the smoke run, 4 min alone, ran over 18). Each worker's torch takes one thread, and its
 # Snakemake runs build the organism with one (`--set-threads`); every other job on a test model takes one already.

@@ -127,7 +127,7 @@ class SlurmCluster:
             f"SlurmdLogFile={b}/log/slurmd.log",
             "ReturnToService=2",
             "SlurmdParameters=config_overrides",  # RealMemory below: counted, not checked against the machine
-            # Without slurmdbd, squeue and scontrol see a job only this long after it ends (the notes' 600 s is
+            # Without slurmdbd, squeue and scontrol see a job only this long after it ends (600 s would be
             # enough for Snakemake's status checks; the tests also read the jobs back after a long run).
             "MinJobAge=3600",
             f"NodeName={self.host} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.memory_mb} State=UNKNOWN",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "tamperlab"
 MAX_LINES = 450
-LONGER_ALLOWED = {"hardening.tar"}  # the TAR loop reads top to bottom in one module (issue 10)
+LONGER_ALLOWED = {"hardening.tar"}  # the TAR loop reads top to bottom in one module
 
 
 def _modules() -> dict[str, Path]:

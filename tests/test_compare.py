@@ -266,8 +266,8 @@ def test_a_false_refusal_rate_is_judged_by_the_interval_its_reference_row_carrie
 
 
 def test_the_cpu_each_side_was_made_on_is_printed_where_recorded(tmp_path, capsys):
-    """Numbers differ between CPU kinds (README): the run's table manifest and the reference's SOURCE.md say which
-    machine made them, and compare prints both before its verdict."""
+    """Numbers differ between CPU kinds (docs/reproducing.md): the run's table manifest and the reference's
+    SOURCE.md say which machine made them, and compare prints both before its verdict."""
     import json
 
     ours, reference = _run(tmp_path / "ours"), _run(tmp_path / "reference")

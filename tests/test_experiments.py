@@ -474,7 +474,7 @@ def test_a_tar_anchor_reaches_the_harden_command_as_an_input(tmp_path):
     assert "--anchor" not in flags(refusal[0]["shell"])
 
 
-# --- inference larger than one GPU, hub models fetched once (issue 14.1, 14.2) ----------------------------------
+# --- inference larger than one GPU, hub models fetched once (docs/scale-out.md) ---------------------------------
 
 # Lermen's run with a landscape around its 70B and 13B chat models (the paper has none; VISAGE's overlay runs 7B
 # models only), and a shared hub cache: what a 70B scan and its projections would be given.
@@ -543,7 +543,7 @@ def test_hub_models_and_task_data_are_fetched_once_by_local_rules(lermen_landsca
     assert "localrules directive specifies rules that are not present" not in lermen_landscape
 
 
-# --- per-prompt attack and defence data (issue 12.3) -------------------------------------------------------------
+# --- per-prompt attack and defence data (docs/configuration.md, Data sets) ---------------------------------------
 
 # TAR's and VISAGE's overlays still pair harmful prompts with the fixed template: strict, so fixing them flips these.
 NOT_PER_PROMPT_YET: set[str] = set()

@@ -49,12 +49,14 @@ def test_pin_refuses_other_numerics_once_torch_is_loaded():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_portable_process_computes_the_fingerprint_every_cpu_kind_has_computed(threads):
     """The cross-machine check: matrix products, attention, softmax and cross-entropy with their backward passes,
-    RMS norm, random draws and an AdamW update hash to what they hashed on the CPUs listed in the README."""
+    RMS norm, random draws and an AdamW update hash to what they hashed on the CPUs listed in
+    reference/default/SOURCE.md."""
     pinned = _numerics("portable", threads)
     assert pinned["mode"] == "portable" and pinned["aten_capability"] == "AVX2" and pinned["threads"] == threads
     assert pinned["settings"] == {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     assert pinned["fingerprint"] == numerics.PORTABLE_FINGERPRINTS[threads], (
-        "this CPU computes other bits under portable numerics: record it in the README and find which kernel")
+        "this CPU computes other bits under portable numerics: record it in reference/default/SOURCE.md and find "
+        "which kernel")
 
 
 def test_portable_bits_do_not_depend_on_the_instruction_sets_mkl_may_use():

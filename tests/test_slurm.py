@@ -58,7 +58,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def profile(tmp_path_factory) -> Path:
-    """An XDG_CONFIG_HOME holding snakemake/slurm, installed as the README says, plus TEST_PROFILE."""
+    """An XDG_CONFIG_HOME holding snakemake/slurm, installed as docs/scale-out.md says, plus TEST_PROFILE."""
     home = tmp_path_factory.mktemp("config-home")
     subprocess.run([str(BIN / "tamperlab"), "install-profile", "--partition", PARTITION], check=True,
                    env={**os.environ, "XDG_CONFIG_HOME": str(home)})

@@ -2,7 +2,7 @@
 are idle when the job starts.
 
 Torch's OpenMP threads spin while they wait for one another: when another process holds one of their cores, a
-2-thread step ran 3.5x slower than idle here, where one thread kept its idle speed (README, Benchmarks). So a job
+2-thread step ran 3.5x slower than idle here, where one thread kept its idle speed (docs/benchmarks.md). So a job
 that asks for several threads first looks at how many of the cores it may run on are idle and takes no more than
 those. Under native numerics the thread count does not change a result (one epoch of the default organism's build
 gave byte-identical weights on one thread and on two).

@@ -1,7 +1,7 @@
 """How a training step is launched, by model size: the same `tamperlab` subcommand, one process or several.
 
 A rule's shell starts with `launcher(...)` where it would say `tamperlab`, and adds `zero3_arguments(...)` to the
-subcommand's flags. Only the launch changes with size, never the code (README, Layout: one code path at every scale):
+subcommand's flags. Only the launch changes with size, never the code (docs/scale-out.md):
 
     size   processes (one per GPU)   ZeRO-3                  command
     tiny   1 (CPU)                    off; on by config       tamperlab ...

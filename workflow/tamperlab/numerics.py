@@ -9,7 +9,7 @@ reproduced" before a single line of the method changed. Two modes (`cpu.numerics
   MKL_CBWR=COMPATIBLE (MKL's conditional-numerical-reproducibility branch documented as identical on Intel and
   non-Intel CPUs; its AVX2 branch falls back to the CPU's own on non-Intel ones), ATEN_CPU_CAPABILITY=avx2 (ATen's
   AVX2 kernels: compiled code, chosen by instruction set only), ONEDNN_MAX_CPU_ISA=AVX2. MKL's COMPATIBLE branch
-  is SSE2 code: matrix products run at about 0.4x native speed (README, Benchmarks).
+  is SSE2 code: matrix products run at about 0.4x native speed (docs/benchmarks.md).
 - **native**: the CPU's fastest kernels; bit-exact on the same CPU kind only.
 
 The settings are environment variables that MKL, ATen and oneDNN read once, when torch first uses them, so `pin`
@@ -30,8 +30,8 @@ DEFAULT = "portable"
 PORTABLE = {"MKL_CBWR": "COMPATIBLE", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 MODE_VARIABLE = "TAMPERLAB_NUMERICS"  # the mode in force, for the manifest and for child processes
 # The portable fingerprint per thread count (MKL's COMPATIBLE branch splits some products by thread count), as
-# measured on every CPU kind that has run it (README, "Reproducing"); tests/test_numerics.py checks a fresh process
-# against it: a CPU that computes other bits under portable numerics fails there first.
+# measured on every CPU kind that has run it (reference/default/SOURCE.md); tests/test_numerics.py checks a fresh
+# process against it: a CPU that computes other bits under portable numerics fails there first.
 PORTABLE_FINGERPRINTS = {1: "f1c45cd994ed07e5", 2: "32b8abdec18ec23d"}
 
 

@@ -146,7 +146,7 @@ def git_revision() -> str | None:
 
 def cpu_name(cpuinfo: str | None = None) -> str:
     """The CPU model, its cores and its widest vector extension, e.g. "AMD EPYC, 2 cores, AVX-512": another kind can
-    pick other BLAS kernels and give other numbers (README, "What is bit-exact"), so every manifest names it."""
+    pick other BLAS kernels and give other numbers (docs/reproducing.md), so every manifest names it."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()

@@ -104,7 +104,7 @@ def _numerics(run_directory: Path) -> dict | None:
 
 def machines(results: Path, reference: Path) -> dict[str, str]:
     """Which CPU made each side, where it is recorded: the run's refusal table manifest (`cpu`), the reference's
-    SOURCE.md (`- machine:` line). Numbers differ between CPU kinds (README, "What is not" bit-exact)."""
+    SOURCE.md (`- machine:` line). Numbers differ between CPU kinds (docs/reproducing.md)."""
     from tamperlab.provenance import manifest_path, read_manifest
 
     found = {}
