@@ -62,14 +62,14 @@ def rows(data: Path | None, setting: str) -> tuple[list[dict], list[dict]]:
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of fn() over repeats (after one warm-up call)."""
-    from tamperlab.hardening.tar import _now
+    from tamperlab.hardening.tar import clock
 
     fn()
     times = []
     for _ in range(repeats):
-        start = _now()
+        start = clock()
         fn()
-        times.append(_now() - start)
+        times.append(clock() - start)
     return statistics.median(times)
 
 

@@ -1,4 +1,4 @@
-"""TAR under FSDP2 (hardening/tar_sharded.py) on CPU: 2 processes over gloo, launched as the workflow launches it
+"""TAR under FSDP2 (hardening/tar/sharding.py) on CPU: 2 processes over gloo, launched as the workflow launches it
 (`torchrun --standalone --nproc_per_node 2 -m tamperlab.cli harden ... --fsdp`), against one process through the
 same command; a sharded run killed after a checkpoint resumes; the TAR overlay's 8B jobs launch that way.
 
@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
 from tamperlab.hardening.tar import TAR_LOG
-from tamperlab.hardening.tar_sharded import FSDP2
+from tamperlab.hardening.tar.sharding import FSDP2
 from tamperlab.launch import tar_torchrun as torchrun
 from tamperlab.launch import torchrun_launcher as launcher
 from tamperlab.provenance import read_manifest
@@ -129,7 +129,7 @@ def test_the_launch_is_torchrun_on_one_node_for_tar_on_a_model_that_trains_shard
 
 
 def test_the_rules_import_the_module_without_torch():
-    code = "import sys, tamperlab.hardening.tar_sharded; sys.exit('torch' in sys.modules)"
+    code = "import sys, tamperlab.hardening.tar.sharding; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

@@ -104,7 +104,7 @@ def torchrun_launcher(processes: int) -> str:
 def tar_torchrun(config: dict[str, Any], model: str, defence: str) -> str | None:
     """The launcher of the workflow's harden job for (model, defence): for TAR on a model that trains sharded
     (models.<m>.zero3, or its size class), torchrun on as many processes as the model's other training jobs, with
-    `--fsdp` (FSDP2 instead of ZeRO-3: hardening/tar_sharded.py); None for anything else (the size class's
+    `--fsdp` (FSDP2 instead of ZeRO-3: hardening/tar/sharding.py); None for anything else (the size class's
     launcher)."""
     spec = config["models"][model]
     if config["defences"][defence]["method"] != "tar" or not uses_zero3(spec["size"], spec["zero3"]):

@@ -22,7 +22,7 @@ def harden(args: argparse.Namespace) -> None:
         from tamperlab.hardening.repnoise import harden as train
     elif args.fsdp:  # TAR with each parameter sharded over the launch's processes (torchrun)
         from tamperlab.hardening.tar import TARParams as Params
-        from tamperlab.hardening.tar_sharded import harden as train
+        from tamperlab.hardening.tar.sharding import harden as train
     else:
         from tamperlab.hardening.tar import TARParams as Params
         from tamperlab.hardening.tar import harden as train

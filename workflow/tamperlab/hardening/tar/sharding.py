@@ -1,10 +1,10 @@
-"""TAR on several processes: FSDP2 (`torch.distributed.fsdp.fully_shard`) in place of tar.OneProcess.
+"""TAR on several processes: FSDP2 (`torch.distributed.fsdp.fully_shard`) in place of placement.OneProcess.
 
 Llama-3-8B TAR holds about nine copies of the weights at once (θ, the snapshot θ₀, the accumulated TR gradients,
 the gradients, two outer and two adversary AdamW moments, the frozen start model), ≈ 150 GB in bf16: more than one
 GPU. Here each of the launch's W processes holds a 1/W shard of every parameter (a DTensor; each decoder layer and
 the rest of the model are their own all-gather unit) and of everything made from the parameters, and the
-loop in tar.py runs unchanged:
+loop (loop.py, driver.py) runs unchanged:
 
 - snapshot and restore copy the local shards (`to_local()`), bit for bit;
 - each adversary's fresh AdamW, the outer AdamW and the accumulated first-order meta-gradients are over the
@@ -31,7 +31,6 @@ loads in (bf16 on CUDA, fp32 on CPU), as in one process: no mixed-precision poli
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import warnings
@@ -39,35 +38,31 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tamperlab.errors import UserError
-from tamperlab.hardening import tar
-from tamperlab.hardening.tar import (
-    ENTROPY_TOLERANCE,
-    OneProcess,
-    TARParams,
-    _preference_logps,
-    checkpoint_steps,
-    log,
-    next_token_mask,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from tamperlab.hardening.tar import driver
+from tamperlab.hardening.tar.checkpoint import checkpoint_steps, prune_checkpoints, save_checkpoint
+from tamperlab.hardening.tar.losses import at_max_entropy, next_token_mask, preference_logps, token_entropy
+from tamperlab.hardening.tar.placement import OneProcess
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from tamperlab.hardening.tar.params import TARParams
+
+log = logging.getLogger("tamperlab.hardening.tar")  # one logger for the package
+
 
 def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str, str]], params: TARParams,
            out_dir: Path, device: str | None = None, deepspeed: Path | None = None,
            anchor_dir: Path | None = None) -> dict[str, Any]:
-    """tar.harden with the model sharded over the launch's processes (torchrun; one process when not launched).
+    """driver.harden with the model sharded over the launch's processes (torchrun; one process when not launched).
     The global batch (params.batch_size) is the one-process batch, split over the processes."""
     if deepspeed is not None:
         raise UserError("TAR: --fsdp and --deepspeed exclude each other")
     where = FSDP2.start(device)
     try:
-        record = tar.harden(model_dir, forget, retain, params, out_dir, deepspeed=None, anchor_dir=anchor_dir,
-                            where=where)
+        record = driver.harden(model_dir, forget, retain, params, out_dir, deepspeed=None, anchor_dir=anchor_dir,
+                               where=where)
     except BaseException:
         where.stop(wait=False)  # the others may never come: exit, and let the launcher end them
         raise
@@ -193,21 +188,20 @@ class FSDP2(OneProcess):
         import torch
         import torch.nn.functional as F
 
-        if params.setting == "refusal":  # tar.dpo_loss's mean over the global batch of pairs
+        if params.setting == "refusal":  # losses.dpo_loss's mean over the global batch of pairs
             chosen, weight = self.share(x_tr["chosen"])
             rejected, _ = self.share(x_tr["rejected"])
-            policy_chosen, policy_rejected = _preference_logps(model, {"chosen": chosen, "rejected": rejected})
+            policy_chosen, policy_rejected = preference_logps(model, {"chosen": chosen, "rejected": rejected})
             logits = (policy_chosen - policy_rejected) - (x_tr["ref_chosen"] - x_tr["ref_rejected"])
             pairs = x_tr["chosen"]["input_ids"].shape[0]
             return -F.logsigmoid(params.beta * logits).sum() * weight / pairs
-        # tar.entropy_tr_loss over the global batch's forget tokens, with its gate on the global mean
+        # losses.entropy_tr_loss over the global batch's forget tokens, with its gate on the global mean
         local, _ = self.share(x_tr)
         logits = model(input_ids=local["input_ids"], attention_mask=local["attention_mask"], use_cache=False).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)[next_token_mask(local["labels"]).bool()]
+        entropy = token_entropy(logits, next_token_mask(local["labels"]))
         count = int(next_token_mask(x_tr["labels"]).sum())
         total = self.total(entropy.sum())[0].item()
-        if count == 0 or total / count >= math.log(logits.shape[-1]) - ENTROPY_TOLERANCE:
+        if count == 0 or at_max_entropy(total / count, logits.shape[-1]):
             return torch.zeros((), device=logits.device)
         return -entropy.sum() / count
 
@@ -217,7 +211,7 @@ class FSDP2(OneProcess):
         chosen, _ = self.share(x_tr["chosen"])
         rejected, _ = self.share(x_tr["rejected"])
         with torch.no_grad():
-            ref_chosen, ref_rejected = _preference_logps(frozen, {"chosen": chosen, "rejected": rejected})
+            ref_chosen, ref_rejected = preference_logps(frozen, {"chosen": chosen, "rejected": rejected})
         return {**x_tr, "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}  # this process's pairs only
 
     def retain_loss(self, model: nn.Module, anchor: nn.Module | None, batch: dict[str, torch.Tensor]) -> torch.Tensor:
