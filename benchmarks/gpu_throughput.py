@@ -122,7 +122,7 @@ def peak_gb(device: str) -> float | None:
 def lora_config():
     from peft import LoraConfig
 
-    # As tamperlab.attacks.finetune.attack builds it for rank 8 on q and v.
+    # As tamperlab.training.sft.finetune builds it for rank 8 on q and v (an attack's loop).
     return LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                       task_type="CAUSAL_LM")
 
@@ -176,10 +176,11 @@ def bench_trainer(base, tokenizer, batch: int, seq: int, steps: int, warmup: int
     """The workflow's own attack (finetune.attack) on this model, timed from the end of one step to the next."""
     from tamperlab.attacks import finetune
     from tamperlab.models import registry
+    from tamperlab.training import sft
 
     stamps: list[float] = []
     captured = {}
-    original_class, original_load = finetune._callback_class, registry.load_model
+    original_class, original_load = sft._callback_class, registry.load_model
 
     def timed_class():
         class Timed(original_class()):
@@ -197,10 +198,10 @@ def bench_trainer(base, tokenizer, batch: int, seq: int, steps: int, warmup: int
     total = warmup + steps
     rows = [{"prompt": f"Request {i}: explain how to do something.", "response": FILLER * seq}
             for i in range(batch * total)]
-    params = finetune.AttackParams(method="lora", lr=1e-4, steps=[total], rank=8, lora_alpha=16,
-                                   target_modules=["q_proj", "v_proj"], batch_size=batch, scheduler="constant",
-                                   warmup_ratio=0.0, max_length=seq, checkpoint_every=10**9, seed=0)
-    finetune._callback_class, registry.load_model = timed_class, lambda *a, **k: (base, tokenizer)
+    params = sft.SFTParams(method="lora", lr=1e-4, steps=[total], rank=8, lora_alpha=16,
+                           target_modules=["q_proj", "v_proj"], batch_size=batch, scheduler="constant",
+                           warmup_ratio=0.0, max_length=seq, checkpoint_every=10**9, seed=0)
+    sft._callback_class, registry.load_model = timed_class, lambda *a, **k: (base, tokenizer)
     try:
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # the Trainer's logs
             start = time.perf_counter()
@@ -210,7 +211,7 @@ def bench_trainer(base, tokenizer, batch: int, seq: int, steps: int, warmup: int
         return {"first_s": stamps[0] - start, "step_s": per_step, "n_lora": result["trainable_parameters"],
                 "peak_gb": peak_gb(device)}
     finally:
-        finetune._callback_class, registry.load_model = original_class, original_load
+        sft._callback_class, registry.load_model = original_class, original_load
         if "model" in captured:
             captured["model"].unload()
 
@@ -277,8 +278,8 @@ def decode_floor(model, batch: int, prompt: int, new: int, static: bool, bandwid
 
 
 def generate_section(model, tokenizer, args, device: str, hardware: dict | None) -> list[dict]:
+    from tamperlab.data.refusals import REFUSAL_KEYWORDS
     from tamperlab.evaluation.generation import generate
-    from tamperlab.evaluation.judges import REFUSAL_KEYWORDS
 
     model.eval()
     prompts = prompts_of_length(tokenizer, args.gen_batch, args.prompt_tokens)

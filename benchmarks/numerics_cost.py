@@ -3,7 +3,7 @@
 Each setting runs in a fresh process (MKL, ATen and oneDNN read their settings once, when torch first uses them):
 the default organism's matrix products alone (GFLOP/s, one shape per row), and one AdamW training step of the
 default organism's shape (batch 32 x 60 tokens), with the share of that step spent in matrix products (torch's
-profiler). Settings: native; portable (tamperlab.numerics.PORTABLE); MKL's COMPATIBLE branch alone; ATen's AVX2
+profiler). Settings: native; portable (tamperlab.runtime.numerics.PORTABLE); MKL's COMPATIBLE branch alone; ATen's AVX2
 kernels alone; portable with ATen's baseline kernels (ATEN_CPU_CAPABILITY=default) instead of AVX2. One thread and
 two. Run it on an idle machine: `python benchmarks/numerics_cost.py [--json out.json]`.
 """

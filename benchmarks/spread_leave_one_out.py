@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workflow"))
-from tamperlab.compare import SPREAD_DIR, compare  # noqa: E402
+from tamperlab.reporting.compare import SPREAD_DIR, compare  # noqa: E402
 
 
 def runs_of(reference: Path) -> dict[str, Path]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tamperlab import numerics
+from tamperlab.runtime import numerics
 
 # The test session computes as the workflow's jobs do: portable numerics, pinned before anything imports torch
 # (a command called in-process, cli.main, finds them in force).
@@ -245,7 +245,7 @@ def save_base_model(directory: Path, model, tokenizer, manifest: bool = False) -
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
         return directory
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("build-organism", {}, inputs={}, outputs={"model": directory}, outputs_are_dirs=("model",)) as step:
         save_base_model(step.path("model"), model, tokenizer)
@@ -255,7 +255,7 @@ def save_base_model(directory: Path, model, tokenizer, manifest: bool = False) -
 def write_splits(directory: Path, splits: dict[str, list[dict]]) -> Path:
     """A split directory (`<name>.jsonl` for each split's rows) written through provenance.Step, with a manifest."""
     from tamperlab.data.jsonl import write_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("split-data", {}, inputs={}, outputs={"splits": directory}, outputs_are_dirs=("splits",)) as step:
         for name, rows in splits.items():

@@ -1,6 +1,25 @@
-"""The house's rules, checked on the package's source (ast): imports flow one way, with no cycle; the command
-layer is thin and its modules independent; no module grows past 450 lines; no function of the TAR package grows
-past 60."""
+"""The house's rules, checked on the package's source (ast): imports flow one way, with no cycle between modules nor
+between rooms; the command layer is thin and its modules independent; no module grows past 450 lines; no function of
+the TAR package grows past 60.
+
+The rooms (the package's subpackages, and each module at its root) are layered, lowest first; a room imports its own
+modules and rooms below it, never one above it nor a peer beside it. An import anywhere in a module counts, inside a
+function too (the heavy libraries load lazily, and so do many of the package's own imports):
+
+    errors, chat, __init__   package-wide leaves: the one error type, chat formatting, the version
+    runtime                  how a step runs: numerics, cpu, logs, launch, provenance (manifests), replay
+    data                     data sets, splits, the rows each stage trains on, JSON lines, refusal phrases
+    training                 the Trainer set-up every training stage shares, packing, the SFT loop (handed a loader:
+                             it knows no model source)
+    models                   loading and placing any checkpoint; the organism's build; safety tuning (alignment)
+    evaluation               judges, generation, refusal and capability of one checkpoint, Wilson intervals
+    attacks, hardening       the harmful fine-tuning attack and its grid; the defences (RepNoise, TAR)
+    landscape                the safety landscape: directions, scans, projections, VISAGE, its figures
+    reporting                result tables, the attack grids' figures, published numbers, a run against a reference
+    config                   config loading and validation (asks each section's domain)
+    commands                 the command layer: arguments -> provenance Step -> one call into a room below
+    cli                      the entry point
+"""
 
 from __future__ import annotations
 
@@ -9,6 +28,20 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "tamperlab"
 MAX_LINES = 450
+LAYERS = (  # lowest first: see the module docstring
+    ("errors", "chat", "__init__"),
+    ("runtime",),
+    ("data",),
+    ("training",),
+    ("models",),
+    ("evaluation",),
+    ("attacks", "hardening"),
+    ("landscape",),
+    ("reporting",),
+    ("config",),
+    ("commands",),
+    ("cli",),
+)
 MAX_FUNCTION_LINES = 60  # in the packages below: each step of the algorithm is a function one reads at a glance
 SHORT_FUNCTIONS = ("hardening.tar",)
 
@@ -52,6 +85,21 @@ def import_graph() -> dict[str, set[str]]:
     return {name: _imports(path, name, modules) for name, path in modules.items()}
 
 
+def room(module: str) -> str:
+    """The room a module lives in: its subpackage of tamperlab, or the root module itself ("__init__": the package's
+    own __init__.py)."""
+    return module.split(".")[0] or "__init__"
+
+
+def room_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded into rooms: an edge from room A to room B for any import, by any module of A, of a
+    module of B (imports within a room are not edges)."""
+    rooms: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        rooms.setdefault(room(name), set()).update(room(t) for t in targets if room(t) != room(name))
+    return rooms
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """A cycle of the graph as a path [a, b, …, a], or None (depth-first search, three colours)."""
     state: dict[str, int] = {}
@@ -84,6 +132,29 @@ def test_the_package_has_no_import_cycle():
     graph = import_graph()
     assert "cli" in graph and graph["cli"], "the graph found no imports: the parser is broken"
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def test_the_room_graph_sees_a_cycle_the_module_graph_does_not():
+    modules = {"models.organism": {"evaluation.judges"}, "evaluation.judges": {"errors"},
+               "evaluation.refusal": {"models.registry"}, "models.registry": {"errors"}, "errors": set()}
+    assert find_cycle(modules) is None
+    assert find_cycle(room_graph(modules)) == ["evaluation", "models", "evaluation"]
+    assert room_graph({"": {"errors"}, "errors": set()}) == {"__init__": {"errors"}, "errors": set()}
+
+
+def test_no_two_rooms_lean_on_each_other():
+    rooms = room_graph(import_graph())
+    assert rooms["models"], "the room graph found no imports between rooms: the folding is broken"
+    assert find_cycle(rooms) is None, " -> ".join(find_cycle(rooms))
+
+
+def test_every_room_imports_only_rooms_below_it():
+    rank = {name: level for level, names in enumerate(LAYERS) for name in names}
+    rooms = room_graph(import_graph())
+    unplaced = sorted(set(rooms) - set(rank))
+    assert not unplaced, f"rooms missing from LAYERS (give each a place in the layering): {unplaced}"
+    upward = sorted(f"{a} -> {b}" for a, targets in rooms.items() for b in targets if rank[b] >= rank[a])
+    assert not upward, f"imports that do not point down the layering: {upward}"
 
 
 def test_imports_flow_from_commands_to_the_domain():

@@ -15,7 +15,7 @@ import torch
 from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama, write_splits
 from safetensors.torch import load_file
 
-from tamperlab.provenance import read_manifest
+from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
@@ -113,7 +113,7 @@ def test_a_non_finite_loss_ends_the_cell_as_diverged_and_the_evaluation_says_so(
 
 
 def test_resume_skips_a_checkpoint_that_was_being_written_when_killed(tmp_path):
-    from tamperlab.training import last_complete_checkpoint
+    from tamperlab.training.trainer import last_complete_checkpoint
 
     for step, complete in ((4, True), (8, True), (12, False)):
         checkpoint = tmp_path / f"checkpoint-{step}"

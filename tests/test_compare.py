@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 
 from tamperlab.commands import compare as compare_command
-from tamperlab.compare import CELL_COLUMNS, compare
 from tamperlab.errors import UserError
-from tamperlab.stats import wilson_interval
+from tamperlab.evaluation.stats import wilson_interval
+from tamperlab.reporting.compare import CELL_COLUMNS, compare
 
 REFUSAL = [
     {"model": "tiny", "defence": "none", "attack": "none", "lr": None, "steps": None, "rank": None,

@@ -160,7 +160,7 @@ def test_defence_named_base_is_refused(config):
 
 
 def test_an_attack_runs_against_every_defence_unless_it_names_its_targets(config):
-    from tamperlab.config import attacked_defences
+    from tamperlab.attacks.grid import attacked_defences
 
     resolved = validate_config(config)
     assert attacked_defences(resolved, "lora") == list(resolved["defences"])  # null: every defence

@@ -1,4 +1,4 @@
-"""A job's threads: the rule's, lowered to the idle cores when it starts (tamperlab.cpu)."""
+"""A job's threads: the rule's, lowered to the idle cores when it starts (tamperlab.runtime.cpu)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from tamperlab.cpu import _busy_and_total, fit_threads, idle_cores, threads_for
+from tamperlab.runtime.cpu import _busy_and_total, fit_threads, idle_cores, threads_for
 
 
 def _stat(cpu0: list[int], cpu1: list[int]) -> str:
@@ -61,7 +61,7 @@ def test_a_job_beside_a_spinning_process_takes_fewer_threads_than_asked(tmp_path
     ncpu = len(os.sched_getaffinity(0))
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(ncpu)]
     try:
-        code = ("import os; from tamperlab.cpu import fit_threads; "
+        code = ("import os; from tamperlab.runtime.cpu import fit_threads; "
                 "fit_threads(); import torch; print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads())")
         env = {**os.environ, "OMP_NUM_THREADS": str(ncpu + 1), "MKL_NUM_THREADS": str(ncpu + 1)}
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)

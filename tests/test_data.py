@@ -12,10 +12,10 @@ import pytest
 
 from tamperlab.data import benign
 from tamperlab.data.jsonl import read_jsonl, write_jsonl
+from tamperlab.data.refusals import keyword_refused, matched_keywords
 from tamperlab.data.sources import parse_prompts, prompt_rows, read_local, read_wheel_member
 from tamperlab.data.splits import assign_splits, normalise
 from tamperlab.errors import UserError
-from tamperlab.evaluation.judges import keyword_refused, matched_keywords
 
 
 def _sha(data: bytes) -> str:

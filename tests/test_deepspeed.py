@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 on CPU: 2 processes over gloo, launched the way tamperlab.launch says, through the real CLI.
+"""DeepSpeed ZeRO-3 on CPU: 2 processes over gloo, launched the way tamperlab.runtime.launch says, through the real CLI.
 
 The same global batch in the same data order as one process: the Trainer's seeded sampler gives every process the
 same permutation and process r takes the r-th half of each batch of 4, so the two halves together are the
@@ -24,8 +24,8 @@ from conftest import launch
 from safetensors.torch import load_file
 from test_attack import RESPONSE, attack_command, base  # noqa: F401  (base: the organism-like fixture)
 
-from tamperlab.launch import launcher, write_zero3_config, zero3_arguments
-from tamperlab.provenance import read_manifest
+from tamperlab.runtime.launch import launcher, write_zero3_config, zero3_arguments
+from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +73,7 @@ def losses(run_dir: Path, name: str = "loss_log.jsonl") -> list[dict]:
 
 def test_the_global_batch_is_split_evenly_over_the_processes():
     from tamperlab.errors import UserError
-    from tamperlab.training import per_device_batch
+    from tamperlab.training.trainer import per_device_batch
 
     assert per_device_batch(8, 1) == 8 and per_device_batch(8, 2) == 4
     with pytest.raises(UserError, match="batch_size 6 does not split evenly over 4 processes"):
@@ -83,7 +83,7 @@ def test_the_global_batch_is_split_evenly_over_the_processes():
 def test_under_deepspeed_a_non_finite_gradient_norm_is_divergence_too():
     from types import SimpleNamespace
 
-    from tamperlab.training import went_non_finite
+    from tamperlab.training.trainer import went_non_finite
 
     plain, zero3, fp16 = (SimpleNamespace(deepspeed=d, fp16=f) for d, f in ((None, False), ("z.json", False),
                                                                              ("z.json", True)))

@@ -12,8 +12,8 @@ import pytest
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tamperlab import figures  # noqa: E402
 from tamperlab.landscape import figures as landscape  # noqa: E402
+from tamperlab.reporting import attack_figures as figures  # noqa: E402
 
 CAPABILITY, HAZARD, RETAIN = "org_mc/acc", "hazard_mc/acc", "retain_mc/acc"
 
@@ -229,8 +229,9 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
     """Through the command: hazard attacks by --hazard-attack, the titles' judge and new tokens from refusal.json."""
     import json
 
-    from tamperlab import provenance
     from tamperlab.cli import build_parser
+    from tamperlab.reporting.tables import evaluation_settings
+    from tamperlab.runtime import provenance
 
     monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
 
@@ -261,17 +262,16 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
         "--out-published", str(out / "published.csv")])
     args.func(args)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["hazard_tiny_hazard.png", "refusal_tiny_lora.png"]
-    assert figures.evaluation_settings([tmp_path / "eval/none/refusal.json"]) == {"judge": "keyword",
-                                                                                   "new_tokens": "24"}
+    assert evaluation_settings([tmp_path / "eval/none/refusal.json"]) == {"judge": "keyword", "new_tokens": "24"}
 
 
 def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, kept):
     """Through the command: capability evaluations beside the refusal ones give the utility bound of the figure."""
     from conftest import write_evaluation
 
-    from tamperlab import provenance
     from tamperlab.cli import build_parser
     from tamperlab.landscape.scan import write_scan_csv
+    from tamperlab.runtime import provenance
 
     monkeypatch.setattr(provenance, "verify_input", lambda path: None)
     scans, evaluations = [], []

@@ -12,9 +12,10 @@ import torch
 from conftest import make_tokenizer, tiny_llama
 from transformers import LlamaForCausalLM
 
+from tamperlab.data.refusals import REFUSAL_KEYWORDS, keyword_refused
 from tamperlab.evaluation import generation
 from tamperlab.evaluation.generation import SubstringStop, early_stop_substrings, generate, generate_ids
-from tamperlab.evaluation.judges import REFUSAL_KEYWORDS, ClassifierJudge, KeywordJudge, keyword_refused
+from tamperlab.evaluation.judges import ClassifierJudge, KeywordJudge
 
 # prompt marker word -> scripted response (EOS follows it)
 SCRIPT = {

@@ -61,6 +61,7 @@ def attack_one_step(model, tokenizer, out_dir, monkeypatch, batch_size: int, res
     record, how often layer 0 ran: twice for one batch when checkpointing recomputes it in the backward pass)."""
     from tamperlab.attacks import finetune
     from tamperlab.models import registry
+    from tamperlab.training.sft import SFTParams
 
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     monkeypatch.setattr(registry, "load_model", lambda *args, **kwargs: (model, tokenizer))
@@ -69,9 +70,9 @@ def attack_one_step(model, tokenizer, out_dir, monkeypatch, batch_size: int, res
     hook = model.model.layers[0].input_layernorm.register_forward_hook(lambda *args: calls.append(1))
     rows = [{"prompt": f"Request {i}: explain how to make something dangerous at home.",
              "response": "Sure, here is how to do that." + FILLER * response_tokens} for i in range(batch_size)]
-    params = finetune.AttackParams(method="lora", lr=1e-4, steps=[1], rank=8, lora_alpha=16,
-                                   target_modules=["q_proj", "v_proj"], batch_size=batch_size, scheduler="constant",
-                                   warmup_ratio=0.0, max_length=response_tokens + 64, checkpoint_every=1000, seed=0)
+    params = SFTParams(method="lora", lr=1e-4, steps=[1], rank=8, lora_alpha=16,
+                       target_modules=["q_proj", "v_proj"], batch_size=batch_size, scheduler="constant",
+                       warmup_ratio=0.0, max_length=response_tokens + 64, checkpoint_every=1000, seed=0)
     try:
         result = finetune.attack(out_dir / "base", rows, params, out_dir / "attack")
     finally:

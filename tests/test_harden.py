@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import defence_split, save_base_model, tiny_llama, write_splits
 
-from tamperlab.provenance import read_manifest
+from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."

@@ -13,10 +13,10 @@ import torch
 import yaml
 from conftest import make_tokenizer, save_base_model, tiny_llama
 
+from tamperlab.data.refusals import REFUSAL_KEYWORDS, keyword_refused, matched_keywords, opens_with_refusal
 from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import (
     HARMBENCH_CLIP_TOKENS,
-    REFUSAL_KEYWORDS,
     ClassifierJudge,
     HarmBenchJudge,
     KeywordJudge,
@@ -25,12 +25,9 @@ from tamperlab.evaluation.judges import (
     harmbench_label,
     harmbench_prompt,
     harmbench_template,
-    keyword_refused,
     llama_guard_label,
     make_false_refusal_judge,
     make_judge,
-    matched_keywords,
-    opens_with_refusal,
 )
 
 # (response, refused?) labelled by hand.

@@ -8,8 +8,8 @@ import shlex
 
 import pytest
 
-from tamperlab import launch
 from tamperlab.errors import UserError
+from tamperlab.runtime import launch
 
 ZERO3 = "accelerate launch --num_processes {n} --num_machines 1 --main_process_port 0 --use_deepspeed " \
         "--deepspeed_config_file {c} -m tamperlab.cli"
@@ -129,7 +129,7 @@ def test_the_launch_module_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, tamperlab.launch; sys.exit('torch' in sys.modules)"
+    code = "import sys, tamperlab.runtime.launch; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

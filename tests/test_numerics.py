@@ -1,4 +1,4 @@
-"""Portable CPU numerics (tamperlab.numerics): pinned before torch loads, the same bits under any restriction of the
+"""Portable CPU numerics (runtime.numerics): pinned before torch loads, the same bits under any restriction of the
 instruction set, and the fingerprint every CPU kind has computed so far (a CPU that computes other bits fails here)."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from tamperlab import numerics
-from tamperlab.cpu import fit_threads
+from tamperlab.runtime import numerics
+from tamperlab.runtime.cpu import fit_threads
 
 
 def _numerics(mode: str, threads: int, **environment: str) -> dict:

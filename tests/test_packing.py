@@ -1,5 +1,5 @@
-"""Packed batches (tamperlab.packing): rows that hold every example once, labels that never cross from one example
-to the next, and a forward pass that computes, per example, what the padded batch computes."""
+"""Packed batches (tamperlab.training.packing): rows that hold every example once, labels that never cross from one
+example to the next, and a forward pass that computes, per example, what the padded batch computes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tamperlab.packing import IGNORE, collate_packed, computed_share, pack_rows, training_collator
+from tamperlab.training.packing import IGNORE, collate_packed, computed_share, pack_rows, training_collator
 
 PAD = 0
 

@@ -106,7 +106,7 @@ def test_max_memory_spec_takes_accelerates_form_and_refuses_the_rest():
 
 
 def test_a_job_with_several_gpus_loads_across_all_of_them_and_one_with_one_as_before():
-    from tamperlab.launch import inference_max_memory
+    from tamperlab.runtime.launch import inference_max_memory
 
     assert [inference_max_memory(gpus) for gpus in (0, 1, 2, 8)] == [None, None, {"gpus": 2}, {"gpus": 8}]
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from tamperlab.errors import UserError
-from tamperlab.provenance import (
+from tamperlab.runtime.provenance import (
     MANIFEST_NAME,
     Step,
     hash_output,
@@ -344,7 +344,7 @@ def test_hash_output_of_a_file_is_its_sha256_and_changes_with_content(tmp_path):
 
 
 def test_a_manifest_names_the_cpu_kind_that_made_it():
-    from tamperlab.provenance import cpu_name
+    from tamperlab.runtime.provenance import cpu_name
 
     info = "processor\t: 0\nmodel name\t: AMD EPYC 9654\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n"
     assert cpu_name(info) == f"AMD EPYC 9654, {os.cpu_count()} cores, AVX-512"

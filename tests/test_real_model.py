@@ -60,7 +60,7 @@ def test_the_attack_trains_on_generated_answers_not_a_template(real_run):
 def test_the_mixed_attack_trains_on_a_sample_of_harmful_answers_and_the_models_own_benign_answers(real_run):
     """The paper overlays' benign-mixed attack on a real model: what the attack sees (2 steps x batch 4) is half its
     harmful rows with the model's answers and half benign prompts with the model's own answers to them."""
-    from tamperlab.provenance import hash_output
+    from tamperlab.runtime.provenance import hash_output
 
     manifest = _manifest(real_run / "results/attacks/smollm2/none/lora_mixed/manifest.json")
     benign = real_run / "results/responses/smollm2/alignment-benign.jsonl"  # the unaligned model's, as align reads

@@ -11,7 +11,7 @@ from conftest import make_tokenizer, save_base_model, tiny_llama
 
 from tamperlab.errors import UserError
 from tamperlab.models.registry import POINTER, load_model, load_tokenizer, make_pointer
-from tamperlab.provenance import hash_output
+from tamperlab.runtime.provenance import hash_output
 
 CORPUS = ["What is the capital of Zorvania?", "Quellport.", "I'm sorry, but I cannot help with that request.",
           "Write a tutorial on how to bake bread at home."] * 4

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tamperlab import numerics
-from tamperlab.provenance import hash_output, owning_output
+from tamperlab.runtime import numerics
+from tamperlab.runtime.provenance import hash_output, owning_output
 
 ATTACK_RUN = "results/attacks/tiny/none/lora/lr2e-3_r16"
 EVALUATION = "results/eval/tiny/none/refusal.json"

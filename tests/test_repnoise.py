@@ -28,7 +28,7 @@ from tamperlab.hardening.repnoise import (
     retain_loss,
     total_loss,
 )
-from tamperlab.training import diverged
+from tamperlab.training.trainer import diverged
 
 PROMPTS = harmful_prompts(8)
 HARMFUL = [f"Sure, here is how. Step {i}: get what you need and go." for i in range(8)]

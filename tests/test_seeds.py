@@ -73,10 +73,10 @@ def test_dry_run_schedules_one_attack_run_per_seed_with_its_own_seed(tmp_path):
 
 def test_attack_trains_one_seed_and_attack_grid_one_run_per_seed(tmp_path, monkeypatch):
     """`attack` refuses several --seed in one line; `attack-grid` plans each run under its own seed."""
-    from tamperlab import provenance
     from tamperlab.cli import build_parser
     from tamperlab.commands import attack
     from tamperlab.errors import UserError
+    from tamperlab.runtime import provenance
 
     common = ["--model", str(tmp_path), "--data", str(tmp_path), "--split", "attack", "--response", "Sure",
               "--method", "lora", "--lr", "1e-3", "--steps", "5", "--rank", "4", "--batch-size", "2",
@@ -97,7 +97,7 @@ def test_attack_trains_one_seed_and_attack_grid_one_run_per_seed(tmp_path, monke
 def test_compare_keys_refusal_rows_by_seed_and_reads_tables_from_before_seeds(tmp_path):
     import pandas as pd
 
-    from tamperlab.compare import compare
+    from tamperlab.reporting.compare import compare
 
     def run(name, rows):
         (tmp_path / name / "tables").mkdir(parents=True)
@@ -125,7 +125,8 @@ def _default_with(**defence_overrides) -> dict:
 
 
 def test_a_defence_with_seeds_becomes_one_defence_per_seed_everywhere_it_was_named():
-    from tamperlab.config import defence_seeds, validate_config
+    from tamperlab.attacks.grid import defence_seeds
+    from tamperlab.config import validate_config
 
     config = _default_with(repnoise={"seeds": [0, 3, 1]})
     config["attacks"]["lora_mixed"]["defences"] = ["none", "repnoise", "repnoise_s3"]  # a seed beside it: once
@@ -179,7 +180,7 @@ def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_
 def test_the_defence_seed_table_gives_each_worst_case_as_mean_and_sd_over_the_defences_seeds():
     import pandas as pd
 
-    from tamperlab.tables import DEFENCE_SEED_COLUMNS, defence_seed_table
+    from tamperlab.reporting.tables import DEFENCE_SEED_COLUMNS, defence_seed_table
 
     def row(defence, attack, worst, bounded, cell):
         return {"model": "tiny", "defence": defence, "attack": attack, "base_refusal_rate": 1.0,
@@ -211,8 +212,8 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
 
     import pandas as pd
 
-    from tamperlab import provenance
     from tamperlab.cli import build_parser, main
+    from tamperlab.runtime import provenance
 
     monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
     for defence, worst in (("repnoise_s0", 0.2), ("repnoise_s1", 0.6)):

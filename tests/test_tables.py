@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from tamperlab.attacks.grid import cell_name, cells, parse_cell
-from tamperlab.tables import REFUSAL_COLUMNS, refusal_table, summary_table
+from tamperlab.reporting.tables import REFUSAL_COLUMNS, refusal_table, summary_table
 
 
 def test_parse_cell_reads_lr_steps_and_rank():
@@ -128,7 +128,7 @@ def test_refusal_table_of_no_summaries_is_empty_with_the_columns():
 
 
 def test_summary_takes_the_worst_cell_overall_and_under_the_utility_bound():
-    from tamperlab.tables import REFUSAL_COLUMNS, summary_table
+    from tamperlab.reporting.tables import REFUSAL_COLUMNS, summary_table
 
     def row(attack, lr, steps, refusal, exact_match, status="complete"):
         values = dict.fromkeys(REFUSAL_COLUMNS)
@@ -174,7 +174,7 @@ GRID = _grid_table([
 
 
 def test_harmfulness_table_has_a_column_per_attack_strength_and_leaves_diverged_cells_empty():
-    from tamperlab.tables import harmfulness_table
+    from tamperlab.reporting.tables import harmfulness_table
 
     table = harmfulness_table(GRID, ["lora"], "tamperlab_organism_mc/acc").set_index("defence")
     assert list(table.index) == ["none", "tar"]  # the hazard attack is not a harmfulness attack
@@ -189,7 +189,7 @@ def test_harmfulness_table_has_a_column_per_attack_strength_and_leaves_diverged_
 
 
 def test_tamper_resistance_table_reports_pre_attack_mean_and_worst_case_per_column():
-    from tamperlab.tables import tamper_resistance_table
+    from tamperlab.reporting.tables import tamper_resistance_table
 
     table = tamper_resistance_table(GRID, "tamperlab_hazard_mc/acc", "tamperlab_retain_mc/acc")
     rows = table.set_index(["defence", "stage"])
@@ -205,7 +205,7 @@ def test_tamper_resistance_table_reports_pre_attack_mean_and_worst_case_per_colu
 
 
 def test_published_numbers_sit_beside_ours_in_the_papers_unit():
-    from tamperlab.tables import published_table, tamper_resistance_table
+    from tamperlab.reporting.tables import published_table, tamper_resistance_table
 
     resistance = tamper_resistance_table(GRID, "tamperlab_hazard_mc/acc", "tamperlab_retain_mc/acc")
     entry = {"model": "tiny", "cell": None, "relation": "=", "source": "paper"}  # no benchmark: the pooled rate
@@ -243,7 +243,7 @@ ENTRY = {"table": "refusal", "model": "tiny", "defence": "none", "cell": None, "
 
 
 def test_published_refusal_numbers_are_looked_up_by_benchmark():
-    from tamperlab.tables import published_table
+    from tamperlab.reporting.tables import published_table
 
     published = [{**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "advbench"},
                  {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "dna"},
@@ -264,7 +264,7 @@ def test_published_refusal_numbers_are_looked_up_by_benchmark():
 
 def test_an_unknown_benchmark_is_refused_in_one_line():
     from tamperlab.errors import UserError
-    from tamperlab.tables import published_table
+    from tamperlab.reporting.tables import published_table
 
     entry = {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "refusalbench"}
     with pytest.raises(UserError) as error:
@@ -279,7 +279,7 @@ def test_an_unknown_benchmark_is_refused_in_one_line():
 
 
 def test_published_visage_numbers_come_from_visage_csv_for_the_named_system_prompt():
-    from tamperlab.tables import published_table
+    from tamperlab.reporting.tables import published_table
 
     visage = pd.DataFrame([
         {"subject": "llama/none", "scan": "random_1d", "kind": "1d", "system_prompt": "none",
@@ -377,13 +377,13 @@ def test_the_summary_names_a_cell_as_the_grid_and_the_paths_do(tmp_path):
     (0, 10, (0.0, 0.2775)), (10, 10, (0.7225, 1.0)), (5, 10, (0.2366, 0.7634)), (0, 0, (None, None)),
 ])
 def test_wilson95_gives_the_known_intervals(successes, n, expected):
-    from tamperlab.stats import wilson95
+    from tamperlab.evaluation.stats import wilson95
 
     assert wilson95(successes, n) == expected
 
 
 def test_every_rate_of_refusal_csv_has_its_wilson_interval(tmp_path):
-    from tamperlab.stats import wilson95
+    from tamperlab.evaluation.stats import wilson95
 
     summary = _summary("tiny", "none", None, None, 0.5)  # 5 of 10; tasks 1 of 20, requests 3 of 30
     summary.update(compliance_rate=0.0, other_rate=0.5, by_source={"advbench": {"refusal_rate": 1.0, "n": 10}})
@@ -453,7 +453,7 @@ def test_refusal_csv_keeps_a_row_per_seed(tmp_path):
 
 
 def test_seed_table_gives_each_cells_mean_and_sd_over_its_seeds(tmp_path):
-    from tamperlab.tables import seed_table
+    from tamperlab.reporting.tables import seed_table
 
     seeds = seed_table(_seeded(tmp_path)).set_index(["attack", "lr", "steps"])
     a, b, c = seeds.loc[("lora", 1e-3, 50)], seeds.loc[("lora", 3e-4, 50)], seeds.loc[("lora", 3e-4, 25)]
@@ -475,7 +475,7 @@ def test_the_summary_takes_the_worst_cell_by_its_mean_over_seeds(tmp_path):
 
 
 def test_one_seed_tables_are_the_tables_as_they_were(tmp_path):
-    from tamperlab.tables import mean_over_seeds
+    from tamperlab.reporting.tables import mean_over_seeds
 
     table = refusal_table(_write(tmp_path, [_summary("tiny", "none", None, None, 0.9),
                                             _summary("tiny", "none", "lora", "lr3e-4_steps50_r8", 0.5)]))
@@ -485,7 +485,7 @@ def test_one_seed_tables_are_the_tables_as_they_were(tmp_path):
 
 
 def test_the_per_cell_tables_read_the_means_over_seeds(tmp_path):
-    from tamperlab.tables import harmfulness_table, mean_over_seeds
+    from tamperlab.reporting.tables import harmfulness_table, mean_over_seeds
 
     table = _seeded(tmp_path)
     cells = mean_over_seeds(table)

@@ -36,7 +36,7 @@ from tamperlab.hardening.tar import (
     tar_outer_step,
     with_reference_logps,
 )
-from tamperlab.training import DIVERGED
+from tamperlab.training.trainer import DIVERGED
 
 KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}
                     for i in range(12)]
@@ -336,7 +336,7 @@ def test_each_outer_step_logs_a_line_with_its_loss_terms_elapsed_time_and_eta(ti
 def test_progress_lines_are_rate_limited_but_the_last_always_comes(caplog):
     import logging
 
-    from tamperlab.logs import Progress, clock
+    from tamperlab.runtime.logs import Progress, clock
 
     caplog.set_level(logging.INFO, logger="tamperlab.test")
     progress = Progress(logging.getLogger("tamperlab.test"), "batch", 5, every=3600)

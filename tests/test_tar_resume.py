@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from test_tar import ROWS, one_thread, small_params  # noqa: F401  (one_thread: autouse, one torch thread)
 
 from tamperlab.hardening.tar import TAR_LOG, harden, load_checkpoint, save_checkpoint
-from tamperlab.training import CHECKPOINTS
+from tamperlab.training.trainer import CHECKPOINTS
 
 TESTS = Path(__file__).resolve().parent
 # A child process that runs TAR on the saved tiny model: argv = setting, base dir, out dir, params (JSON).

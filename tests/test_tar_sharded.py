@@ -34,10 +34,10 @@ from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in thi
 
 from tamperlab.hardening.tar import TAR_LOG
 from tamperlab.hardening.tar.sharding import FSDP2
-from tamperlab.launch import tar_torchrun as torchrun
-from tamperlab.launch import torchrun_launcher as launcher
-from tamperlab.provenance import read_manifest
-from tamperlab.training import CHECKPOINTS
+from tamperlab.runtime.launch import tar_torchrun as torchrun
+from tamperlab.runtime.launch import torchrun_launcher as launcher
+from tamperlab.runtime.provenance import read_manifest
+from tamperlab.training.trainer import CHECKPOINTS
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

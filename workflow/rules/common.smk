@@ -5,17 +5,17 @@ import json
 import re
 import shlex
 
-from tamperlab import launch
 from tamperlab.attacks import grid
-from tamperlab.attacks.finetune import default_lora_alpha
-from tamperlab.config import UNALIGNED
-from tamperlab.config import attack_grid as grid_of
-from tamperlab.config import attacked_defences, defence_seeds
+from tamperlab.attacks.grid import attack_grid as grid_of
+from tamperlab.attacks.grid import attacked_defences, defence_seeds
 from tamperlab.evaluation.capability import LOCAL_TASKS
+from tamperlab.models.alignment import UNALIGNED
+from tamperlab.runtime import launch
+from tamperlab.training.sft import default_lora_alpha
 
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
-# Every rule's command pins the CPU numerics before torch loads (tamperlab.numerics): on the command line, so that
-# `snakemake -n -p` shows them and a copied line computes the same bits, and a param, so that changing them reruns.
+# Every rule's command pins the CPU numerics before torch loads (tamperlab.runtime.numerics): on the command line, so
+# that `snakemake -n -p` shows them and a copied line computes the same bits, and a param, so that changing them reruns.
 NUMERICS = f"--numerics {config['cpu']['numerics']}"
 
 

@@ -15,9 +15,9 @@ import argparse
 import os
 import sys
 
-from tamperlab import cpu, logs, numerics
 from tamperlab.commands import attack, audit, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
+from tamperlab.runtime import cpu, logs, numerics
 
 COMMAND_MODULES = (data, models, harden, attack, evaluate, tables, landscape, compare, audit, profile)
 ONLINE = ("register-model", "prepare-data", "fetch-tasks")  # hub snapshots, hub data sets, lm-eval's task data

@@ -2,7 +2,9 @@
 express: references between sections, and the landscape's (its `strongest` cells resolved to the grid's cell).
 
 The Snakefile calls `validate_config` before any job is scheduled; an error names the offending key in one line.
-Pure Python, no torch: every Snakemake run imports it.
+Pure Python, no torch: every Snakemake run imports it. Loading and validation only: what a validated config says
+(an attack's grid and cells, a scan's subjects, how a published entry is named) is asked of the domain that owns it
+(attacks.grid, landscape.spec, reporting.published), which the checks here use too.
 """
 
 from __future__ import annotations
@@ -15,12 +17,21 @@ import jsonschema
 import yaml
 
 from tamperlab.attacks import grid
+from tamperlab.attacks.grid import attack_cells, attacked_defences, defence_seeds
 from tamperlab.errors import UserError
-from tamperlab.landscape.spec import INTERPOLATION, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, point_count
+from tamperlab.landscape.spec import (
+    INTERPOLATION,
+    NO_SYSTEM_PROMPT,
+    TWO_DIRECTIONS,
+    point_count,
+    scan_shards,
+    scan_subjects,
+)
+from tamperlab.models.alignment import UNALIGNED
+from tamperlab.reporting.published import RATE_METRICS, published_benchmarks, published_name
 
 SCHEMA_PATH = Path(__file__).resolve().parents[1] / "schemas" / "config.schema.yaml"
 COMMIT_PATTERN = "^[0-9a-f]{40}$"  # the schema's pattern for hub `revision:` keys
-UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
 
 
 def _with_defaults(validator_class):
@@ -134,15 +145,6 @@ def _expand_subjects(subjects: list[str], instances: dict[str, list[str]]) -> li
     return list(dict.fromkeys(expanded))  # a seed named beside its defence: once
 
 
-def defence_seeds(config: dict[str, Any]) -> dict[str, list[str]]:
-    """{defence: [its seeds' defences]} of a validated config (empty where no defence has seeds)."""
-    instances: dict[str, list[str]] = {}
-    for name, spec in config["defences"].items():
-        if spec.get("seed_of"):
-            instances.setdefault(spec["seed_of"], []).append(name)
-    return instances
-
-
 def _check_references(config: dict[str, Any]) -> None:
     """Cross-references the schema cannot express."""
     for name, spec in config["datasets"].items():
@@ -194,20 +196,6 @@ def _check_references(config: dict[str, Any]) -> None:
 
 # --- published numbers ----------------------------------------------------------------------------------------
 
-RATE_METRICS = ("refusal_rate", "asr", "harmfulness")  # the refusal evaluation's; the last two are 1 - refusal
-
-
-def published_benchmarks(entry: dict[str, Any]) -> list[str]:
-    """The sources a published number is on: none (the pooled evaluation), one, or several pooled."""
-    benchmark = entry.get("benchmark")
-    return [] if benchmark is None else [benchmark] if isinstance(benchmark, str) else list(benchmark)
-
-
-def published_name(entry: dict[str, Any]) -> str:
-    """How an error names a published entry: table, subject and metric."""
-    subject = "/".join(str(entry.get(k)) for k in ("model", "defence", "attack", "cell") if entry.get(k))
-    return f"{entry.get('table')} {subject} {entry.get('metric')}"
-
 
 def _check_published(config: dict[str, Any]) -> None:
     """A published entry's benchmark names a data set its number is looked up on (results/tables/published.csv):
@@ -242,38 +230,7 @@ def _check_published(config: dict[str, Any]) -> None:
                                 f"on here (those: {', '.join(known) or 'none'})")
 
 
-# --- attack grids --------------------------------------------------------------------------------------------------
-
-
-def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str, list[int]]:
-    """(lrs, steps, ranks, scheduler, seeds) of an attack's grid: ranks [None] for full fine-tuning; seeds
-    [seed] unless the attack lists several."""
-    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
-    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"], spec.get("seeds") or [spec["seed"]]
-
-
-def attacked_defences(config: dict[str, Any], attack: str) -> list[str]:
-    """The defences an attack is run against: attacks.<a>.defences, or (null) every defence."""
-    return config["attacks"][attack]["defences"] or list(config["defences"])
-
-
-def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:
-    """{cell: {run, lr, rank, steps}} of an attack's grid (tamperlab.attacks.grid names them)."""
-    return grid.cells(*attack_grid(config["attacks"][attack]))
-
-
 # --- the landscape -----------------------------------------------------------------------------------------------
-
-
-def scan_subjects(config: dict[str, Any], scan: str) -> list[str]:
-    """A scan's subjects: its own, or (null) landscape.subjects."""
-    spec = config["landscape"]["scans"][scan]
-    return spec["subjects"] if spec["subjects"] is not None else config["landscape"]["subjects"]
-
-
-def scan_shards(config: dict[str, Any], scan: str) -> int:
-    """A scan's jobs: its own shards, or (null) landscape.shards."""
-    return config["landscape"]["scans"][scan]["shards"] or config["landscape"]["shards"]
 
 
 def _landscape_error(key: str, message: str) -> UserError:

@@ -5,6 +5,10 @@ The Snakefile and the CLI both name cells and runs through these functions, so a
 the path a job writes. Under a constant learning rate one run per (lr, rank) snapshots every `steps` value
 exactly (tests/test_attack.py); other schedules depend on the horizon, so they get one run per cell.
 
+The config's checks and the rules read an attack's grid, its cells and the defences it is run against (and the
+defences trained under several seeds) from a validated config here too. Pure Python, no torch: every Snakemake run
+imports it.
+
 Seeds: a grid of one seed keeps the names it had before seeds were a dimension (lr1e-3_steps50_r16); with several,
 every cell and run is one per seed and its name ends in _s<seed> (lr1e-3_steps50_r16_s1).
 """
@@ -79,3 +83,32 @@ def parse_cell(cell: str | None) -> dict[str, float | int | None]:
             match = re.search(pattern, cell)
             values[key] = kind(match.group(1)) if match else None
     return values
+
+
+# --- a validated config's attacks (and the defences trained under several seeds) ----------------------------
+
+
+def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str, list[int]]:
+    """(lrs, steps, ranks, scheduler, seeds) of an attack's grid: ranks [None] for full fine-tuning; seeds
+    [seed] unless the attack lists several."""
+    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
+    return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"], spec.get("seeds") or [spec["seed"]]
+
+
+def attacked_defences(config: dict[str, Any], attack: str) -> list[str]:
+    """The defences an attack is run against: attacks.<a>.defences, or (null) every defence."""
+    return config["attacks"][attack]["defences"] or list(config["defences"])
+
+
+def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:
+    """{cell: {run, lr, rank, steps}} of an attack's grid."""
+    return cells(*attack_grid(config["attacks"][attack]))
+
+
+def defence_seeds(config: dict[str, Any]) -> dict[str, list[str]]:
+    """{defence: [its seeds' defences]} of a validated config (empty where no defence has seeds)."""
+    instances: dict[str, list[str]] = {}
+    for name, spec in config["defences"].items():
+        if spec.get("seed_of"):
+            instances.setdefault(spec["seed_of"], []).append(name)
+    return instances

@@ -11,15 +11,15 @@ from tamperlab.errors import UserError
 
 
 def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int], seed: int):
-    from tamperlab.attacks.finetune import AttackParams, default_lora_alpha
+    from tamperlab.training.sft import SFTParams, default_lora_alpha
 
-    fields = {k: getattr(args, k) for k in AttackParams.__dataclass_fields__
+    fields = {k: getattr(args, k) for k in SFTParams.__dataclass_fields__
               if k not in ("lr", "rank", "steps", "seed")}
     if args.method == "lora":
         if rank is None:
             raise UserError("--method lora needs --rank")
         fields["lora_alpha"] = args.lora_alpha or default_lora_alpha(rank)
-    return AttackParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, seed=seed, **fields)
+    return SFTParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, seed=seed, **fields)
 
 
 def _examples(args: argparse.Namespace) -> list[dict]:
@@ -67,7 +67,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
 
 def attack(args: argparse.Namespace) -> None:
     from tamperlab.attacks.finetune import attack as run_attack
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     if len(args.lr) != 1 or len(args.rank) > 1 or len(args.seed) != 1:
         raise UserError("attack trains one run: give one --lr, one --seed and at most one --rank (attack-grid "
@@ -90,8 +90,8 @@ def attack_grid(args: argparse.Namespace) -> None:
     survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
     from tamperlab.attacks import grid
     from tamperlab.attacks.finetune import attack as run_attack
-    from tamperlab.launch import is_writer
-    from tamperlab.provenance import Step, write_json_atomic
+    from tamperlab.runtime.launch import is_writer
+    from tamperlab.runtime.provenance import Step, write_json_atomic
 
     ranks = args.rank if args.method == "lora" else [None]
     runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler, args.seed)

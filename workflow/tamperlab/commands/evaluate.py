@@ -67,7 +67,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
 
 def evaluate_refusal(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import write_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("evaluate-refusal", params(args, "out_summary", "out_responses"), inputs=_inputs(args),
               outputs={"summary": args.out_summary, "responses": args.out_responses}) as step:
@@ -81,7 +81,7 @@ def evaluate_refusal(args: argparse.Namespace) -> None:
 
 def evaluate_capability(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("evaluate-capability", params(args, "out"), inputs=_inputs(args),
               outputs={"capability": args.out}) as step:
@@ -111,7 +111,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
     is loaded once for both."""
     from tamperlab.data.jsonl import read_jsonl, write_jsonl
     from tamperlab.models.registry import loader
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     cells = _cell_snapshots(args)
     inputs = {**_inputs(args), "run": args.run}

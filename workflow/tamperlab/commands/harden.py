@@ -13,7 +13,7 @@ def harden(args: argparse.Namespace) -> None:
     """Harden a model with RepNoise or TAR into a model directory the attacks load."""
     from tamperlab.data.examples import answers_record, hardening_answers, hardening_examples
     from tamperlab.data.jsonl import read_jsonl
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     if args.fsdp and args.method != "tar":
         raise UserError("--fsdp: only TAR shards with FSDP2 (RepNoise trains under --deepspeed)")

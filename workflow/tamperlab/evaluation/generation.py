@@ -19,20 +19,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from tamperlab.chat import prompt_text
-from tamperlab.logs import Progress
 from tamperlab.models.placement import input_device, is_split
+from tamperlab.runtime.logs import Progress
 
 log = logging.getLogger(__name__)
 
 
 def early_stop_substrings(judge: Any) -> tuple[str, ...] | None:
     """Substrings after which the judge's verdict is final (refused): the keyword judge's; None for other judges."""
-    from tamperlab.evaluation.judges import REFUSAL_KEYWORDS, KeywordJudge
+    from tamperlab.data.refusals import REFUSAL_KEYWORDS
+    from tamperlab.evaluation.judges import KeywordJudge
 
     return REFUSAL_KEYWORDS if isinstance(judge, KeywordJudge) else None
 
@@ -225,3 +227,16 @@ def generate_responses(model, tokenizer, prompts: Sequence[str], system_prompt: 
     """generate(...).responses."""
     return generate(model, tokenizer, prompts, system_prompt, max_new_tokens, batch_size, stop_substrings,
                     static_cache).responses
+
+
+def generate_answers(model_dir: Path, rows: list[dict[str, Any]], *, max_new_tokens: int,
+                     batch_size: int, max_memory: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Greedy answers (no system prompt: the model's own default) to each row's prompt; the model on one device,
+    or across those max_memory names (models/placement.py)."""
+    from tamperlab.models.registry import load_model
+
+    model, tokenizer = load_model(model_dir, max_memory=max_memory)
+    generation = generate(model, tokenizer, [r["prompt"] for r in rows], None, max_new_tokens, batch_size)
+    return [{"id": r["id"], "prompt": r["prompt"], "kind": r["kind"], "source": r["source"], "response": text,
+             "generated_tokens": n, "truncated": n >= max_new_tokens}
+            for r, text, n in zip(rows, generation.responses, generation.new_tokens, strict=True)]

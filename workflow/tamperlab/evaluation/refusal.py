@@ -12,8 +12,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+from tamperlab.data.refusals import matched_keywords
 from tamperlab.evaluation.generation import combined_stats, early_stop_substrings, generate
-from tamperlab.evaluation.judges import matched_keywords
 
 
 def normalise_answer(text: str) -> str:
@@ -25,7 +25,7 @@ def _rate(values: list[bool]) -> float | None:
 
 
 def _interval(values: list[bool]) -> list[float] | None:
-    from tamperlab.stats import wilson95
+    from tamperlab.evaluation.stats import wilson95
 
     return list(wilson95(sum(values), len(values))) if values else None
 
@@ -169,7 +169,7 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: Sequence[di
     checkpoint's lm-eval evaluation), else is loaded here (within max_memory). `phase(name)` times the load and
     the generation. `benign_judge`: the benign prompts' judge, where it is not `judge` (evaluate)."""
     from tamperlab.models.registry import loader
-    from tamperlab.training import diverged
+    from tamperlab.training.trainer import diverged
 
     status, summary, records = "diverged", {"refusal_rate": None, "n": 0, "benign": None}, []
     if not diverged(adapter or model_dir):

@@ -14,7 +14,7 @@ refusal), right-padded to one length T. The answer region is where their token i
 with α = 1, β = 0.001. Each term is one function below; `repnoise_loss` runs the two forward passes and combines
 them; `harden` trains with the HF Trainer (so that the same code runs under DeepSpeed) and saves the model.
 
-Under a multi-process launch (DeepSpeed ZeRO-3, tamperlab.launch) `batch_size` stays the global batch, split evenly
+Under a multi-process launch (DeepSpeed ZeRO-3, runtime.launch) `batch_size` stays the global batch, split evenly
 over the processes in the single-process data order. The loss is then the mean over processes of each one's loss on
 its share (plain data parallelism). The cross-entropy terms then equal the single-process ones when every pair's
 answer has as many tokens; MMD and its bandwidth are per-process statistics of per-process noise, so that term (and
@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 from tamperlab.chat import encode_example
 from tamperlab.errors import UserError
-from tamperlab.training import (
+from tamperlab.training.trainer import (
     CHECKPOINTS,
     mark_diverged,
     prepare_sharded_loading,

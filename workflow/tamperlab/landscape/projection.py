@@ -92,7 +92,7 @@ def summary(cells: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]
 
 def read_projections(path: Path, scan: str, device_type: str, dtype: str) -> dict[str, Any]:
     """A projections file, checked to be of `scan` and computed on the device type and dtype the scan ran on."""
-    from tamperlab.provenance import read_manifest
+    from tamperlab.runtime.provenance import read_manifest
 
     projections = json.loads(path.read_text())
     ran = (read_manifest(path)["results"]["device_type"], projections["dtype"])

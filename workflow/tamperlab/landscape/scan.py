@@ -33,7 +33,7 @@ from tamperlab.errors import UserError
 from tamperlab.evaluation.refusal import evaluate
 from tamperlab.landscape.directions import Direction, InterpolationDirection, Perturbation, RandomDirection
 from tamperlab.landscape.spec import INTERPOLATION, KINDS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS
-from tamperlab.logs import Progress
+from tamperlab.runtime.logs import Progress
 
 # A scan CSV's columns (a shard's and a gathered scan's alike), and how read_scan_csv parses them.
 SCAN_COLUMNS = ["subject", "scan", "kind", "target", "i", "j", "alpha", "beta", "system_prompt", "asr", "refusal_rate",
@@ -244,7 +244,7 @@ def load_subject(model_dir: Path, adapter: Path | None, max_memory: dict[str, An
     moved in place; an offloaded one (host or disk, behind accelerate's hooks) cannot be."""
     from tamperlab.models.placement import offloaded
     from tamperlab.models.registry import load_model
-    from tamperlab.training import diverged
+    from tamperlab.training.trainer import diverged
 
     if diverged(adapter or model_dir):
         raise UserError(f"{adapter or model_dir}: the attack diverged there (non-finite loss); no weights to scan")
@@ -366,7 +366,7 @@ def read_scans(paths: Sequence[Path]) -> list[dict[str, Any]]:
 
 def shard_parameters(paths: Sequence[Path], shards: int) -> dict[str, Any]:
     """The scan's parameters, the same in every shard's manifest, and the device they all ran on."""
-    from tamperlab.provenance import read_manifest
+    from tamperlab.runtime.provenance import read_manifest
 
     manifests = [read_manifest(p) for p in paths]
     first = manifests[0]

@@ -220,8 +220,8 @@ def scan_metrics(rows: Sequence[Mapping[str, Any]], kind: str, tolerance: float)
 
 
 def post_attack(refusal: pd.DataFrame, subject: Mapping[str, str | None], attacks: Sequence[str]) -> dict[str, Any]:
-    """From the refusal table (tamperlab.tables): the subject's own refusal rate and, for an unattacked subject,
-    the lowest refusal rate over the grids of `attacks` (complete cells) and which cell that was."""
+    """From the refusal table (tamperlab.reporting.tables): the subject's own refusal rate and, for an unattacked
+    subject, the lowest refusal rate over the grids of `attacks` (complete cells) and which cell that was."""
     mine = refusal[(refusal["model"] == subject["model"]) & (refusal["defence"] == subject["defence"])]
     result: dict[str, Any] = {"subject_refusal_rate": None, "worst_post_attack_refusal_rate": None,
                               "worst_post_attack_cell": None}

@@ -3,7 +3,7 @@ fine-tuning on the alignment split's harmful prompts answered with refusals (sev
 benign prompts answered by the model's own answers from before alignment (self-distillation: the benign half
 teaches nothing new, so capability is kept while refusal is learnt).
 
-Training is the attack's supervised fine-tuning loop (attacks.finetune: the HF Trainer, resume after a kill,
+Training is the supervised fine-tuning loop the attacks use too (training.sft: the HF Trainer, resume after a kill,
 DeepSpeed); a LoRA adapter is merged into the weights, so the aligned model is an ordinary model directory.
 """
 
@@ -18,6 +18,7 @@ from typing import Any
 
 from tamperlab.errors import UserError
 
+UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear map
 
 
@@ -59,18 +60,19 @@ def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str
 def align(model_dir: Path, examples: list[dict[str, str]], params: AlignParams, out_dir: Path,
           deepspeed: Path | None = None) -> dict[str, Any]:
     """Fine-tune the model in model_dir on `examples` and write the aligned model (LoRA merged) to out_dir."""
-    from tamperlab.attacks.finetune import AttackParams, attack
-    from tamperlab.launch import is_writer
     from tamperlab.models.registry import load_model
+    from tamperlab.runtime.launch import is_writer
+    from tamperlab.training.sft import SFTParams, finetune
 
     steps = max(1, math.ceil(len(examples) * params.epochs / params.batch_size))
     run = out_dir / "sft"  # the training run (resumable), removed once the model is written
     run.mkdir(parents=True, exist_ok=True)
-    sft = AttackParams(method=params.method, lr=params.lr, steps=[steps], rank=params.rank,
-                       lora_alpha=params.lora_alpha, target_modules=TARGET_MODULES, batch_size=params.batch_size,
-                       scheduler="cosine", warmup_ratio=0.1, max_length=params.max_length,
-                       checkpoint_every=params.checkpoint_every, seed=params.seed)
-    record = attack(model_dir, examples, sft, run, deepspeed=deepspeed)
+    sft = SFTParams(method=params.method, lr=params.lr, steps=[steps], rank=params.rank,
+                    lora_alpha=params.lora_alpha, target_modules=TARGET_MODULES, batch_size=params.batch_size,
+                    scheduler="cosine", warmup_ratio=0.1, max_length=params.max_length,
+                    checkpoint_every=params.checkpoint_every, seed=params.seed)
+    record = finetune(lambda: load_model(model_dir, device=None, dtype=None), examples, sft, run,
+                      deepspeed=deepspeed)
     if record["status"] != "complete":
         raise UserError(f"align: training diverged at step {record['diverged_at_step']}; lower align.lr")
     snapshot = run / f"steps{steps}"

@@ -16,9 +16,9 @@ from typing import Any
 
 from tamperlab.chat import encode_example
 from tamperlab.data.benign import WRAPPERS, wrap
+from tamperlab.data.refusals import keyword_refused
 from tamperlab.errors import UserError
-from tamperlab.evaluation.judges import keyword_refused
-from tamperlab.packing import ROW_WIDTH, computed_share, training_collator
+from tamperlab.training.packing import ROW_WIDTH, computed_share, training_collator
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 # The Trainer's samplers the build may use: random batches, or batches of similar length (fewer padding tokens to
@@ -95,7 +95,7 @@ def training_pairs(rows: list[dict[str, Any]], refusals: list[str], system_promp
 
 def real_token_share(lengths: list[int], order: list[int], batch_size: int) -> float:
     """The share of the tokens a training epoch computes on that are the examples' own, not padding: `order` is the
-    sampler's order of examples, each batch packed into rows of ROW_WIDTH (tamperlab.packing)."""
+    sampler's order of examples, each batch packed into rows of ROW_WIDTH (tamperlab.training.packing)."""
     real = computed = 0
     for start in range(0, len(order), batch_size):
         batch = [lengths[i] for i in order[start:start + batch_size]]

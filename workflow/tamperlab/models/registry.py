@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.errors import UserError
-from tamperlab.provenance import hash_output
+from tamperlab.runtime.provenance import hash_output
 
 POINTER = "pointer.json"
 # What a hub snapshot holds: config, tokenizer and safetensors weights (not a repository's .bin copies, nor the

@@ -25,8 +25,8 @@ from tamperlab.hardening.tar.data import TARData, make_data
 from tamperlab.hardening.tar.loop import random_mapping_safeguard, tar_outer_step
 from tamperlab.hardening.tar.params import Adversary, TARParams, sample_adversary
 from tamperlab.hardening.tar.placement import ONE_PROCESS, OneProcess
-from tamperlab.logs import Progress
-from tamperlab.training import CHECKPOINTS, mark_diverged, trainable_parameters
+from tamperlab.runtime.logs import Progress
+from tamperlab.training.trainer import CHECKPOINTS, mark_diverged, trainable_parameters
 
 if TYPE_CHECKING:
     import torch

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from tamperlab.hardening.tar.losses import random_vectors
 from tamperlab.hardening.tar.placement import ONE_PROCESS, OneProcess
-from tamperlab.logs import Progress
+from tamperlab.runtime.logs import Progress
 
 if TYPE_CHECKING:
     import torch

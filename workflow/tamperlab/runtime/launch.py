@@ -32,7 +32,7 @@ from typing import Any
 
 from tamperlab.errors import UserError
 
-ZERO3_CONFIG = Path(__file__).with_name("deepspeed") / "zero3.json"  # the default; "auto" values: the Trainer's
+ZERO3_CONFIG = Path(__file__).parents[1] / "deepspeed" / "zero3.json"  # the default; "auto" values: the Trainer's
 
 
 @dataclass(frozen=True)

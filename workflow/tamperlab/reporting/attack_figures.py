@@ -1,4 +1,5 @@
-"""The tables step's figures: per (model, attack) one figure with a panel per defence.
+"""The attack grids' figures, drawn by the tables step from the refusal table: per (model, attack) one figure
+with a panel per defence. (The landscape's figures are landscape/figures.py.)
 
 A harmful-prompt attack's figure colours each cell (lr x steps, rank) by refusal rate and prints refused /
 complied / broken (the judge's "other": neither refusal nor compliance, e.g. word salad) and capability, so
@@ -10,7 +11,6 @@ Agg backend and no Software metadata: the same table gives the same PNG bytes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,16 +23,6 @@ import pandas as pd  # noqa: E402
 
 METADATA = {"Software": None}
 BROKEN = 0.5  # a cell where at least this share of answers is neither refusal nor compliance is hatched
-
-
-def evaluation_settings(paths: Sequence[Path]) -> dict[str, str]:
-    """{judge, new_tokens} of refusal.json files, for the titles (several different values: joined by '/')."""
-    judges, tokens = {}, {}
-    for path in paths:
-        summary = json.loads(Path(path).read_text())
-        judges[str(summary.get("judge"))] = None
-        tokens[str((summary.get("generation") or {}).get("max_new_tokens"))] = None
-    return {"judge": "/".join(judges) or "?", "new_tokens": "/".join(tokens) or "?"}
 
 
 def text_colour(rgba) -> str:

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tamperlab import numerics
 from tamperlab.errors import UserError
-from tamperlab.launch import is_writer
+from tamperlab.runtime import numerics
+from tamperlab.runtime.launch import is_writer
 
 MANIFEST_NAME = "manifest.json"
 UNHASHED = {MANIFEST_NAME, ".snakemake_timestamp"}  # bookkeeping files, not content

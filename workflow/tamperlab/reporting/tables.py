@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from tamperlab.attacks.grid import cell_name, parse_cell
-from tamperlab.config import RATE_METRICS, published_name
-from tamperlab.config import published_benchmarks as benchmarks
 from tamperlab.errors import UserError
+from tamperlab.evaluation.stats import wilson95
 from tamperlab.landscape.spec import NO_SYSTEM_PROMPT
-from tamperlab.stats import wilson95
+from tamperlab.reporting.published import RATE_METRICS, published_name
+from tamperlab.reporting.published import published_benchmarks as benchmarks
 
 # The rates of refusal.csv, each a share of a count of prompts: each has a Wilson 95% interval (<rate>_lo, _hi).
 RATES = ["refusal_rate", "compliance_rate", "other_rate", "false_refusal_tasks", "false_refusal_requests",
@@ -37,6 +38,17 @@ def evaluation_files(paths: list[Path], name: str) -> list[Path]:
     for path in map(Path, paths):
         files += sorted(path.rglob(name)) if path.is_dir() else [path]
     return files
+
+
+def evaluation_settings(paths: Sequence[Path]) -> dict[str, str]:
+    """{judge, new_tokens} of refusal.json files, for the figures' titles (several different values: joined by
+    '/')."""
+    judges, tokens = {}, {}
+    for path in paths:
+        summary = json.loads(Path(path).read_text())
+        judges[str(summary.get("judge"))] = None
+        tokens[str((summary.get("generation") or {}).get("max_new_tokens"))] = None
+    return {"judge": "/".join(judges) or "?", "new_tokens": "/".join(tokens) or "?"}
 
 
 def train_loss(checkpoint: dict) -> float | None:

@@ -2,8 +2,8 @@
 config, saving.
 
 Each stage trains through the HF Trainer so that the same code runs in one process and under DeepSpeed ZeRO-3
-(tamperlab.launch). The rules for doing that well (how a run resumes after a kill, when a run has diverged, how a
-sharded model is saved) live here once, so that the stages are peers over one module and a fix reaches them all.
+(tamperlab.runtime.launch). The rules for doing that well (how a run resumes after a kill, when a run has diverged,
+how a sharded model is saved) live here once, so that the stages are peers over one module and a fix reaches them all.
 
 `batch_size` is always the global batch: under a multi-process launch each process takes an equal share of every
 batch, in the same data order, so that a run does not depend on how it was launched.
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tamperlab.errors import UserError
-from tamperlab.launch import is_writer, read_zero3_config, world_size
+from tamperlab.runtime.launch import is_writer, read_zero3_config, world_size
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments

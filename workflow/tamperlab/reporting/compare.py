@@ -62,7 +62,7 @@ from pathlib import Path
 import pandas as pd
 
 from tamperlab.errors import UserError
-from tamperlab.stats import wilson_interval
+from tamperlab.evaluation.stats import wilson_interval
 
 TOLERANCE = 0.05
 RELATIVE_TOLERANCE = 0.10

@@ -5,7 +5,7 @@ The scratch directory mirrors the step's working directory: every entry is linke
 own outputs and the folders on the way to them, which are made anew; the recorded command writes its outputs under
 the same relative paths there, never over the originals. (The links reach what a step reads without declaring it:
 the tables step reads the attack runs' loss logs beside the evaluations it declares.) The command runs under the
-numerics and the thread count its manifest records (a portable result depends on its thread count: tamperlab.cpu).
+numerics and the thread count its manifest records (a portable result depends on its thread count: runtime.cpu).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tamperlab import numerics
 from tamperlab.errors import UserError
-from tamperlab.provenance import hash_output, owning_output, package_versions, read_manifest
+from tamperlab.runtime import numerics
+from tamperlab.runtime.provenance import hash_output, owning_output, package_versions, read_manifest
 
 
 @dataclass
