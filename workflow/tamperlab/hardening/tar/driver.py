@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from torch import nn
 
 TAR_LOG = "tar_log.jsonl"
-PHASES = ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")  # each outer step's wall times, in the log
+PHASES = ("inner_s", "tr_s", "restore_s", "retain_s", "step_s")  # each outer step's wall times: kept in memory,
+# averaged into the manifest, never in tar_log.jsonl (its bytes repeat from run to run, so a replay can compare them)
 log = logging.getLogger("tamperlab.hardening.tar")  # one logger for the package
 
 
@@ -52,7 +53,7 @@ class OuterState:
     warmup: torch.optim.lr_scheduler.LambdaLR
     rng: random.Random  # the adversary sampler
     random_mapping_log: list[dict[str, float]]
-    history: list[dict[str, Any]]  # tar_log.jsonl's lines so far
+    history: list[dict[str, Any]]  # tar_log.jsonl's lines so far, with their phase wall times
     first: int = 1  # the first outer step this process runs (after a resume: the checkpoint's step + 1)
 
 
@@ -60,7 +61,7 @@ def harden(model_dir: Path, forget: list[dict[str, str]], retain: list[dict[str,
            out_dir: Path, device: str | None = None, deepspeed: Path | None = None,
            anchor_dir: Path | None = None, where: OneProcess = ONE_PROCESS) -> dict[str, Any]:
     """Run TAR on the model in model_dir and save it (safetensors, with its tokenizer) into out_dir, beside
-    tar_log.jsonl (per outer step: adversaries, losses, phase wall times).
+    tar_log.jsonl (per outer step: adversaries and losses; the phase wall times go to the record).
 
     anchor_dir: the retain loss's representation anchor, a model of the same architecture and vocabulary (the
     authors anchor the bio run, which starts from a Random-Mapped checkpoint, to the original Instruct model);
@@ -176,7 +177,7 @@ def outer_loop(models: Models, data: TARData, outer: OuterState, params: TARPara
 
 
 def log_line(step: int, lr: float, adversaries: list[Adversary], stats: dict[str, Any]) -> dict[str, Any]:
-    """One outer step in tar_log.jsonl: its adversaries, losses and phase wall times."""
+    """One outer step of the history: its adversaries, losses and phase wall times (those not in the file)."""
     tr = stats["tr_losses"]
     return {
         "step": step, "outer_lr": lr, "adversaries": [asdict(a) for a in adversaries],
@@ -198,7 +199,8 @@ def save_outputs(models: Models, history: list[dict[str, Any]], diverged: int | 
     """tar_log.jsonl and the model (or a DIVERGED marker); the checkpoints go once every process is done."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if where.writer:
-        (out_dir / TAR_LOG).write_text("".join(json.dumps(h) + "\n" for h in history))
+        lines = ({k: v for k, v in h.items() if k not in PHASES} for h in history)
+        (out_dir / TAR_LOG).write_text("".join(json.dumps(line) + "\n" for line in lines))
     if diverged is None:
         where.save_model(models.model, models.tokenizer, out_dir)
     elif where.writer:
