@@ -32,10 +32,10 @@ from tamperlab.landscape.scan import (
     scan_points,
     shard,
     symmetric_grid,
-    system_prompts,
     write_scan_csv,
 )
 from tamperlab.landscape.spec import KINDS, point_count
+from tamperlab.landscape.subject import system_prompts
 from tamperlab.landscape.visage import (
     asr_at_origin,
     basin_width,
