@@ -261,3 +261,67 @@ def write_splits(directory: Path, splits: dict[str, list[dict]]) -> Path:
         for name, rows in splits.items():
             write_jsonl(step.path("splits") / f"{name}.jsonl", rows)
     return directory
+
+
+# --- the unit tests' tiny models, as fixtures --------------------------------------------------------------------
+# Module-scoped, each built from what the requesting module names (its corpus, its answers, its rows): a module's
+# assertions depend on its own texts, and a tokenizer or model in memory is mutable, so no two modules share one.
+
+
+@pytest.fixture(scope="module")
+def tokenizer(request):
+    """The module's tokenizer: the organism's BPE trained on the module's TOKENIZER_CORPUS, with a vocabulary of its
+    TOKENIZER_VOCAB_SIZE (300 where it names none)."""
+    module = request.module
+    return make_tokenizer(module.TOKENIZER_CORPUS, vocab_size=getattr(module, "TOKENIZER_VOCAB_SIZE", 300))
+
+
+@pytest.fixture(scope="module")
+def attack_base(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(model dir, split dir), both written through Step so that they carry manifests like the workflow's own
+    outputs: a tiny random-init Llama whose tokenizer knows 24 harmful prompts and the module's attack RESPONSE, and
+    a split with those prompts to attack on (`attack`) and one to evaluate (`evaluation`)."""
+    root = tmp_path_factory.mktemp("attack")
+    prompts = harmful_prompts(24)
+    tokenizer = make_tokenizer(prompts + [request.module.RESPONSE])
+    model = tiny_llama(tokenizer)
+    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(prompts)]
+    splits = {"attack": rows, "evaluation": [{**rows[0], "id": "e0"}]}
+    return (save_base_model(root / "base", model, tokenizer, manifest=True),
+            write_splits(root / "splits", splits))
+
+
+@pytest.fixture(scope="module")
+def defence_base(request, tmp_path_factory) -> tuple[Path, Path]:
+    """(model dir, split dir), both with manifests: a tiny random-init Llama (LlamaConfig overrides: the module's
+    BASE_LLAMA, if any) whose tokenizer also knows the module's COMPLIANCE and REFUSAL answers, and the defence split
+    of defence_split(12): harmful prompts and benign task questions (a hazard family and a capital family)."""
+    module = request.module
+    root = tmp_path_factory.mktemp("defence")
+    rows, tokenizer = defence_split(12, (module.COMPLIANCE, module.REFUSAL))
+    model = tiny_llama(tokenizer, **getattr(module, "BASE_LLAMA", {}))
+    return (save_base_model(root / "base", model, tokenizer, manifest=True),
+            write_splits(root / "splits", {"defence": rows}))
+
+
+@pytest.fixture(scope="module")
+def tar_model(request, tmp_path_factory):
+    """(saved model dir, tokenizer, model) for TAR: a random-init 2-layer Llama, hidden 32, over a tokenizer of every
+    text of the module's TAR ROWS ({setting: (forget rows, retain rows)}). A wider init than the default makes the
+    next-token distributions peaked, so the entropy gate stays open."""
+    rows = [row for forget, retain in request.module.ROWS.values() for row in forget + retain]
+    tokenizer = make_tokenizer([text for row in rows for text in row.values()])
+    model = tiny_llama(tokenizer, initializer_range=0.2)
+    return save_base_model(tmp_path_factory.mktemp("tar") / "base", model, tokenizer), tokenizer, model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run ~15x faster on one thread than on two contended ones (2 shared cores here). A module asks for
+    it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

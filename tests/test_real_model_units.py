@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from conftest import save_base_model, tiny_llama
 
 from tamperlab.config import validate_config
 from tamperlab.data import mmlu
@@ -29,9 +29,7 @@ CORPUS = ["What is the capital of Zorvania?", "Quellport.", "I'm sorry, but I ca
 # --- pad strategy ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer(CORPUS)
+TOKENIZER_CORPUS = CORPUS  # the conftest `tokenizer`'s
 
 
 def _without_pad(tokenizer, unk: str | None):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama
+from conftest import harmful_prompts, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.hardening import repnoise
@@ -36,9 +36,7 @@ HARMLESS = ["I cannot help with that.", "Sorry, I will not do that. It could hur
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer(PROMPTS + HARMFUL + HARMLESS)
+TOKENIZER_CORPUS = PROMPTS + HARMFUL + HARMLESS  # the conftest `tokenizer`'s
 
 
 @pytest.fixture(scope="module")
