@@ -325,3 +325,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# --- a command's body without its step's files -------------------------------------------------------------------
+
+
+class StandInStep:
+    """provenance.Step's interface without its bookkeeping: the body runs; nothing is hashed, verified or
+    recorded, and each output's path is the one given."""
+
+    def __init__(self, name: str, params: dict, inputs: dict | None = None, outputs: dict | None = None, **_):
+        self.name, self.params, self.outputs = name, dict(params), {k: Path(v) for k, v in (outputs or {}).items()}
+        self.results, self.status = None, "complete"
+
+    def path(self, key: str) -> Path:
+        return self.outputs[key]
+
+    def phase(self, name: str):
+        from contextlib import nullcontext
+
+        return nullcontext()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
+@pytest.fixture
+def stand_in_step(monkeypatch):
+    """provenance.Step replaced by StandInStep for this test: a command's public function runs its body (what it
+    reads, what it hands the domain) without manifests or verified inputs."""
+    from tamperlab.runtime import provenance
+
+    monkeypatch.setattr(provenance, "Step", StandInStep)
