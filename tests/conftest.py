@@ -1,5 +1,7 @@
-"""Fixtures shared across the test modules: the Snakemake runner, and one run of the smoke workflow that every
-workflow-level module reads (building the organism and its grid once per test session, not once per module)."""
+"""Fixtures shared across the test modules: the Snakemake runner, one run of the smoke workflow that every
+workflow-level module reads (building the organism and its grid once per test session, not once per module), the
+unit tests' tiny models and tokenizers (each built from the requesting module's texts), and a stand-in for a
+command's provenance Step."""
 
 from __future__ import annotations
 
