@@ -10,29 +10,13 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
-from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama, write_splits
 from safetensors.torch import load_file
 
 from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny random-init Llama with the organism's tokenizer, and a split directory with harmful prompts,
-    both written through Step so that they carry manifests like the workflow's own outputs."""
-    root = tmp_path_factory.mktemp("attack")
-    prompts = harmful_prompts(24)
-    tokenizer = make_tokenizer(prompts + [RESPONSE])
-    model = tiny_llama(tokenizer)
-    rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(prompts)]
-    splits = {"attack": rows, "evaluation": [{**rows[0], "id": "e0"}]}
-    return (save_base_model(root / "base", model, tokenizer, manifest=True),
-            write_splits(root / "splits", splits))
 
 
 def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float | list[float] = 1e-3,
@@ -59,9 +43,9 @@ def adapter(path: Path) -> dict[str, torch.Tensor]:
     return load_file(path / "adapter_model.safetensors")
 
 
-def test_snapshot_of_a_longer_constant_lr_run_equals_a_run_of_that_length(base, tmp_path):
-    run(attack_command(base, tmp_path / "long", steps=[5, 10]))
-    run(attack_command(base, tmp_path / "short", steps=[5]))
+def test_snapshot_of_a_longer_constant_lr_run_equals_a_run_of_that_length(attack_base, tmp_path):
+    run(attack_command(attack_base, tmp_path / "long", steps=[5, 10]))
+    run(attack_command(attack_base, tmp_path / "short", steps=[5]))
     long, short = adapter(tmp_path / "long/steps5"), adapter(tmp_path / "short/steps5")
     assert long.keys() == short.keys()
     for name in long:
@@ -73,10 +57,10 @@ def test_snapshot_of_a_longer_constant_lr_run_equals_a_run_of_that_length(base, 
     assert [e["step"] for e in losses] == list(range(1, 11))
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_adapter(base, tmp_path):
-    run(attack_command(base, tmp_path / "whole", steps=[12], checkpoint_every=4))
+def test_a_run_killed_mid_training_resumes_to_the_same_adapter(attack_base, tmp_path):
+    run(attack_command(attack_base, tmp_path / "whole", steps=[12], checkpoint_every=4))
     out = tmp_path / "killed"
-    process = subprocess.Popen(attack_command(base, out, steps=[12], checkpoint_every=4),
+    process = subprocess.Popen(attack_command(attack_base, out, steps=[12], checkpoint_every=4),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     work = out.parent / f".{out.name}.partial" / "checkpoints"
     deadline = time.time() + 120
@@ -88,21 +72,21 @@ def test_a_run_killed_mid_training_resumes_to_the_same_adapter(base, tmp_path):
     process.wait()
     assert list(work.glob("checkpoint-*/trainer_state.json")), "the run finished before it could be killed"
     assert not out.exists()  # nothing that looks complete
-    run(attack_command(base, out, steps=[12], checkpoint_every=4))
+    run(attack_command(attack_base, out, steps=[12], checkpoint_every=4))
     assert read_manifest(out)["results"]["resumed_from_step"] in (4, 8)
     whole, resumed = adapter(tmp_path / "whole/steps12"), adapter(out / "steps12")
     for name in whole:
         assert torch.allclose(whole[name], resumed[name], atol=1e-6), name
 
 
-def test_a_non_finite_loss_ends_the_cell_as_diverged_and_the_evaluation_says_so(base, tmp_path):
+def test_a_non_finite_loss_ends_the_cell_as_diverged_and_the_evaluation_says_so(attack_base, tmp_path):
     out = tmp_path / "diverged"
-    run(attack_command(base, out, steps=[3, 6], lr=1e30, method="full"))
+    run(attack_command(attack_base, out, steps=[3, 6], lr=1e30, method="full"))
     manifest = read_manifest(out)
     assert manifest["status"] == "diverged"
     assert manifest["results"]["diverged_at_step"] is not None
     assert (out / "steps6" / "DIVERGED").exists()
-    model, splits = base
+    model, splits = attack_base
     summary = tmp_path / "eval/refusal.json"
     run([str(BIN / "tamperlab"), "evaluate-refusal", "--model", str(out / "steps6"), "--model-name", "tiny",
          "--defence", "none", "--attack", "full", "--cell", "lr1e30_steps6", "--data", str(splits),
@@ -126,8 +110,8 @@ def test_resume_skips_a_checkpoint_that_was_being_written_when_killed(tmp_path):
     assert last_complete_checkpoint(tmp_path / "none") is None
 
 
-def test_a_malformed_cell_snapshot_is_one_error_line(base, tmp_path):
-    model, splits = base
+def test_a_malformed_cell_snapshot_is_one_error_line(attack_base, tmp_path):
+    model, splits = attack_base
     result = subprocess.run(
         [str(BIN / "tamperlab"), "evaluate-run", "--model", str(model), "--run", str(tmp_path), "--method", "lora",
          "--cell-snapshot", "steps5", "--model-name", "tiny", "--defence", "none", "--attack", "lora",
@@ -143,9 +127,9 @@ def test_a_malformed_cell_snapshot_is_one_error_line(base, tmp_path):
     ]
 
 
-def test_a_grid_in_one_process_gives_each_run_the_adapter_of_its_own_job(base, tmp_path):
-    run(attack_command(base, tmp_path / "grid", steps=[3, 6], lr=[1e-3, 3e-3], command="attack-grid"))
-    run(attack_command(base, tmp_path / "alone", steps=[3, 6], lr=3e-3))
+def test_a_grid_in_one_process_gives_each_run_the_adapter_of_its_own_job(attack_base, tmp_path):
+    run(attack_command(attack_base, tmp_path / "grid", steps=[3, 6], lr=[1e-3, 3e-3], command="attack-grid"))
+    run(attack_command(attack_base, tmp_path / "alone", steps=[3, 6], lr=3e-3))
     manifest = read_manifest(tmp_path / "grid")
     assert manifest["status"] == "complete" and set(manifest["results"]) == {"lr1e-3_r4", "lr3e-3_r4"}
     assert manifest["params"]["runs"]["lr3e-3_r4"]["lora_alpha"] == 8  # 2 x rank, explicit per run
@@ -155,8 +139,8 @@ def test_a_grid_in_one_process_gives_each_run_the_adapter_of_its_own_job(base, t
     assert (tmp_path / "grid/lr1e-3_r4/steps3/adapter_model.safetensors").exists()
 
 
-def test_a_grid_killed_after_its_first_run_resumes_without_retraining_it(base, tmp_path):
-    command = attack_command(base, tmp_path / "grid", steps=[20], lr=[1e-3, 3e-3], checkpoint_every=5,
+def test_a_grid_killed_after_its_first_run_resumes_without_retraining_it(attack_base, tmp_path):
+    command = attack_command(attack_base, tmp_path / "grid", steps=[20], lr=[1e-3, 3e-3], checkpoint_every=5,
                              command="attack-grid")
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     first = tmp_path / ".grid.partial" / "lr1e-3_r4" / "run.json"
@@ -169,15 +153,15 @@ def test_a_grid_killed_after_its_first_run_resumes_without_retraining_it(base, t
     finished_at = first.stat().st_mtime_ns
     run(command)
     assert (tmp_path / "grid/lr1e-3_r4/run.json").stat().st_mtime_ns == finished_at  # not trained again
-    run(attack_command(base, tmp_path / "whole", steps=[20], lr=[1e-3, 3e-3], command="attack-grid"))
+    run(attack_command(attack_base, tmp_path / "whole", steps=[20], lr=[1e-3, 3e-3], command="attack-grid"))
     for name_run in ("lr1e-3_r4", "lr3e-3_r4"):
         whole, resumed = adapter(tmp_path / f"whole/{name_run}/steps20"), adapter(tmp_path / f"grid/{name_run}/steps20")
         for name in whole:
             assert torch.allclose(whole[name], resumed[name], atol=1e-6), name
 
 
-def test_attack_trains_one_run_and_says_so_when_given_a_grid(base, tmp_path):
-    result = subprocess.run(attack_command(base, tmp_path / "x", steps=[3], lr=[1e-3, 3e-3]),
+def test_attack_trains_one_run_and_says_so_when_given_a_grid(attack_base, tmp_path):
+    result = subprocess.run(attack_command(attack_base, tmp_path / "x", steps=[3], lr=[1e-3, 3e-3]),
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "attack-grid" in result.stderr and not (tmp_path / "x").exists()

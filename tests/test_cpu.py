@@ -6,7 +6,9 @@ import os
 import subprocess
 import sys
 
-from tamperlab.runtime.cpu import _busy_and_total, fit_threads, idle_cores, threads_for
+import pytest
+
+from tamperlab.runtime.cpu import fit_threads, idle_cores, threads_for
 
 
 def _stat(cpu0: list[int], cpu1: list[int]) -> str:
@@ -19,8 +21,13 @@ def _stat(cpu0: list[int], cpu1: list[int]) -> str:
 
 def test_busy_and_idle_jiffies_are_summed_over_the_processes_cpus_only():
     stat = _stat([10, 0, 5, 80, 5, 0, 0, 0], [50, 0, 50, 0, 0, 0, 0, 0])
-    assert _busy_and_total({0, 1}, stat) == (115, 200)  # idle + iowait are idle; the aggregate line is skipped
-    assert _busy_and_total({1}, stat) == (100, 100)  # a cpuset (SLURM) counts its own CPUs
+
+    def idle(cpus):  # from an idle start: this stat's busy and total jiffies are the interval's
+        reads = iter([_stat([0] * 8, [0] * 8), stat])
+        return idle_cores(interval=0, read=lambda: next(reads), cpus=cpus)
+
+    assert idle({0, 1}) == pytest.approx(2 * (1 - 115 / 200))  # idle + iowait are idle; the aggregate line skipped
+    assert idle({1}) == 0.0  # a cpuset (SLURM) counts its own CPUs: 100 busy of 100
 
 
 def test_one_busy_core_of_two_leaves_one_idle():

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import launch
 from safetensors.torch import load_file
-from test_attack import RESPONSE, attack_command, base  # noqa: F401  (base: the organism-like fixture)
+from test_attack import RESPONSE, attack_command  # RESPONSE: the conftest `attack_base` reads it here too
 
 from tamperlab.runtime.launch import launcher, write_zero3_config, zero3_arguments
 from tamperlab.runtime.provenance import read_manifest
@@ -97,9 +97,9 @@ def test_under_deepspeed_a_non_finite_gradient_norm_is_divergence_too():
 
 @pytest.mark.slow
 def test_lora_under_zero3_on_two_processes_gives_the_single_process_adapter_and_its_refusal_eval_runs(
-        base, config, tmp_path):  # noqa: F811
-    run(attack_command(base, tmp_path / "single", steps=[3, 6]), tmp_path)
-    run(under_zero3(attack_command(base, tmp_path / "zero3", steps=[3, 6]), config), tmp_path)
+        attack_base, config, tmp_path):
+    run(attack_command(attack_base, tmp_path / "single", steps=[3, 6]), tmp_path)
+    run(under_zero3(attack_command(attack_base, tmp_path / "zero3", steps=[3, 6]), config), tmp_path)
 
     for steps in (3, 6):
         snapshot = f"steps{steps}/adapter_model.safetensors"
@@ -114,7 +114,7 @@ def test_lora_under_zero3_on_two_processes_gives_the_single_process_adapter_and_
     assert sorted(os.listdir(tmp_path / "zero3/steps6")) == sorted(os.listdir(tmp_path / "single/steps6"))
     assert sorted(os.listdir(tmp_path / "zero3")) == sorted(os.listdir(tmp_path / "single"))
 
-    model, splits = base
+    model, splits = attack_base
     summary = tmp_path / "eval/refusal.json"
     run([str(BIN / "tamperlab"), "evaluate-refusal", "--model", str(model), "--adapter",
          str(tmp_path / "zero3/steps6"), "--model-name", "tiny", "--defence", "none", "--attack", "lora",
@@ -127,11 +127,11 @@ def test_lora_under_zero3_on_two_processes_gives_the_single_process_adapter_and_
 
 @pytest.mark.slow
 def test_full_fine_tuning_under_zero3_saves_the_single_process_model_as_ordinary_safetensors(
-        base, config, tmp_path):  # noqa: F811
+        attack_base, config, tmp_path):
     from tamperlab.models.registry import load_model
 
-    run(attack_command(base, tmp_path / "single", steps=[4], method="full"), tmp_path)
-    run(under_zero3(attack_command(base, tmp_path / "zero3", steps=[4], method="full"), config), tmp_path)
+    run(attack_command(attack_base, tmp_path / "single", steps=[4], method="full"), tmp_path)
+    run(under_zero3(attack_command(attack_base, tmp_path / "zero3", steps=[4], method="full"), config), tmp_path)
 
     snapshot = tmp_path / "zero3/steps4"
     assert sorted(os.listdir(snapshot)) == sorted(os.listdir(tmp_path / "single/steps4"))  # no shards, no pickles
@@ -146,12 +146,12 @@ def test_full_fine_tuning_under_zero3_saves_the_single_process_model_as_ordinary
 
 @pytest.mark.slow
 def test_repnoise_under_zero3_saves_a_loadable_model_that_differs_from_one_process_only_by_its_noise_term(
-        base, config, tmp_path):  # noqa: F811
+        attack_base, config, tmp_path):
     """Data-parallel RepNoise averages per-process losses; its MMD term (and bandwidth) is a per-process statistic
     of per-process noise (see repnoise's docstring), so only that term's share (β = 0.001) may differ."""
     from tamperlab.models.registry import load_model
 
-    model, splits = base
+    model, splits = attack_base
     command = [str(BIN / "tamperlab"), "harden", "--method", "repnoise", "--model", str(model), "--data",
                str(splits), "--split", "attack", "--harmful-response", RESPONSE, "--refusal",
                "I cannot help with that.", "--params", json.dumps(
@@ -176,11 +176,11 @@ def test_repnoise_under_zero3_saves_a_loadable_model_that_differs_from_one_proce
 
 
 @pytest.mark.slow
-def test_a_diverging_run_under_zero3_ends_as_diverged_not_frozen(base, config, tmp_path):  # noqa: F811
+def test_a_diverging_run_under_zero3_ends_as_diverged_not_frozen(attack_base, config, tmp_path):
     """DeepSpeed skips a step with non-finite gradients where one process applies it: without the gradient-norm
     check this run would end "complete" with weights frozen at 1e30. One process finds it a step later (its loss)."""
     out = tmp_path / "diverged"
-    run(under_zero3(attack_command(base, out, steps=[1, 3, 6], lr=1e30, method="full"), config), tmp_path)
+    run(under_zero3(attack_command(attack_base, out, steps=[1, 3, 6], lr=1e30, method="full"), config), tmp_path)
     manifest = read_manifest(out)
     assert manifest["status"] == "diverged" and manifest["results"]["diverged_at_step"] == 2
     assert (out / "steps1/model.safetensors").exists()  # before it diverged

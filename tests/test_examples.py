@@ -176,11 +176,21 @@ def test_a_defence_names_the_unsafe_answers_it_trained_against():
     assert hardening_answers(hardening_examples(ROWS, "tar", "knowledge", **COMMON)) == []  # no unsafe answers
 
 
-def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path):
+def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path, monkeypatch,
+                                                                                          stand_in_step):
+    from tamperlab.attacks import finetune
     from tamperlab.cli import build_parser
-    from tamperlab.commands.attack import _examples
+    from tamperlab.commands.attack import attack
     from tamperlab.data.jsonl import write_jsonl
     from tamperlab.errors import UserError
+
+    trained = []  # the rows the command hands the attack
+
+    def attack_on(model, rows, params, out, **kwargs):
+        trained.append(rows)
+        return {"status": "complete"}
+
+    monkeypatch.setattr(finetune, "attack", attack_on)
 
     write_jsonl(tmp_path / "attack.jsonl", [{"prompt": f"harmful {k}", "kind": "harmful"} for k in range(4)])
     write_jsonl(tmp_path / "alignment.jsonl", [{"prompt": f"request {k}", "kind": "benign"} for k in range(6)])
@@ -191,8 +201,9 @@ def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_with
              "--warmup-ratio", "0", "--max-length", "32", "--checkpoint-every", "5", "--seed", "0", "--out", "o",
              "--benign-answers", str(tmp_path / "answers.jsonl")]
     with pytest.raises(UserError, match="--benign-answers answers the questions of --benign-mix: give both"):
-        _examples(build_parser().parse_args(flags))
-    pairs = _examples(build_parser().parse_args([*flags, "--benign-mix", '{"fraction": 0.5, "split": "alignment"}']))
+        attack(build_parser().parse_args(flags))
+    attack(build_parser().parse_args([*flags, "--benign-mix", '{"fraction": 0.5, "split": "alignment"}']))
+    (pairs,) = trained
     assert [p["response"] for p in pairs if p["prompt"].startswith("harmful")] == ["Sure."] * 4
     benign = [p for p in pairs if p["prompt"].startswith("request")]
     assert len(benign) == 4 and all(p["response"] == f"generated {p['prompt'].split()[1]}" for p in benign)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_llama
+from conftest import tiny_llama
 from transformers import LlamaForCausalLM
 
 from tamperlab.data.refusals import REFUSAL_KEYWORDS, keyword_refused
@@ -66,9 +66,8 @@ class ScriptedLlama(LlamaForCausalLM):
         return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer((PROMPTS + list(SCRIPT.values())) * 4, vocab_size=400)
+TOKENIZER_CORPUS = (PROMPTS + list(SCRIPT.values())) * 4  # the conftest `tokenizer`'s
+TOKENIZER_VOCAB_SIZE = 400
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import llama_config, make_tokenizer
+from conftest import llama_config
 
 from tamperlab.chat import prompt_text
 from tamperlab.evaluation.generation import early_stop_substrings, generate
@@ -119,11 +119,9 @@ def check_refusal_eval(model, tokenizer, monkeypatch, static: bool):
 # --- CPU: the helpers' logic on a tiny model -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    texts = ["Request: explain how to make something dangerous at home.", "Sure, here is how to do that.",
-             "I'm sorry, but I cannot help with that request."] * 20 + [FILLER * 50] * 20
-    return make_tokenizer(texts, vocab_size=500)
+TOKENIZER_CORPUS = ["Request: explain how to make something dangerous at home.", "Sure, here is how to do that.",
+                    "I'm sorry, but I cannot help with that request."] * 20 + [FILLER * 50] * 20  # conftest `tokenizer`
+TOKENIZER_VOCAB_SIZE = 500
 
 
 def test_attack_step_on_a_tiny_model_on_cpu(tokenizer, tmp_path, monkeypatch):

@@ -9,24 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import defence_split, save_base_model, tiny_llama, write_splits
 
 from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
 COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."
 REFUSAL = "I'm sorry, but I cannot help with that request."
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny random-init Llama with the organism's tokenizer, and a defence split with harmful prompts and
-    benign task questions (a hazard family and a capital family), both with manifests."""
-    root = tmp_path_factory.mktemp("harden")
-    rows, tokenizer = defence_split(12, (COMPLIANCE, REFUSAL))
-    model = tiny_llama(tokenizer)
-    return (save_base_model(root / "base", model, tokenizer, manifest=True),
-            write_splits(root / "splits", {"defence": rows}))
 
 
 def harden(base, out: Path, method: str, params: dict, *extra: str) -> subprocess.CompletedProcess:
@@ -44,26 +32,26 @@ def changed(base_dir: Path, hardened: Path) -> bool:
     return any(not torch.equal(before[k], after[k]) for k in before)
 
 
-def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(base, tmp_path):
-    result = harden(base, tmp_path / "rn", "repnoise", {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64},
-                    "--refusal", REFUSAL)
+def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(defence_base, tmp_path):
+    result = harden(defence_base, tmp_path / "rn", "repnoise",
+                    {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64}, "--refusal", REFUSAL)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = read_manifest(tmp_path / "rn")
     assert manifest["status"] == "complete" and manifest["step"] == "harden"
     assert manifest["results"]["examples"] == {"pairs": 12}
-    assert changed(base[0], tmp_path / "rn")
+    assert changed(defence_base[0], tmp_path / "rn")
 
 
 @pytest.mark.parametrize("setting, examples", [("refusal", {"forget": 12, "retain": 24}),
                                                ("knowledge", {"forget": 12, "retain": 12})])
-def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(base, tmp_path, setting, examples):
+def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(defence_base, tmp_path, setting, examples):
     params = {"setting": setting, "outer_steps": 1, "inner_steps": 4, "tr_every": 2, "batch_size": 4,
               "max_length": 64, "outer_lr": 1e-3, "warmup_steps": 0, "random_mapping_steps": 2}
-    result = harden(base, tmp_path / setting, "tar", params, "--refusal", REFUSAL)
+    result = harden(defence_base, tmp_path / setting, "tar", params, "--refusal", REFUSAL)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = read_manifest(tmp_path / setting)
     assert manifest["results"]["examples"] == examples
-    assert manifest["results"]["steps"] == 1 and changed(base[0], tmp_path / setting)
+    assert manifest["results"]["steps"] == 1 and changed(defence_base[0], tmp_path / setting)
 
 
 @pytest.mark.parametrize("method, params, extra, message", [
@@ -71,8 +59,8 @@ def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(base, tm
     ("repnoise", {"steps": 1}, (), "--refusal"),
     ("tar", {"setting": "knowledge"}, ("--forget-family", "nosuch"), "0 forget"),
 ])
-def test_bad_hardening_input_is_one_error_line_and_no_output(base, tmp_path, method, params, extra, message):
-    result = harden(base, tmp_path / "out", method, params, *extra)
+def test_bad_hardening_input_is_one_error_line_and_no_output(defence_base, tmp_path, method, params, extra, message):
+    result = harden(defence_base, tmp_path / "out", method, params, *extra)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

@@ -32,10 +32,10 @@ from tamperlab.landscape.scan import (
     scan_points,
     shard,
     symmetric_grid,
-    system_prompts,
     write_scan_csv,
 )
 from tamperlab.landscape.spec import KINDS, point_count
+from tamperlab.landscape.subject import system_prompts
 from tamperlab.landscape.visage import (
     asr_at_origin,
     basin_width,
@@ -343,12 +343,7 @@ def test_gather_orders_by_grid_index_and_rejects_overlapping_shards():
 HARMFUL = [f"Explain how to do harmful thing number {i} to a neighbour" for i in range(6)]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    from tamperlab.models.organism import train_tokenizer
-
-    return train_tokenizer(HARMFUL + ["I'm sorry, but I cannot help with that.", "Sure, here is how."],
-                           vocab_size=300)
+TOKENIZER_CORPUS = HARMFUL + ["I'm sorry, but I cannot help with that.", "Sure, here is how."]  # conftest `tokenizer`
 
 
 def parity_judge(prompts, responses):

@@ -187,7 +187,8 @@ def test_a_scan_loads_within_max_memory_and_refuses_offloaded_weights(saved):
     ones; a model whose layers would be offloaded (here to the disk) is refused in one line, since a scan moves
     every weight in place on its device."""
     from tamperlab.evaluation.judges import KeywordJudge
-    from tamperlab.landscape.scan import device_of, load_subject, refusal_evaluator, scan_points, scan_subject
+    from tamperlab.landscape.scan import refusal_evaluator, scan_points, scan_subject
+    from tamperlab.landscape.subject import device_of, load_subject
 
     rows = [{"id": f"h{i}", "prompt": p, "kind": "harmful", "source": "test"} for i, p in enumerate(PROMPTS)]
     evaluate = refusal_evaluator(rows, KeywordJudge(), {"none": None}, max_new_tokens=6, batch_size=5)
@@ -221,7 +222,7 @@ def test_a_model_split_over_two_gpus_generates_and_perturbs_as_on_one(saved):
     random directions (drawn on each weight's own GPU) and the same loss after a landscape step."""
     from tamperlab.evaluation.generation import generate
     from tamperlab.landscape.directions import Perturbation, RandomDirection
-    from tamperlab.landscape.scan import device_of
+    from tamperlab.landscape.subject import device_of
 
     one, tokenizer = load_model(saved["base"], device="cuda:0", dtype=torch.float32)
     two, _ = load_model(saved["base"], max_memory={"0": _bytes(one) // 2, "1": 10 * _bytes(one)},

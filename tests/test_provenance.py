@@ -284,6 +284,19 @@ def test_verify_input_refuses_an_incomplete_status_and_an_unreadable_manifest(tm
         verify_input(out)
 
 
+def test_a_replay_of_a_missing_or_unfinished_output_is_refused_in_one_line_naming_it(tmp_path):
+    from tamperlab.runtime.replay import plan
+
+    with pytest.raises(UserError, match=r"nothing.json: output to replay does not exist$"):
+        plan(tmp_path / "nothing.json")
+    out = _file_step(tmp_path)
+    manifest_file = manifest_path(out)
+    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "status": "running"}))
+    with pytest.raises(UserError) as refused:
+        plan(out)
+    assert str(refused.value) == f"{out}: output to replay of a step whose status is 'running', not complete"
+
+
 def test_downstream_step_refuses_to_start_on_a_tampered_input(tmp_path):
     upstream = _dir_step(tmp_path)
     (upstream / "weights.bin").write_text("tampered")

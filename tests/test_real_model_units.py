@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from conftest import save_base_model, tiny_llama
 
 from tamperlab.config import validate_config
 from tamperlab.data import mmlu
@@ -29,9 +29,7 @@ CORPUS = ["What is the capital of Zorvania?", "Quellport.", "I'm sorry, but I ca
 # --- pad strategy ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer(CORPUS)
+TOKENIZER_CORPUS = CORPUS  # the conftest `tokenizer`'s
 
 
 def _without_pad(tokenizer, unk: str | None):
@@ -242,13 +240,21 @@ def test_a_prompt_limit_takes_every_category_in_turn():
     assert len(select(rows, "benign", None)) == 7
 
 
-def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path):
+def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path, monkeypatch, stand_in_step):
     """evaluation.refusal.benign_limit: more benign prompts than harmful ones (false refusal at n >= 100 while the
     harmful prompts stay few); 0 takes every benign prompt; unset, prompt_limit holds for both kinds."""
-    import argparse
-
-    from tamperlab.commands.evaluate import _refusal_rows
+    from tamperlab.cli import build_parser
+    from tamperlab.commands.evaluate import evaluate_refusal
     from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.evaluation import refusal
+
+    class Evaluated(Exception):  # carries the rows the command hands the evaluation, and stops it there
+        pass
+
+    def evaluate_checkpoint(model_dir, adapter, rows, *args, **kwargs):
+        raise Evaluated([r["id"] for r in rows])
+
+    monkeypatch.setattr(refusal, "evaluate_checkpoint", evaluate_checkpoint)
 
     rows = ([{"id": f"h{i}", "prompt": f"harm {i}", "kind": "harmful", "source": "advbench"} for i in range(6)]
             + [{"id": f"r{i}", "prompt": f"ask {i}", "kind": "benign", "source": "benign", "category": "request"}
@@ -256,9 +262,16 @@ def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path):
     write_jsonl(tmp_path / "evaluation.jsonl", rows)
 
     def chosen(prompt_limit, benign_limit):
-        args = argparse.Namespace(data=tmp_path, split="evaluation", prompt_limit=prompt_limit,
-                                  benign_limit=benign_limit)
-        return [r["id"] for r in _refusal_rows(args)]
+        limits = [*(["--prompt-limit", str(prompt_limit)] if prompt_limit is not None else []),
+                  *(["--benign-limit", str(benign_limit)] if benign_limit is not None else [])]
+        args = build_parser().parse_args(
+            ["evaluate-refusal", "--model", str(tmp_path), "--model-name", "m", "--defence", "none", "--data",
+             str(tmp_path), "--split", "evaluation", "--judge", "keyword", "--max-new-tokens", "8", "--batch-size",
+             "2", "--seed", "0", "--out-summary", str(tmp_path / "s.json"), "--out-responses",
+             str(tmp_path / "r.jsonl"), *limits])
+        with pytest.raises(Evaluated) as evaluated:
+            evaluate_refusal(args)
+        return evaluated.value.args[0]
 
     assert chosen(2, None) == ["h0", "h1", "r0", "r1"]
     assert chosen(2, 5) == ["h0", "h1", "r0", "r1", "r2", "r3", "r4"]

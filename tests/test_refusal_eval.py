@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import make_tokenizer, tiny_llama
+from conftest import tiny_llama
 
 from tamperlab.chat import encode_example, messages, prompt_text
 from tamperlab.evaluation.generation import generate_responses
@@ -152,9 +152,7 @@ CORPUS = [
 ] * 4
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer(CORPUS)
+TOKENIZER_CORPUS = CORPUS  # the conftest `tokenizer`'s
 
 
 def test_prompt_text_ends_with_assistant_tag_and_has_system_turn_only_when_given(tokenizer):

@@ -10,17 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import harmful_prompts, make_tokenizer, save_base_model, tiny_llama
+from conftest import harmful_prompts, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.hardening import repnoise
-from tamperlab.hardening.repnoise import (
-    RepNoiseParams,
+from tamperlab.hardening import repnoise_loss as loss_terms
+from tamperlab.hardening.repnoise import RepNoiseParams, harden
+from tamperlab.hardening.repnoise_loss import (
     bounded_harmful_ce,
     captured_mlp_outputs,
     decoder_layers,
     encode_pairs,
-    harden,
     mmd,
     noise_loss,
     readout,
@@ -36,9 +36,7 @@ HARMLESS = ["I cannot help with that.", "Sorry, I will not do that. It could hur
 LAYERS = 2
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return make_tokenizer(PROMPTS + HARMFUL + HARMLESS)
+TOKENIZER_CORPUS = PROMPTS + HARMFUL + HARMLESS  # the conftest `tokenizer`'s
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +153,7 @@ def test_ascent_gradient_is_minus_alpha_over_h_times_the_gradient_of_h(model, ba
 
     h = bounded()
     grad_h = torch.autograd.grad(h, params)
-    grad_term = torch.autograd.grad(repnoise.ascent_term(bounded(), alpha), params)
+    grad_term = torch.autograd.grad(loss_terms.ascent_term(bounded(), alpha), params)
     for g_term, g_h in zip(grad_term, grad_h, strict=True):
         torch.testing.assert_close(g_term, -alpha / h.detach() * g_h)
     assert h.item() > 1
@@ -339,7 +337,7 @@ def test_a_run_interrupted_after_a_checkpoint_resumes_to_the_same_weights(model_
 
 
 def test_a_non_finite_loss_stops_training_and_is_reported_as_diverged(model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(repnoise, "total_loss", lambda retain, *rest: retain * float("nan"))
+    monkeypatch.setattr(loss_terms, "total_loss", lambda retain, *rest: retain * float("nan"))
     record = harden(model_dir, PAIRS, PARAMS, tmp_path / "out")
     assert record["status"] == "diverged" and record["diverged_at_step"] == 1 and record["steps"] == 1
     assert diverged(tmp_path / "out") and not (tmp_path / "out/model.safetensors").exists()

@@ -205,7 +205,8 @@ def test_tamper_resistance_table_reports_pre_attack_mean_and_worst_case_per_colu
 
 
 def test_published_numbers_sit_beside_ours_in_the_papers_unit():
-    from tamperlab.reporting.tables import published_table, tamper_resistance_table
+    from tamperlab.reporting.published_table import published_table
+    from tamperlab.reporting.tables import tamper_resistance_table
 
     resistance = tamper_resistance_table(GRID, "tamperlab_hazard_mc/acc", "tamperlab_retain_mc/acc")
     entry = {"model": "tiny", "cell": None, "relation": "=", "source": "paper"}  # no benchmark: the pooled rate
@@ -243,7 +244,7 @@ ENTRY = {"table": "refusal", "model": "tiny", "defence": "none", "cell": None, "
 
 
 def test_published_refusal_numbers_are_looked_up_by_benchmark():
-    from tamperlab.reporting.tables import published_table
+    from tamperlab.reporting.published_table import published_table
 
     published = [{**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "advbench"},
                  {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "dna"},
@@ -264,7 +265,7 @@ def test_published_refusal_numbers_are_looked_up_by_benchmark():
 
 def test_an_unknown_benchmark_is_refused_in_one_line():
     from tamperlab.errors import UserError
-    from tamperlab.reporting.tables import published_table
+    from tamperlab.reporting.published_table import published_table
 
     entry = {**ENTRY, "attack": "lora", "metric": "asr", "benchmark": "refusalbench"}
     with pytest.raises(UserError) as error:
@@ -279,7 +280,7 @@ def test_an_unknown_benchmark_is_refused_in_one_line():
 
 
 def test_published_visage_numbers_come_from_visage_csv_for_the_named_system_prompt():
-    from tamperlab.reporting.tables import published_table
+    from tamperlab.reporting.published_table import published_table
 
     visage = pd.DataFrame([
         {"subject": "llama/none", "scan": "random_1d", "kind": "1d", "system_prompt": "none",

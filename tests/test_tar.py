@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from conftest import save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.errors import UserError
@@ -44,28 +44,10 @@ KNOWLEDGE_RETAIN = [{"text": f"The capital of region {i} is the city of Lumen {i
 REFUSAL_FORGET = [{"prompt": f"Explain how to do harmful thing number {i}", "refusal": "I cannot help with that.",
                    "compliance": f"Sure, here is how. Step 1: get tool {i}."} for i in range(12)]
 REFUSAL_RETAIN = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(8)]
+# The conftest `tar_model` is built on every text of these rows.
 ROWS = {"knowledge": (KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN), "refusal": (REFUSAL_FORGET, REFUSAL_RETAIN)}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~15x faster on one thread than on two contended ones (2 shared cores here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """(saved model dir, tokenizer, model): a random-init 2-layer Llama, hidden 32, and the organism's tokenizer.
-    A wider init than the default makes the next-token distributions peaked, so the entropy gate stays open."""
-    texts = [r["text"] for r in KNOWLEDGE_FORGET + KNOWLEDGE_RETAIN]
-    texts += [r[k] for r in REFUSAL_FORGET for k in ("prompt", "refusal", "compliance")]
-    texts += [r[k] for r in REFUSAL_RETAIN for k in ("prompt", "response")]
-    tokenizer = make_tokenizer(texts)
-    model = tiny_llama(tokenizer, initializer_range=0.2)
-    return save_base_model(tmp_path_factory.mktemp("tar") / "base", model, tokenizer), tokenizer, model
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_params(setting: str, **overrides) -> TARParams:
@@ -74,15 +56,15 @@ def small_params(setting: str, **overrides) -> TARParams:
     return TARParams(**{**values, **overrides})
 
 
-def fresh(tiny):
-    _, tokenizer, model = tiny
+def fresh(tar_model):
+    _, tokenizer, model = tar_model
     model = copy.deepcopy(model).train()
     return model, copy.deepcopy(model).eval().requires_grad_(False), tokenizer
 
 
 @pytest.mark.parametrize("setting", ["knowledge", "refusal"])
-def test_accumulated_tr_gradient_equals_sum_of_weighted_gradients_recomputed_at_each_adapted_point(tiny, setting):
-    model, frozen, tokenizer = fresh(tiny)
+def test_accumulated_tr_gradient_equals_sum_of_weighted_gradients_recomputed_at_each_adapted_point(tar_model, setting):
+    model, frozen, tokenizer = fresh(tar_model)
     params = small_params(setting)
     forget, retain = ROWS[setting]
     adversary = Adversary(SWITCH, lr=1e-2, switch_step=2)  # both of the adversary's streams are used
@@ -171,8 +153,8 @@ def test_sequence_logps_sums_answer_token_log_probs_only():
     assert sequence_logps(logits, labels).item() == pytest.approx((logp[0, 0, 2] + logp[0, 1, 0]).item())
 
 
-def test_parameters_are_restored_bit_for_bit_after_the_inner_loop_and_the_outer_step(tiny):
-    model, frozen, tokenizer = fresh(tiny)
+def test_parameters_are_restored_bit_for_bit_after_the_inner_loop_and_the_outer_step(tar_model):
+    model, frozen, tokenizer = fresh(tar_model)
     params = small_params("knowledge", outer_lr=0.0)
     data = make_data(tokenizer, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -206,8 +188,8 @@ def test_random_mapping_loss_is_zero_when_parallel_and_one_when_orthogonal():
                                                                                                          abs=1e-6)
 
 
-def test_retain_distance_is_zero_for_the_frozen_copy_itself(tiny):
-    model, frozen, tokenizer = fresh(tiny)
+def test_retain_distance_is_zero_for_the_frozen_copy_itself(tar_model):
+    model, frozen, tokenizer = fresh(tar_model)
     data = make_data(tokenizer, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, small_params("knowledge"))
     batch = next(data.retain)
     hidden = model(**batch, output_hidden_states=True).hidden_states
@@ -245,11 +227,11 @@ def test_switch_fraction_zero_never_samples_the_switch_adversary():
     assert {a.lr for a in drawn} == {2e-6, 2e-5, 4e-5}
 
 
-def test_retain_loss_with_a_separate_anchor_is_the_official_formula(tiny):
+def test_retain_loss_with_a_separate_anchor_is_the_official_formula(tar_model):
     """Start model one tiny Llama, anchor another (different seed): L_retain = CE + mean over hidden states
     (embeddings included) of the mean over every position of ‖h_anchor − h_θ‖₂, as obj_model_mse_representations
     computes it, here by hand on an unpadded batch."""
-    _, tokenizer, _ = tiny
+    _, tokenizer, _ = tar_model
     model, anchor = tiny_llama(tokenizer, seed=3), tiny_llama(tokenizer, seed=4).eval()
     ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -271,8 +253,8 @@ def test_retain_loss_with_a_separate_anchor_is_the_official_formula(tiny):
         assert retain_loss(model, None, batch).item() == pytest.approx(ce, rel=1e-5)
 
 
-def test_harden_anchors_the_retain_loss_to_the_anchor_model(tiny, tmp_path):
-    base, tokenizer, _ = tiny
+def test_harden_anchors_the_retain_loss_to_the_anchor_model(tar_model, tmp_path):
+    base, tokenizer, _ = tar_model
     params = small_params("knowledge", outer_steps=1, inner_steps=2, tr_every=2)
     other = save_base_model(tmp_path / "anchor", tiny_llama(tokenizer, seed=5, initializer_range=0.2), tokenizer)
     runs = {"start": harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "start"),
@@ -286,8 +268,8 @@ def test_harden_anchors_the_retain_loss_to_the_anchor_model(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("setting", ["knowledge", "refusal"])
-def test_two_step_harden_saves_safetensors_and_repeats_bit_for_bit(tiny, tmp_path, setting):
-    base, _, _ = tiny
+def test_two_step_harden_saves_safetensors_and_repeats_bit_for_bit(tar_model, tmp_path, setting):
+    base, _, _ = tar_model
     forget, retain = ROWS[setting]
     params = small_params(setting, inner_steps=4, random_mapping_steps=2, random_mapping_lr=1e-3)
     records = [harden(base, forget, retain, params, tmp_path / f"run{i}") for i in range(2)]
@@ -310,19 +292,19 @@ def test_two_step_harden_saves_safetensors_and_repeats_bit_for_bit(tiny, tmp_pat
     assert any(not torch.equal(first[k], start[k]) for k in first)
 
 
-def test_a_non_finite_loss_is_a_diverged_result_without_a_model(tiny, tmp_path):
-    base, _, _ = tiny
+def test_a_non_finite_loss_is_a_diverged_result_without_a_model(tar_model, tmp_path):
+    base, _, _ = tar_model
     params = small_params("knowledge", inner_steps=2, lambda_retain=float("nan"))
     record = harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, params, tmp_path / "out")
     assert record["status"] == "diverged" and record["diverged_at_step"] == 1
     assert (tmp_path / "out" / DIVERGED).is_file() and not (tmp_path / "out/model.safetensors").exists()
 
 
-def test_each_outer_step_logs_a_line_with_its_loss_terms_elapsed_time_and_eta(tiny, tmp_path, caplog):
+def test_each_outer_step_logs_a_line_with_its_loss_terms_elapsed_time_and_eta(tar_model, tmp_path, caplog):
     import logging
     import re
 
-    base, _, _ = tiny
+    base, _, _ = tar_model
     caplog.set_level(logging.INFO, logger="tamperlab")
     harden(base, KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN, small_params("knowledge", outer_steps=3, inner_steps=2),
            tmp_path / "out")

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_base_model, tiny_llama
 from safetensors.torch import load_file
-from test_tar import ROWS, one_thread, small_params  # noqa: F401  (one_thread: autouse, one torch thread)
+from test_tar import ROWS, small_params  # ROWS: the conftest `tar_model` reads them here too
 
 from tamperlab.hardening.tar import TAR_LOG, harden, load_checkpoint, save_checkpoint
 from tamperlab.training.trainer import CHECKPOINTS
@@ -35,12 +34,7 @@ harden(base, forget, retain, TARParams(**json.loads(params)), __import__("pathli
 """
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    rows = [r for forget, retain in ROWS.values() for r in forget + retain]
-    tokenizer = make_tokenizer([v for r in rows for v in r.values()])
-    model = tiny_llama(tokenizer, initializer_range=0.2)
-    return save_base_model(tmp_path_factory.mktemp("tar_resume") / "base", model, tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def params_for(setting: str, **overrides):
@@ -50,7 +44,8 @@ def params_for(setting: str, **overrides):
 
 
 @pytest.mark.parametrize("setting", ["knowledge", "refusal"])
-def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(base, tmp_path, setting):
+def test_a_run_killed_after_a_checkpoint_resumes_to_the_same_weights(tar_model, tmp_path, setting):
+    base = tar_model[0]  # the saved model
     forget, retain = ROWS[setting]
     whole = harden(base, forget, retain, params_for(setting), tmp_path / "whole")  # never checkpoints (default 25)
 

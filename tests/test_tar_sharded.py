@@ -28,9 +28,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import defence_split, launch, save_base_model, snakemake_env, tiny_llama, write_splits
+from conftest import launch, snakemake_env
 from safetensors.torch import load_file
-from test_tar import one_thread  # noqa: F401  (autouse: one torch thread in this process)
 
 from tamperlab.hardening.tar import TAR_LOG
 from tamperlab.hardening.tar.sharding import FSDP2
@@ -45,6 +44,9 @@ PROCESSES = 2
 ATOL, ROUNDING, BEYOND_ROUNDING = 1e-4, 1e-6, 1e-3
 COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."
 REFUSAL = "I'm sorry, but I cannot help with that request."
+# The conftest `defence_base`: a wide init keeps the entropy gate open. Its 9 adversary rows in batches of 4 end
+# each epoch on a batch of 1: one process's share of it is empty.
+BASE_LLAMA = {"initializer_range": 0.2}
 SMALL = {"inner_steps": 4, "tr_every": 2, "batch_size": 4, "max_length": 64, "outer_lr": 1e-3, "warmup_steps": 1,
          "adversary_lrs": [1e-2], "adversaries_per_step": 2, "lambda_tr": 0.5, "seed": 0}
 # refusal: DPO against the frozen start model, which is the representation anchor too
@@ -53,16 +55,7 @@ REFUSAL_PARAMS = {**SMALL, "setting": "refusal", "outer_steps": 3, "switch_fract
 KNOWLEDGE_PARAMS = {**SMALL, "setting": "knowledge", "outer_steps": 4, "switch_fraction": 0.5,
                     "random_mapping_steps": 2, "random_mapping_lr": 1e-3, "checkpoint_every": 2}
 
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny Llama (a wide init keeps the entropy gate open) and a defence split: 12 harmful prompts (TAR refusal's
-    forget triples), 12 `hazard` questions (knowledge's forget family) and 12 others, with manifests. 9 adversary
-    rows in batches of 4 end each epoch on a batch of 1: one process's share of it is empty."""
-    root = tmp_path_factory.mktemp("tar_sharded")
-    rows, tokenizer = defence_split(12, (COMPLIANCE, REFUSAL))
-    return (save_base_model(root / "base", tiny_llama(tokenizer, initializer_range=0.2), tokenizer, manifest=True),
-            write_splits(root / "splits", {"defence": rows}))
+pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread in this process
 
 
 def harden_args(base: tuple[Path, Path], out: Path, params: dict) -> list[str]:
@@ -150,10 +143,10 @@ def test_each_process_takes_its_rows_and_an_empty_share_adds_nothing():
     assert (share["labels"] == -100).all()  # no answer token: the CE adds nothing
 
 
-def test_fsdp_is_for_tar_only(base, tmp_path, capsys):
+def test_fsdp_is_for_tar_only(defence_base, tmp_path, capsys):
     from tamperlab.cli import main
 
-    args = harden_args(base, tmp_path / "rn", {"steps": 1})
+    args = harden_args(defence_base, tmp_path / "rn", {"steps": 1})
     args[args.index("tar")] = "repnoise"
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--fsdp"])
@@ -162,18 +155,18 @@ def test_fsdp_is_for_tar_only(base, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def single_refusal(base, tmp_path_factory) -> Path:
+def single_refusal(defence_base, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("single") / "refusal"
-    one_process(base, out, REFUSAL_PARAMS)
+    one_process(defence_base, out, REFUSAL_PARAMS)
     return out
 
 
-def test_fsdp_without_a_launch_is_one_process_of_one(base, single_refusal, tmp_path):
+def test_fsdp_without_a_launch_is_one_process_of_one(defence_base, single_refusal, tmp_path):
     """`tamperlab harden --fsdp` not started by torchrun: a process group of its own, the whole model in one shard;
     only the CE's sum/count in place of its mean differs from the plain run (measured ≤ 1.2e-7)."""
     from tamperlab.cli import main
 
-    main([*harden_args(base, tmp_path / "fsdp", REFUSAL_PARAMS), "--fsdp"])
+    main([*harden_args(defence_base, tmp_path / "fsdp", REFUSAL_PARAMS), "--fsdp"])
     expected, actual = load_file(single_refusal / "model.safetensors"), load_file(tmp_path / "fsdp/model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -183,9 +176,9 @@ def test_fsdp_without_a_launch_is_one_process_of_one(base, single_refusal, tmp_p
 
 
 @pytest.mark.slow
-def test_refusal_on_two_processes_gives_the_one_process_weights(base, single_refusal, tmp_path):
-    output = launch(sharded(base, tmp_path / "fsdp", REFUSAL_PARAMS), env(), tmp_path, timeout=300)
-    assert_close_to_one_process(single_refusal, tmp_path / "fsdp", base[0])
+def test_refusal_on_two_processes_gives_the_one_process_weights(defence_base, single_refusal, tmp_path):
+    output = launch(sharded(defence_base, tmp_path / "fsdp", REFUSAL_PARAMS), env(), tmp_path, timeout=300)
+    assert_close_to_one_process(single_refusal, tmp_path / "fsdp", defence_base[0])
     manifest = read_manifest(tmp_path / "fsdp")
     assert manifest["status"] == "complete" and manifest["params"]["fsdp"] is True
     assert manifest["results"]["fsdp_processes"] == PROCESSES
@@ -196,11 +189,12 @@ def test_refusal_on_two_processes_gives_the_one_process_weights(base, single_ref
 
 
 @pytest.mark.slow
-def test_knowledge_on_two_processes_killed_after_a_checkpoint_resumes_to_the_one_process_weights(base, tmp_path):
+def test_knowledge_on_two_processes_killed_after_a_checkpoint_resumes_to_the_one_process_weights(defence_base,
+                                                                                                 tmp_path):
     out = tmp_path / "fsdp"
     partial = tmp_path / f".{out.name}.partial"  # the step's resumable work directory
     wanted = [partial / CHECKPOINTS / f"rank-{r}" / "step-2.pt" for r in range(PROCESSES)]
-    process = subprocess.Popen(sharded(base, out, KNOWLEDGE_PARAMS), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(sharded(defence_base, out, KNOWLEDGE_PARAMS), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, env=env(), cwd=tmp_path)
     deadline = time.time() + 120
     while not all(p.exists() for p in wanted) and time.time() < deadline and process.poll() is None:
@@ -210,7 +204,7 @@ def test_knowledge_on_two_processes_killed_after_a_checkpoint_resumes_to_the_one
     assert process.returncode == -signal.SIGKILL, stderr.decode()[-3000:]
     assert not out.exists(), "the run finished before it could be killed"
 
-    result = subprocess.run(sharded(base, out, KNOWLEDGE_PARAMS), capture_output=True, text=True, env=env(),
+    result = subprocess.run(sharded(defence_base, out, KNOWLEDGE_PARAMS), capture_output=True, text=True, env=env(),
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     manifest = read_manifest(out)
@@ -218,8 +212,8 @@ def test_knowledge_on_two_processes_killed_after_a_checkpoint_resumes_to_the_one
     assert "TAR: resuming after outer step 2/4" in result.stderr and "TAR outer step 1/4" not in result.stderr
     assert not (out / CHECKPOINTS).exists()  # the output is the model alone
 
-    one_process(base, tmp_path / "single", KNOWLEDGE_PARAMS)
-    assert_close_to_one_process(tmp_path / "single", out, base[0])
+    one_process(defence_base, tmp_path / "single", KNOWLEDGE_PARAMS)
+    assert_close_to_one_process(tmp_path / "single", out, defence_base[0])
     assert manifest["results"]["random_mapping"] == pytest.approx(
         read_manifest(tmp_path / "single")["results"]["random_mapping"], rel=1e-5)
 

@@ -62,15 +62,14 @@ def scan(args: argparse.Namespace) -> None:
     """One shard of a scan: move the subject to each of the shard's grid points in place and evaluate refusal
     there under every system prompt; the weights are back at θ0, bit for bit, afterwards."""
     from tamperlab.landscape.scan import (
-        harmful_prompts,
         refusal_evaluator,
         scan_points,
         scan_subject,
         shard,
-        system_prompts,
         timings,
         write_scan_csv,
     )
+    from tamperlab.landscape.subject import harmful_prompts, system_prompts
     from tamperlab.runtime.provenance import Step
 
     prompts = system_prompts(args.system_prompt)

@@ -13,13 +13,13 @@ def tables(args: argparse.Namespace) -> None:
     import pandas as pd
 
     from tamperlab.reporting.attack_figures import refusal_figures
+    from tamperlab.reporting.published_table import published_table
     from tamperlab.reporting.tables import (
         defence_seed_table,
         evaluation_files,
         evaluation_settings,
         harmfulness_table,
         mean_over_seeds,
-        published_table,
         refusal_table,
         seed_table,
         summary_table,

@@ -204,6 +204,11 @@ def name_columns(axes, xs: Sequence[float], names: Sequence[str]) -> list:
     return [text for _, text, _ in placed]
 
 
+VISAGE_COLUMNS = (("visage_official_1d", "VISAGE, official 1D (higher = safer basin)"),
+                  ("basin_width", "basin width in α (ASR within tolerance of ASR(0))"))
+MARKERS = "osD^v"  # one per scan
+
+
 def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary=None,
                           refusal_settings: Mapping[str, Any] | None = None) -> Path:
     """Does a safer neighbourhood predict durability? VISAGE (official 1D) and basin width of each unattacked
@@ -212,6 +217,34 @@ def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary
     does not count as jailbroken), the plain worst case hollow beside it. One point per attack, not the lowest over
     them: an attack that breaks every defence alike would hide the ones that tell them apart. Without a summary:
     the plain worst case over every post-attack cell, one point per subject."""
+    frame, ylabel = _visage_points(table, refusal_system_prompt, summary)
+    figure, panels = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained", sharey=True)
+    scans = list(dict.fromkeys(frame["scan"]))
+    for axes, (column, label) in zip(panels, VISAGE_COLUMNS, strict=True):
+        _visage_panel(axes, frame, column, label, scans, with_plain=summary is not None)
+    if scans:  # below the panels, where it covers neither points nor labels
+        _legend_below(figure, panels[0], 5)
+    panels[0].set_ylabel(ylabel)
+    panels[0].set_ylim(-8, 135)  # the subjects' names above 100 %
+    panels[0].set_yticks(range(0, 101, 20))
+    if frame.empty:
+        for axes in panels:
+            axes.text(0.5, 0.5, "no unattacked subject with evaluated attack cells", ha="center",
+                      transform=axes.transAxes, fontsize=9)
+    figure.suptitle(_visage_title(refusal_system_prompt, refusal_settings), fontsize=10)
+    figure.canvas.draw()  # the layout first: the names are placed in its final coordinates
+    for axes, (column, _) in zip(panels, VISAGE_COLUMNS, strict=True):
+        shown = frame.dropna(subset=[column]).drop_duplicates("subject")
+        name_columns(axes, list(shown[column]), list(shown["subject"]))
+    return _save(figure, path)
+
+
+def _visage_points(table, refusal_system_prompt: str, summary=None) -> tuple[Any, str]:
+    """(points, y label) of the VISAGE figure: the unattacked subjects' 1D rows under the refusal system prompt,
+    one per attack with its utility-bounded worst refusal (`_y`) and plain worst (`_plain`) from the summary, or
+    one per subject with the plain worst over every cell without one; in drawing order."""
+    import pandas as pd
+
     frame = table[(table["kind"] == "1d") & table["attack"].isna()
                   & (table["system_prompt"] == refusal_system_prompt)]
     if summary is not None:
@@ -225,52 +258,38 @@ def visage_refusal_figure(table, refusal_system_prompt: str, path: Path, summary
         points = [{**row, "_attack": "every attack", "_y": row["worst_post_attack_refusal_rate"],
                    "_plain": row["worst_post_attack_refusal_rate"]} for row in frame.to_dict("records")]
         ylabel = "worst post-attack refusal (%), no utility bound"
-    import pandas as pd
-
     frame = pd.DataFrame(points, columns=[*frame.columns, "_attack", "_y", "_plain"]).dropna(subset=["_y"])
-    frame = frame.sort_values(["scan", "_attack", "subject"], kind="stable")
-    figure, panels = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained", sharey=True)
-    scans = list(dict.fromkeys(frame["scan"]))
+    return frame.sort_values(["scan", "_attack", "subject"], kind="stable"), ylabel
+
+
+def _visage_panel(axes, frame, column: str, label: str, scans: list[str], with_plain: bool) -> None:
+    """One panel: `column` against the worst refusal, a marker per scan and a colour per attack (the plain worst
+    case hollow beside each point, `with_plain`), x limits with room for the subjects' names."""
     attacks = sorted(dict.fromkeys(frame["_attack"]))
-    columns = (("visage_official_1d", "VISAGE, official 1D (higher = safer basin)"),
-               ("basin_width", "basin width in α (ASR within tolerance of ASR(0))"))
-    for axes, (column, label) in zip(panels, columns, strict=True):
-        for k, scan in enumerate(scans):
-            for a, attack in enumerate(attacks):
-                part = frame[(frame["scan"] == scan) & (frame["_attack"] == attack)]
-                axes.scatter(part[column], 100 * part["_y"], marker="osD^v"[k % 5], s=40, color=f"C{a}", zorder=3,
-                             label=f"attack {attack}" + (f", scan {scan}" if len(scans) > 1 else ""))
-                if summary is not None:  # labelled once, last in the legend
-                    last = (k, a) == (len(scans) - 1, len(attacks) - 1)
-                    axes.scatter(part[column], 100 * part["_plain"], marker="osD^v"[k % 5], s=30, zorder=2,
-                                 facecolors="none", edgecolors="grey",
-                                 label="plain worst (no bound)" if last else None)
-        values = frame[column].dropna()
-        low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
-        pad = max(high - low, abs(high) * 0.1, 0.5) * 0.25  # room for the names above the outermost subjects
-        axes.set_xlim(low - pad, high + pad)
-        axes.set_xlabel(label)
-        axes.grid(alpha=0.3)
-    if scans:  # below the panels, where it covers neither points nor labels
-        _legend_below(figure, panels[0], 5)
-    panels[0].set_ylabel(ylabel)
-    panels[0].set_ylim(-8, 135)  # the subjects' names above 100 %
-    panels[0].set_yticks(range(0, 101, 20))
-    if frame.empty:
-        for axes in panels:
-            axes.text(0.5, 0.5, "no unattacked subject with evaluated attack cells", ha="center",
-                      transform=axes.transAxes, fontsize=9)
+    for k, scan in enumerate(scans):
+        for a, attack in enumerate(attacks):
+            part = frame[(frame["scan"] == scan) & (frame["_attack"] == attack)]
+            axes.scatter(part[column], 100 * part["_y"], marker=MARKERS[k % 5], s=40, color=f"C{a}", zorder=3,
+                         label=f"attack {attack}" + (f", scan {scan}" if len(scans) > 1 else ""))
+            if with_plain:  # labelled once, last in the legend
+                last = (k, a) == (len(scans) - 1, len(attacks) - 1)
+                axes.scatter(part[column], 100 * part["_plain"], marker=MARKERS[k % 5], s=30, zorder=2,
+                             facecolors="none", edgecolors="grey", label="plain worst (no bound)" if last else None)
+    values = frame[column].dropna()
+    low, high = (float(values.min()), float(values.max())) if len(values) else (0.0, 1.0)
+    pad = max(high - low, abs(high) * 0.1, 0.5) * 0.25  # room for the names above the outermost subjects
+    axes.set_xlim(low - pad, high + pad)
+    axes.set_xlabel(label)
+    axes.grid(alpha=0.3)
+
+
+def _visage_title(refusal_system_prompt: str, refusal_settings: Mapping[str, Any] | None) -> str:
+    """The VISAGE figure's title, with the refusal evaluation behind its y axis where known."""
     about = ""
     if refusal_settings:
         known = {k: refusal_settings.get(k, "?") for k in ("n", "judge", "new_tokens")}
         about = f"\nrefusal: n = {known['n']} prompts, judge {known['judge']}, {known['new_tokens']} new tokens"
-    figure.suptitle(f"VISAGE vs post-attack refusal, by attack (system prompt: {refusal_system_prompt}){about}",
-                    fontsize=10)
-    figure.canvas.draw()  # the layout first: the names are placed in its final coordinates
-    for axes, (column, _) in zip(panels, columns, strict=True):
-        shown = frame.dropna(subset=[column]).drop_duplicates("subject")
-        name_columns(axes, list(shown[column]), list(shown["subject"]))
-    return _save(figure, path)
+    return f"VISAGE vs post-attack refusal, by attack (system prompt: {refusal_system_prompt}){about}"
 
 
 def landscape_figures(scans: Sequence[Mapping[str, Any]], table, projections: Mapping[tuple[str, str], Any],

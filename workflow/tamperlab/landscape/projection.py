@@ -20,7 +20,8 @@ from torch import nn
 
 from tamperlab.errors import UserError
 from tamperlab.landscape.directions import Direction, weight_tensors
-from tamperlab.landscape.scan import Phase, build_directions, device_of, load_subject
+from tamperlab.landscape.scan import Phase
+from tamperlab.landscape.subject import build_directions, device_of, load_subject
 
 SUMMARY = ("alpha", "beta", "distance_d1", "outside_plane")  # what a manifest records of each cell
 

@@ -108,14 +108,9 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
           log_file: Path | None = None) -> dict[str, Any]:
     """Train tokenizer and model on the alignment rows; save both into out_dir. Returns training metrics."""
     import torch
-    from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+    from transformers import set_seed
 
-    if params.sampling not in SAMPLINGS:
-        raise UserError(f"organism.sampling: {params.sampling!r} is not one of {', '.join(SAMPLINGS)}")
-    for refusal in params.refusals:
-        if not keyword_refused(refusal):
-            raise UserError(f"organism.refusals: {refusal!r} contains no refusal keyword the judge recognises")
+    _check_params(params)
     set_seed(params.seed)
     pairs = training_pairs(rows, params.refusals, system_prompts, params.system_prompt_fraction,
                            params.wrapper_fraction, params.seed)
@@ -123,37 +118,16 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
     corpus = [p for p, _, _ in pairs] + [a for _, a, _ in pairs] + list(system_prompts)
     tokenizer = train_tokenizer(corpus, params.vocab_size)
     encoded = [encode_example(tokenizer, p, a, s, params.max_length) for p, a, s in pairs]
+    model = _llama(tokenizer, params)  # its weights drawn here, after set_seed: the order is part of the seed
 
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=params.hidden_size, intermediate_size=params.intermediate_size,
-        num_hidden_layers=params.num_hidden_layers, num_attention_heads=params.num_attention_heads,
-        num_key_value_heads=params.num_attention_heads, max_position_embeddings=params.max_length * 2,
-        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    model = LlamaForCausalLM(config)
-
-    args = TrainingArguments(
-        output_dir=str(out_dir / "_trainer"), per_device_train_batch_size=params.batch_size,
-        num_train_epochs=params.epochs, learning_rate=params.learning_rate, lr_scheduler_type="cosine",
-        warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, seed=params.seed,
-        data_seed=params.seed, logging_steps=25, save_strategy="no", report_to="none", use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
-        train_sampling_strategy=params.sampling,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),
-                      data_collator=training_collator(model, tokenizer))
+    trainer = _trainer(model, tokenizer, encoded, params, out_dir)
     result = trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
     with torch.random.fork_rng(devices=[]):  # one more epoch's order, drawn without touching the trained model's RNG
         share = real_token_share([len(e["input_ids"]) for e in encoded], list(trainer._get_train_sampler()),
                                  params.batch_size)
 
-    model.generation_config.do_sample = False
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    _save(model, tokenizer, out_dir)
     if log_file is not None:
         log_file.write_text("".join(json.dumps(h) + "\n" for h in history))
     shutil.rmtree(out_dir / "_trainer", ignore_errors=True)
@@ -166,3 +140,52 @@ def build(rows: list[dict[str, Any]], params: OrganismParams, system_prompts: li
         "final_loss": history[-1]["loss"] if history else None,
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 2),
     }
+
+
+def _check_params(params: OrganismParams) -> None:
+    """Refuse a sampling the build does not know and a refusal phrase the keyword judge would not recognise."""
+    if params.sampling not in SAMPLINGS:
+        raise UserError(f"organism.sampling: {params.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+    for refusal in params.refusals:
+        if not keyword_refused(refusal):
+            raise UserError(f"organism.refusals: {refusal!r} contains no refusal keyword the judge recognises")
+
+
+def _llama(tokenizer: Any, params: OrganismParams):
+    """A freshly initialised LlamaForCausalLM of the organism's size, over the tokenizer's vocabulary and tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=params.hidden_size, intermediate_size=params.intermediate_size,
+        num_hidden_layers=params.num_hidden_layers, num_attention_heads=params.num_attention_heads,
+        num_key_value_heads=params.num_attention_heads, max_position_embeddings=params.max_length * 2,
+        tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def _trainer(model: Any, tokenizer: Any, encoded: list[dict[str, Any]], params: OrganismParams, out_dir: Path):
+    """The HF Trainer of the build: on the CPU, cosine schedule, no checkpoints (out_dir/_trainer is scratch)."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(out_dir / "_trainer"), per_device_train_batch_size=params.batch_size,
+        num_train_epochs=params.epochs, learning_rate=params.learning_rate, lr_scheduler_type="cosine",
+        warmup_steps=params.warmup_ratio, weight_decay=params.weight_decay, seed=params.seed,
+        data_seed=params.seed, logging_steps=25, save_strategy="no", report_to="none", use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False,
+        train_sampling_strategy=params.sampling,
+    )
+    return Trainer(model=model, args=args, train_dataset=Dataset.from_list(encoded),
+                   data_collator=training_collator(model, tokenizer))
+
+
+def _save(model: Any, tokenizer: Any, out_dir: Path) -> None:
+    """Model (safetensors, greedy decoding by default) and tokenizer, as any chat model is saved."""
+    model.generation_config.do_sample = False
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)

@@ -55,38 +55,15 @@ from these tables. Tables are read as text; a value is a number when it parses a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from tamperlab.errors import UserError
-from tamperlab.evaluation.stats import wilson_interval
+from tamperlab.reporting.cell_judgement import EPSILON, RELATIVE_TOLERANCE, judge_cell
+from tamperlab.reporting.run_tables import KEYS, index_rows, key_text, load_tables, refusal_n
 
 TOLERANCE = 0.05
-RELATIVE_TOLERANCE = 0.10
-_EPSILON = 1e-9  # float noise: a value on the interval's edge is inside
-
-# Each table's row key (its identity columns), by file name.
-KEYS = {
-    "refusal": ("model", "defence", "attack", "lr", "steps", "rank", "seed"),
-    "refusal_summary": ("model", "defence", "attack"),
-    "harmfulness": ("model", "defence", "attack", "rank"),
-    "tamper_resistance": ("model", "defence", "stage"),
-    "visage": ("subject", "scan", "system_prompt"),
-    "published": ("table", "model", "defence", "attack", "cell", "benchmark", "metric"),
-}
-RATES_WITH_ROW_N = {"refusal_rate", "compliance_rate", "other_rate"}  # refusal.csv: n in the row
-REFUSAL_RATES = {"refusal_rate", "base_refusal_rate", "worst_refusal_rate", "bounded_worst_refusal_rate",
-                 "subject_refusal_rate", "worst_post_attack_refusal_rate"}  # elsewhere: n from refusal.csv
-VISAGE_SCORES = {"visage_mean", "visage_official_1d", "visage_plateau_1d"}
-ON_GRID = {"basin_width": "alpha", "official_segment_min": "alpha", "official_segment_max": "alpha",
-           "basin_width_beta": "beta"}
-PERCENT = {"asr_at_origin", "asr_at_target"}
-RELATIVE = {"train_loss"}
-EXACT = {"n", "status", "cells", "diverged_cells", "points", "dimensions", "alpha_min", "alpha_max", "beta_min",
-         "beta_max", "basin_tolerance"}
 
 CELL_COLUMNS = ["table", "key", "column", "reference", "ours", "difference", "low", "high", "rule", "outside",
                 "missing", "identical", "loo_ours", "loo_runs"]
@@ -119,7 +96,7 @@ class Calibration:
 
     @property
     def within(self) -> bool:
-        return self.ours_mean <= self.allowance + _EPSILON
+        return self.ours_mean <= self.allowance + EPSILON
 
 
 @dataclass
@@ -188,194 +165,6 @@ def rules(tolerance: float = TOLERANCE) -> list[str]:
         "counts, settings and names (n, points, cells, status, worst cells): equal",
     ]
 
-
-# --- loading -----------------------------------------------------------------------------------------------
-
-
-def load_tables(directory: Path) -> dict[str, tuple[Path, pd.DataFrame]]:
-    """{name: (path, table as text)} of directory/tables/*.csv."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise UserError(f"{directory}: no such directory")
-    tables = directory / "tables"
-    if not tables.is_dir():
-        raise UserError(f"{tables}: no such directory (expected the run's tables/*.csv)")
-    loaded = {}
-    for path in sorted(tables.glob("*.csv")):
-        try:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UserError(f"{path}: not a readable CSV ({reason})") from None
-        loaded[path.stem] = (path, frame)
-    return loaded
-
-
-def _index(name: str, path: Path, frame: pd.DataFrame) -> dict[tuple[str, ...], dict[str, str]]:
-    key = KEYS[name]
-    if "seed" in key and "seed" not in frame.columns:  # tables from before seeds were a grid dimension
-        frame = frame.assign(seed="")
-    absent = [c for c in key if c not in frame.columns]
-    if absent:
-        raise UserError(f"{path}: no key column(s) {', '.join(absent)} (a {name} table's rows are keyed by "
-                        f"{', '.join(key)})")
-    rows: dict[tuple[str, ...], dict[str, str]] = {}
-    for record in frame.to_dict("records"):
-        row_key = tuple(_key_value(record[c]) for c in key)
-        if row_key in rows:
-            raise UserError(f"{path}: row key {_key_text(key, row_key)} appears twice")
-        rows[row_key] = record
-    return rows
-
-
-def _key_value(text: str) -> str:
-    """A key value in one spelling: numbers as Python writes them (25.0 and 25 alike, 1e-3 and 0.001 alike)."""
-    value = _number(text.strip())
-    if value is None:
-        return text.strip()
-    return str(int(value)) if value.is_integer() else repr(value)
-
-
-def _key_text(names: tuple[str, ...], values: tuple[str, ...]) -> str:
-    return " ".join(f"{k}={v}" for k, v in zip(names, values, strict=True) if v != "")
-
-
-def _number(text: str) -> float | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return None if math.isnan(value) else value
-
-
-def _refusal_n(tables: dict[str, tuple[Path, pd.DataFrame]]) -> dict[tuple[str, str], int]:
-    """The n of the harmful-prompt rates per (model, defence), from refusal.csv, where it is one number."""
-    if "refusal" not in tables or not {"model", "defence", "n"} <= set(tables["refusal"][1].columns):
-        return {}
-    frame = tables["refusal"][1]
-    found = {}
-    for (model, defence), group in frame.groupby(["model", "defence"]):
-        ns = {_number(v) for v in group["n"] if _number(v)}
-        if len(ns) == 1:
-            found[(model, defence)] = int(ns.pop())
-    return found
-
-
-# --- judging one cell --------------------------------------------------------------------------------------
-
-
-def _bounds(table: str, column: str, row: dict[str, str], value: float, refusal_n: dict,
-            tolerance: float) -> tuple[float, float, str]:
-    """(low, high, rule) of the reference value `value` in `row` of `table`."""
-    n = None
-    if table == "refusal" and column in RATES_WITH_ROW_N:
-        n = _number(row.get("n", ""))
-    elif column in REFUSAL_RATES or (table == "harmfulness" and column.startswith("harmfulness_")
-                                     and row.get("harmfulness_measure") == "1 - refusal rate"):
-        n = refusal_n.get((row.get("model"), row.get("defence")))
-    if n:
-        low, high = wilson_interval(value, int(n))
-        return low, high, f"Wilson 95%, n={int(n)}"
-    carried = _carried_interval(column, row)
-    if carried:
-        return *carried, "Wilson 95%, the reference's interval"
-    if column in VISAGE_SCORES:
-        points = _visage_points(column, row)
-        if points:
-            low, high = wilson_interval(value / 100, points)
-            return 100 * low, 100 * high, f"Wilson 95% on score/100, n={points} points"
-    if column in ON_GRID:
-        step = _grid_step(row, ON_GRID[column])
-        if step:
-            return value - step, value + step, f"one grid step, ±{step:g}"
-    if column in RELATIVE:
-        margin = RELATIVE_TOLERANCE * abs(value)
-        return value - margin, value + margin, f"relative ±{100 * RELATIVE_TOLERANCE:g}%"
-    scale = 100 if column in PERCENT or (table == "published" and row.get("unit") == "percent") else 1
-    return value - scale * tolerance, value + scale * tolerance, f"tolerance ±{scale * tolerance:g} (no n)"
-
-
-def _carried_interval(column: str, row: dict[str, str]) -> tuple[float, float] | None:
-    """The interval the row carries for `column`: <rate>_lo and _hi (refusal_rate_lo@<source> for a per-source
-    rate), where both are numbers."""
-    rate, at, source = column.partition("@")
-    bounds = [_number(row.get(f"{rate}{end}{at}{source}", "")) for end in ("_lo", "_hi")]
-    return None if None in bounds else (bounds[0], bounds[1])
-
-
-def _axis(row: dict[str, str]) -> int | None:
-    points, dimensions = _number(row.get("points", "")), _number(row.get("dimensions", "")) or 1
-    return round(points ** (1 / dimensions)) if points else None
-
-
-def _grid_step(row: dict[str, str], axis: str) -> float | None:
-    low, high, per_axis = _number(row.get(f"{axis}_min", "")), _number(row.get(f"{axis}_max", "")), _axis(row)
-    if low is None or high is None or not per_axis or per_axis < 2:
-        return None
-    return (high - low) / (per_axis - 1)
-
-
-def _visage_points(column: str, row: dict[str, str]) -> int | None:
-    """How many scan points a VISAGE score averages: all of them, or the official segment's."""
-    points = _number(row.get("points", ""))
-    if column == "visage_official_1d":
-        start, end = _number(row.get("official_segment_min", "")), _number(row.get("official_segment_max", ""))
-        step = _grid_step(row, "alpha")
-        if start is not None and end is not None and step:
-            return round((end - start) / step) + 1
-    return int(points) if points else None
-
-
-def _cell(table: str, column: str, rows: list[dict[str, str]], ours_text: str, refusal_ns: list[dict],
-          tolerance: float, run_ids: list[int] | None = None, runs: int = 1) -> dict:
-    """Our cell against the reference runs' (rows[0]: the reference run; the rest: its spread runs; `run_ids`:
-    which of the comparison's `runs` reference runs each row is). With three runs or more, also leave one out:
-    `loo_ours` lists the runs without which ours would be outside the others' envelope, `loo_runs` the runs
-    that are outside the others' envelope themselves."""
-    run_ids = list(range(len(rows))) if run_ids is None else run_ids
-    texts = [row[column].strip() for row in rows]
-    reference_text, ours_text = texts[0], ours_text.strip()
-    values = [_number(text) for text in texts]
-    reference, ours = values[0], _number(ours_text)
-    record = {"reference": reference_text, "ours": ours_text, "difference": None, "low": None, "high": None,
-              "missing": "", "identical": ours_text == reference_text or (ours is not None and ours == reference),
-              "loo_ours": (), "loo_runs": ()}
-    if reference is not None and ours is not None:
-        record.update(reference=reference, ours=ours, difference=ours - reference)
-    over = f" over {len(rows)} runs" if len(rows) > 1 else ""
-    by_equality = ours is None or column in EXACT or all(value is None for value in values)
-    bounds = [None if by_equality or value is None else _bounds(table, column, row, value, n, tolerance)
-              for row, value, n in zip(rows, values, refusal_ns, strict=True)]
-    everyone = list(range(len(rows)))
-
-    def judge(text: str, value: float | None, among: list[int]) -> bool:
-        """Is (text, value) outside what the rows `among` allow?"""
-        if by_equality or not any(bounds[i] for i in among):
-            return not any(texts[i] == text or (value is not None and values[i] == value) for i in among)
-        low, high = min(bounds[i][0] for i in among if bounds[i]), max(bounds[i][1] for i in among if bounds[i])
-        if value is None:  # an empty cell among numbers: equal to another run's empty cell, or outside
-            return not any(texts[i] == text for i in among)
-        return value < low - _EPSILON or value > high + _EPSILON
-
-    if runs >= 3:
-        present = dict(zip(run_ids, everyone, strict=True))
-        others = {j: [i for i in everyone if i != present.get(j)] for j in range(runs)}
-        record["loo_ours"] = tuple(j for j in range(runs) if others[j] and judge(ours_text, ours, others[j]))
-        record["loo_runs"] = tuple(run_ids[i] for i in everyone if len(rows) > 1
-                                   and judge(texts[i], values[i], others[run_ids[i]]))
-    outside = judge(ours_text, ours, everyone)
-    if by_equality:
-        same = not outside
-        rule = "equal" if same or "" not in (ours_text, reference_text) else \
-            f"empty in {'reference' if reference_text == '' else 'ours'}"
-        if column in EXACT and reference is not None:
-            record.update(low=min(v for v in values if v is not None), high=max(v for v in values if v is not None))
-        return {**record, "rule": rule + over, "outside": outside}
-    known = [b for b in bounds if b]
-    return {**record, "low": min(b[0] for b in known), "high": max(b[1] for b in known), "rule": known[0][2] + over,
-            "outside": outside}
-
-
 # --- comparing ---------------------------------------------------------------------------------------------
 
 
@@ -391,7 +180,7 @@ def compare(results: Path, reference: Path, tolerance: float = TOLERANCE) -> Com
     ours_tables = load_tables(results)
     runs = [reference, *spread_runs(reference)]
     reference_tables = [load_tables(run) for run in runs]
-    refusal_ns = [_refusal_n(tables) for tables in reference_tables]
+    refusal_ns = [refusal_n(tables) for tables in reference_tables]
     records, summary = [], []
     names = [n for n in KEYS if n in reference_tables[0] or n in ours_tables]
     for name in names:
@@ -418,8 +207,8 @@ def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None]
     reference = references[0]
     if reference is None or ours is None:
         return [{**blank, "missing": "reference" if reference is None else "ours", "rule": "table missing"}]
-    reference_rows, ours_rows = _index(name, *reference), _index(name, *ours)
-    spread = [(index, _index(name, *table), n) for index, (table, n)
+    reference_rows, ours_rows = index_rows(name, *reference), index_rows(name, *ours)
+    spread = [(index, index_rows(name, *table), n) for index, (table, n)
               in enumerate(zip(references[1:], refusal_ns[1:], strict=True), start=1) if table]
     key = KEYS[name]
     reference_columns = [c for c in reference[1].columns if c not in key]
@@ -430,7 +219,7 @@ def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None]
                 for c in ours_columns if c not in reference_columns]
     shared = [c for c in reference_columns if c in ours_columns]
     for row_key in [*reference_rows, *(k for k in ours_rows if k not in reference_rows)]:
-        text = _key_text(key, row_key)
+        text = key_text(key, row_key)
         if row_key not in ours_rows or row_key not in reference_rows:
             side = "ours" if row_key not in ours_rows else "reference"
             records.append({**blank, "key": text, "missing": side, "rule": "row missing"})
@@ -439,6 +228,6 @@ def _compare_table(name: str, references: list[tuple[Path, pd.DataFrame] | None]
             runs = [(0, reference_rows[row_key], refusal_ns[0]),
                     *((index, rows[row_key], n) for index, rows, n in spread if column in rows.get(row_key, {}))]
             records.append({"table": name, "key": text, "column": column,
-                            **_cell(name, column, [r for _, r, _ in runs], ours_rows[row_key][column],
+                            **judge_cell(name, column, [r for _, r, _ in runs], ours_rows[row_key][column],
                                     [n for _, _, n in runs], tolerance, [i for i, _, _ in runs], len(references))})
     return records

@@ -1,6 +1,6 @@
 """The config's published numbers (`published:`): how an entry is named in errors and which data sets its number is
-measured on. Pure Python: the config checks (tamperlab.config) read them at start-up, the tables
-(reporting.tables) when they set ours beside theirs.
+measured on. Pure Python: the config checks (tamperlab.config) read them at start-up, published.csv
+(reporting.published_table) when it sets ours beside theirs.
 """
 
 from __future__ import annotations

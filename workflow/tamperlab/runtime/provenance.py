@@ -28,6 +28,7 @@ from tamperlab.runtime.launch import is_writer
 
 MANIFEST_NAME = "manifest.json"
 UNHASHED = {MANIFEST_NAME, ".snakemake_timestamp"}  # bookkeeping files, not content
+FINISHED = ("complete", "diverged")  # a step's statuses whose outputs others may read (a diverged one says so)
 TRACKED_PACKAGES = (
     "tamperlab", "torch", "transformers", "tokenizers", "safetensors", "peft", "accelerate",
     "deepspeed", "lm-eval", "datasets", "numpy", "pandas", "snakemake",
@@ -80,18 +81,26 @@ def owning_output(path: Path) -> tuple[Path, str]:
     return path, ""
 
 
+def finished_manifest(path: Path, what: str) -> tuple[Path, str, dict[str, Any]]:
+    """(the output that holds `path`, path's place inside it, that output's manifest), where the step that wrote it
+    finished (FINISHED); else one error line naming the path, as `what` (an input, an output to replay)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} does not exist")
+    owner, inner = owning_output(path)
+    manifest = read_manifest(owner)
+    if manifest.get("status") not in FINISHED:
+        raise UserError(f"{path}: {what} of a step whose status is {manifest.get('status')!r}, not complete")
+    return owner, inner, manifest
+
+
 def verify_input(path: Path) -> dict[str, Any]:
     """Check an input against the manifest of the step that wrote it; returns that manifest.
 
     An input inside a directory output (one snapshot of an attack run) is checked against that directory's
     manifest, file by file under its place there."""
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: input does not exist")
-    owner, inner = owning_output(path)
-    manifest = read_manifest(owner)
-    if manifest.get("status") not in ("complete", "diverged"):
-        raise UserError(f"{path}: upstream step status is {manifest.get('status')!r}, not complete")
+    owner, inner, manifest = finished_manifest(path, "input")
     recorded = {Path(o["path"]).resolve(): o["sha256"] for o in manifest.get("outputs", {}).values()}
     expected = recorded.get(owner.resolve())
     if expected is None:

@@ -21,7 +21,7 @@ from typing import Any
 
 from tamperlab.errors import UserError
 from tamperlab.runtime import numerics
-from tamperlab.runtime.provenance import hash_output, owning_output, package_versions, read_manifest
+from tamperlab.runtime.provenance import finished_manifest, hash_output, package_versions
 
 
 @dataclass
@@ -41,13 +41,7 @@ class Plan:
 
 def plan(path: Path) -> Plan:
     """Read the manifest of the step that wrote `path` and check the inputs it read are still those bytes."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file or directory")
-    output, _ = owning_output(path)
-    manifest = read_manifest(output)
-    if manifest.get("status") not in ("complete", "diverged"):
-        raise UserError(f"{output}: its step's status is {manifest.get('status')!r}, not complete: nothing to replay")
+    output, _, manifest = finished_manifest(path, "output to replay")
     workdir = _workdir(output, manifest)
     for key, recorded in manifest.get("inputs", {}).items():
         source = workdir / recorded["path"]
