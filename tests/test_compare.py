@@ -403,11 +403,12 @@ DEFAULT = Path(__file__).resolve().parents[1] / "reference" / "default"
 @pytest.mark.parametrize("left_out, others", [
     ("seed1", [DEFAULT, DEFAULT / "spread" / "seed2", DEFAULT / "spread" / "seed3"]),
     ("seed3", [DEFAULT, DEFAULT / "spread" / "seed1", DEFAULT / "spread" / "seed2"]),
+    ("seed4", [DEFAULT] + [DEFAULT / "spread" / f"seed{k}" for k in (1, 2, 3)]),
 ])
 def test_the_committed_default_reference_judges_another_seed_within_spread_and_a_swapped_defence_not(
         tmp_path, capsys, left_out, others):
-    """reference/default and its spread: the default with its organism under seeds 0-3, all made under portable
-    numerics on one machine. One seed's run, left out, against a reference made of the other three:
+    """reference/default and its spread: the default with its organism under seeds 0-4, all made under portable
+    numerics on one machine. One seed's run, left out, against a reference made of three or four others:
     some hundred cells lie outside their envelope (the seeds move whole behaviours), no more than the reference's
     own runs have against each other (leave one out), so "within spread"; the same run with the `none` and `tar`
     rows swapped has far more (benchmarks/spread_leave_one_out.py), and its failing claims name both defences."""

@@ -43,9 +43,9 @@ runs the comparison leaves one out: each reference run against the envelope of t
 seeds disagree among themselves), and ours against each of those k envelopes (the same comparison, one run
 against k − 1). A run of the same configuration is exchangeable with the reference's runs, so its mean count is
 drawn like theirs; it is **within spread** when that mean is no more than the largest of theirs. (On the default
-reference's four runs, each left out in turn against the other three: genuine 275-367 cells outside on average
-where the others' own runs reach 338-407, one of the four over; every run with two defences' rows swapped
-476-537.) The claims a paper would state — per (model, defence, attack) of refusal_summary.csv: base refusal,
+reference's five runs, each left out in turn against the other four: genuine 144-284 cells outside on average
+where the others' own runs reach 252-341, one of the five over; every run with two defences' rows swapped
+351-461.) The claims a paper would state — per (model, defence, attack) of refusal_summary.csv: base refusal,
 bounded-worst refusal and the capability beside each — are listed as holding or not.
 
 A cell empty in one run and not in the other (a diverged cell) is outside. Rows, columns and tables present in
