@@ -661,7 +661,7 @@ def test_repnoise_rows_resolve_to_beavertails_own_distinct_unsafe_answers(monkey
                                                       response=attack["response"], family=None)]
     defence = config["defences"]["repnoise"]
     harmful = [p["harmful"] for p in hardening_examples(
-        [r for s in defence["splits"] for r in splits[s]], "repnoise", None,
+        [r for s in defence["splits"] for r in splits[s]], "pairs", None,
         harmful_response=defence["harmful_response"], refusal=defence["refusal"],
         forget_family=defence["forget_family"], splits=defence["splits"])["pairs"]]
     for trained in (answers, harmful):

@@ -5,6 +5,7 @@ import json
 import re
 import shlex
 
+from tamperlab import methods
 from tamperlab.attacks import grid
 from tamperlab.attacks.grid import attack_grid as grid_of
 from tamperlab.attacks.grid import attacked_defences, defence_seeds
@@ -16,7 +17,9 @@ from tamperlab.training.sft import default_lora_alpha
 ALIGNMENT_SPLIT = "alignment"  # the split the organism is refusal-trained on
 # Every rule's command pins the CPU numerics before torch loads (tamperlab.runtime.numerics): on the command line, so
 # that `snakemake -n -p` shows them and a copied line computes the same bits, and a param, so that changing them reruns.
-NUMERICS = f"--numerics {config['cpu']['numerics']}"
+# The config's plugins travel the same way: every job imports them (their methods registered) before it parses.
+NUMERICS = " ".join([f"--numerics {config['cpu']['numerics']}",
+                     *(f"--plugin {shlex.quote(m)}" for m in config["plugins"])])
 
 
 def names_regex(names):
@@ -225,7 +228,7 @@ def defences_from(*sources):
     return [
         name
         for name, spec in config["defences"].items()
-        if spec["method"] != "none" and spec["source"] in sources
+        if methods.get("defence", spec["method"]).trains and spec["source"] in sources
     ]
 
 
@@ -242,7 +245,7 @@ def harden_args(wildcards):
             "harmful_response": spec["harmful_response"],
             "refusal": refusal,
             "forget_family": spec["forget_family"],
-            "params": spec[spec["method"]],
+            "params": spec[methods.get("defence", spec["method"]).block],
         }
     )
 

@@ -20,7 +20,7 @@ def _cell(model, defence, reference):
     job = prefix if spec["one_job"] else f"{prefix}/{run['run']}"
     snapshot = f"{prefix}/{run['run']}/steps{run['steps']}"
     base = checkpoint_dir(SimpleNamespace(model=model, defence=defence))
-    if spec["method"] == "lora":
+    if methods.get("attack", spec["method"]).adapter:
         return {"inputs": [base, job], "model": base, "adapter": snapshot}
     return {"inputs": [job], "model": snapshot, "adapter": None}
 

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tamperlab import methods
 from tamperlab.commands.common import import_training_stack
 from tamperlab.errors import UserError
 
@@ -15,11 +16,12 @@ def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps:
 
     fields = {k: getattr(args, k) for k in SFTParams.__dataclass_fields__
               if k not in ("lr", "rank", "steps", "seed")}
-    if args.method == "lora":
+    adapter = methods.get("attack", args.method).adapter
+    if adapter:
         if rank is None:
             raise UserError("--method lora needs --rank")
         fields["lora_alpha"] = args.lora_alpha or default_lora_alpha(rank)
-    return SFTParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, seed=seed, **fields)
+    return SFTParams(lr=lr, rank=rank if adapter else None, steps=steps, seed=seed, **fields)
 
 
 def _examples(args: argparse.Namespace) -> list[dict]:
@@ -93,7 +95,7 @@ def attack_grid(args: argparse.Namespace) -> None:
     from tamperlab.runtime.launch import is_writer
     from tamperlab.runtime.provenance import Step, write_json_atomic
 
-    ranks = args.rank if args.method == "lora" else [None]
+    ranks = args.rank if methods.get("attack", args.method).adapter else [None]
     runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler, args.seed)
     plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"], run["seed"])
             for name, run in runs.items()}
@@ -140,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--benign-answers", type=Path,
                        help="a generator's answers to the mix split's benign prompts (generate-responses), in place "
                             "of the rows' own answers")
-        p.add_argument("--method", required=True, choices=["lora", "full"])
+        p.add_argument("--method", required=True, choices=methods.names("attack"))
         p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
         p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
                        help="snapshot at each; train to the largest")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tamperlab.evaluation.judges import JUDGES
+from tamperlab import methods
 
 
 def plain(value: Any) -> Any:
@@ -50,7 +50,7 @@ def max_memory_argument(p: argparse.ArgumentParser) -> None:
 
 def judge_arguments(p: argparse.ArgumentParser) -> None:
     """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
-    p.add_argument("--judge", required=True, choices=JUDGES)
+    p.add_argument("--judge", required=True, choices=methods.names("judge"))
     p.add_argument("--classifier-model", help="the judge model (classifier, harmbench, llama_guard): hub id or dir")
     p.add_argument("--classifier-revision")
     p.add_argument("--refusal-label")
