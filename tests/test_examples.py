@@ -173,7 +173,7 @@ def test_a_defence_names_the_unsafe_answers_it_trained_against():
     assert hardening_answers(hardening_examples(MIXED, "pairs", None, **COMMON)) == own
     assert hardening_answers(hardening_examples(MIXED, "forget_retain", "refusal", **COMMON)) == own
     assert hardening_answers(hardening_examples(ROWS, "forget_retain", "refusal", **COMMON)) == ["Sure, step 1"] * 2
-    assert hardening_answers(hardening_examples(ROWS, "forget_retain", "knowledge", **COMMON)) == []  # no unsafe answers
+    assert hardening_answers(hardening_examples(ROWS, "forget_retain", "knowledge", **COMMON)) == []  # none unsafe
 
 
 def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path):

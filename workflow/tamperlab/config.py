@@ -16,9 +16,9 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tamperlab import methods
 from tamperlab.attacks import grid
 from tamperlab.attacks.grid import attack_cells, attacked_defences, defence_seeds
-from tamperlab import methods
 from tamperlab.errors import UserError
 from tamperlab.landscape.spec import (
     INTERPOLATION,
