@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tamperlab.data.refusals import keyword_refused, opens_with_refusal
 from tamperlab import methods
+from tamperlab.data.refusals import keyword_refused, opens_with_refusal
 from tamperlab.errors import UserError
 
 log = logging.getLogger(__name__)
