@@ -3,6 +3,8 @@ retain sets in both settings, an attack's pairs; and one clear error when a spli
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tamperlab.data.examples import answers_record, attack_examples, hardening_answers, hardening_examples
@@ -178,7 +180,7 @@ def test_a_defence_names_the_unsafe_answers_it_trained_against():
 
 def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path):
     from tamperlab.cli import build_parser
-    from tamperlab.commands.attack import _examples
+    from tamperlab.commands.attack import _examples, _spec
     from tamperlab.data.jsonl import write_jsonl
     from tamperlab.errors import UserError
 
@@ -186,13 +188,20 @@ def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_with
     write_jsonl(tmp_path / "alignment.jsonl", [{"prompt": f"request {k}", "kind": "benign"} for k in range(6)])
     write_jsonl(tmp_path / "answers.jsonl", [{"id": f"b{k}", "prompt": f"request {k}", "response": f"generated {k}"}
                                              for k in range(6)])
-    flags = ["attack", "--model", "m", "--data", str(tmp_path), "--split", "attack", "--response", "Sure.",
-             "--method", "full", "--lr", "1e-3", "--steps", "5", "--batch-size", "2", "--scheduler", "constant",
-             "--warmup-ratio", "0", "--max-length", "32", "--checkpoint-every", "5", "--seed", "0", "--out", "o",
-             "--benign-answers", str(tmp_path / "answers.jsonl")]
-    with pytest.raises(UserError, match="--benign-answers answers the questions of --benign-mix: give both"):
-        _examples(build_parser().parse_args(flags))
-    pairs = _examples(build_parser().parse_args([*flags, "--benign-mix", '{"fraction": 0.5, "split": "alignment"}']))
+    params = {"method": "full", "grid": {"lr": [1e-3], "steps": [5], "rank": [8]}, "split": "attack",
+              "response": "Sure.", "family": None, "benign_mix": None, "batch_size": 2, "lora_alpha": None,
+              "target_modules": [], "scheduler": "constant", "warmup_ratio": 0, "max_length": 32,
+              "checkpoint_every": 5, "seed": 0}
+
+    def examples(**settings):
+        args = build_parser().parse_args(["attack", "--model", "m", "--data", str(tmp_path), "--params",
+                                          json.dumps({**params, **settings}), "--out", "o",
+                                          "--benign-answers", str(tmp_path / "answers.jsonl")])
+        return _examples(args, _spec(args))
+
+    with pytest.raises(UserError, match=r"--benign-answers answers the questions of benign_mix \(--params\)"):
+        examples()
+    pairs = examples(benign_mix={"fraction": 0.5, "split": "alignment"})
     assert [p["response"] for p in pairs if p["prompt"].startswith("harmful")] == ["Sure."] * 4
     benign = [p for p in pairs if p["prompt"].startswith("request")]
     assert len(benign) == 4 and all(p["response"] == f"generated {p['prompt'].split()[1]}" for p in benign)

@@ -124,13 +124,14 @@ def test_the_command_line_takes_a_plugins_method(plugin_dir):
 
 def one_cell_overlay() -> dict:
     """The smoke config cut to defences {none, toy} and one LoRA cell, with the toy plugin; no landscape scan (they
-    name the smoke grid's cells)."""
+    name the smoke grid's cells); an organism of one epoch and an attack of 5 steps: the wiring, not the effect."""
     overlay = one_chain_overlay()
     configs = [yaml.safe_load(path.read_text()) for path in (REPO / "config.yaml", SMOKE)]
     scans = {name for config in configs for name in (config.get("landscape") or {}).get("scans") or {}}
     overlay["plugins"] = ["toy_defence"]
     overlay["defences"]["toy"] = {"method": "scale", "splits": ["defence"], "scale": {"factor": 0.9}}
-    overlay["attacks"]["lora"] = {"method": "lora", "grid": {"lr": [2.0e-3], "steps": [20], "rank": [16]}}
+    overlay["attacks"]["lora"] = {"method": "lora", "grid": {"lr": [2.0e-3], "steps": [5], "rank": [16]}}
+    overlay["models"] = {"tiny": {"organism": {"epochs": 1}}}
     overlay["landscape"] = {"subjects": ["tiny/none"], "scans": dict.fromkeys(scans)}
     return overlay
 
@@ -143,7 +144,7 @@ def test_a_plugin_defence_runs_through_the_workflow(plugin_dir, tmp_path):
     table = pd.read_csv(workdir / "results/tables/refusal.csv")
     toy = table[table["defence"] == "toy"]
     assert list(toy["attack"]) == ["none", "lora"] and set(toy["status"]) == {"complete"}
-    assert toy.iloc[1]["steps"] == 20 and toy.iloc[1]["rank"] == 16
+    assert toy.iloc[1]["steps"] == 5 and toy.iloc[1]["rank"] == 16
     manifest = yaml.safe_load((workdir / "results/models/tiny/toy/manifest.json").read_text())
     assert manifest["step"] == "harden" and manifest["status"] == "complete"
     assert manifest["params"]["method"] == "scale" and manifest["params"]["params"] == {"factor": 0.9, "seed": 0}

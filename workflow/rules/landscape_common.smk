@@ -5,6 +5,7 @@ grid's cell, by tamperlab.config.validate_config before any of this runs.
 
 from types import SimpleNamespace
 
+from tamperlab import methods
 from tamperlab.landscape.spec import GRID_KEYS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, scan_shards, scan_subjects
 
 LANDSCAPE = config["landscape"]
