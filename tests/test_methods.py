@@ -156,3 +156,26 @@ def test_a_plugin_defence_runs_through_the_workflow(plugin_dir, tmp_path):
     toy_weights = load_file(workdir / "results/models/tiny/toy/model.safetensors")
     changed = sorted(k for k in base if not (base[k] == toy_weights[k]).all())
     assert changed == ["model.layers.0.mlp.down_proj.weight"]
+
+
+def test_align_takes_its_config_block_as_params_with_loras_alpha_defaulted_there(tmp_path):
+    """align's --params is models.<m>.align less threads (AlignParams); alpha null is 2 x rank, a float as a configured
+    one; an unknown key or method stops the command in one line naming it."""
+    from snakemake.utils import update_config
+
+    from tamperlab.models.alignment import AlignParams
+
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    update_config(config, yaml.safe_load((REPO / "experiments" / "smollm2.yaml").read_text()))
+    config = validate_config(config)
+    block = {k: v for k, v in config["models"]["smollm2"]["align"].items() if k != "threads"}
+    params = from_params(AlignParams, block)
+    assert block["lora_alpha"] is None and params.lora_alpha == 2.0 * block["rank"]
+    assert isinstance(params.lora_alpha, float) and params.refusals == block["refusals"]
+    with pytest.raises(UserError, match="^align: method 'qlora' is not one of lora, full$"):
+        from_params(AlignParams, {**block, "method": "qlora"})
+    result = subprocess.run([str(BIN / "tamperlab"), "align", "--model", "m", "--data", "d", "--benign-answers", "b",
+                             "--params", '{"rnk": 4}', "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("tamperlab align: error: --params: unknown key 'rnk' (known: method, ")

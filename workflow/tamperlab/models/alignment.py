@@ -19,6 +19,7 @@ from typing import Any
 from tamperlab.errors import UserError
 
 UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
+ALIGN_METHODS = ("lora", "full")  # lora: trained as an adapter, then merged
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear map
 
 
@@ -42,6 +43,8 @@ class AlignParams:
     def __post_init__(self) -> None:
         from tamperlab.training.sft import default_lora_alpha
 
+        if self.method not in ALIGN_METHODS:
+            raise UserError(f"align: method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
         if self.method == "lora" and self.lora_alpha is None:  # as SFTParams does: recorded as trained
             self.lora_alpha = default_lora_alpha(self.rank)
 
