@@ -213,8 +213,7 @@ def test_a_benign_mix_answered_by_a_generator_trains_on_the_generated_answers_fi
         in generate
     (attack,) = [c for c in commands if c.startswith("tamperlab --numerics portable attack-grid ")]
     assert "--benign-answers results/responses/tiny/alignment-benign.jsonl" in attack
-    mix = json.loads(shlex.split(attack.split("--benign-mix ", 1)[1])[0])
-    assert mix == {"exclude_families": ["hazard"], "fraction": 0.5, "split": "alignment"}
+    assert params_of(attack)["benign_mix"] == {"exclude_families": ["hazard"], "fraction": 0.5, "split": "alignment"}
 
 
 def test_an_attack_asked_for_against_a_defence_it_does_not_face_is_refused_with_its_key(tmp_path):

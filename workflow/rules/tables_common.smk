@@ -1,4 +1,4 @@
-"""Input and parameter functions of the tables rule (workflow/rules/tables.smk): every evaluation, the seeds'
+"""Input and parameter functions of the tables step (workflow/rules/tables.smk): every evaluation, the seeds'
 tables, the harmfulness and tamper-resistance settings."""
 
 import json
