@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from tamperlab import methods
 from tamperlab.commands.common import import_training_stack, json_object
 from tamperlab.errors import UserError
 
@@ -16,6 +17,11 @@ def _spec(args: argparse.Namespace):
     from tamperlab.runtime.params import from_params
 
     return from_params(AttackSpec, args.params)
+
+
+def _entry_point(spec):
+    """The attack method's training entry point, as the method registry names it (imported now)."""
+    return methods.load(methods.get("attack", spec.method, "--params method").run)
 
 
 def _examples(args: argparse.Namespace, spec) -> list[dict]:
@@ -69,10 +75,10 @@ def _data_record(args: argparse.Namespace, spec) -> dict:
 
 
 def attack(args: argparse.Namespace) -> None:
-    from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.runtime.provenance import Step
 
     spec = _spec(args)
+    run_attack = _entry_point(spec)
     runs = spec.runs()
     if len(runs) != 1:
         raise UserError("attack trains one run: give one lr, one seed and at most one rank in --params (attack-grid "
@@ -92,11 +98,11 @@ def attack(args: argparse.Namespace) -> None:
 def attack_grid(args: argparse.Namespace) -> None:
     """Every run of an attack's grid in one process, each in its own directory under --out. Finished runs
     survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
-    from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.runtime.launch import is_writer
     from tamperlab.runtime.provenance import Step, write_json_atomic
 
     spec = _spec(args)
+    run_attack = _entry_point(spec)
     plan = {name: spec.run_params(run) for name, run in spec.runs().items()}
     with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, **_data_record(args, spec)},
               inputs=_inputs(args), outputs={"grid": args.out},
