@@ -179,3 +179,16 @@ def test_align_takes_its_config_block_as_params_with_loras_alpha_defaulted_there
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.strip().startswith("tamperlab align: error: --params: unknown key 'rnk' (known: method, ")
+
+
+def test_a_manifest_records_the_plugins_only_where_a_step_ran_with_some(plugin_dir):
+    """A run without plugins records the parameters it recorded before plugins existed."""
+    from tamperlab.cli import build_parser, load_plugins
+    from tamperlab.commands.common import params
+
+    argv = ["harden", "--method", "repnoise", "--model", "m", "--data", "d", "--split", "defence",
+            "--harmful-response", "x", "--params", "{}", "--out", "o"]
+    assert "plugin" not in params(build_parser().parse_args(argv), "out")
+    argv = ["--plugin", "toy_defence", *argv]
+    load_plugins(argv)
+    assert params(build_parser().parse_args(argv), "out")["plugin"] == ["toy_defence"]

@@ -20,8 +20,10 @@ def plain(value: Any) -> Any:
 
 
 def params(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
-    """Every argument of a step for its manifest, less the dispatch function and the outputs named in skip."""
-    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", *skip)}
+    """Every argument of a step for its manifest, less the dispatch function and the outputs named in skip; the
+    plugins only where there are some (a run without them records what it did before plugins existed)."""
+    return {k: plain(v) for k, v in vars(args).items()
+            if k not in ("func", *skip) and not (k == "plugin" and not v)}
 
 
 def json_object(text: str) -> dict[str, Any]:
