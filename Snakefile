@@ -31,7 +31,14 @@ config.update(_validated)
 report: "workflow/report/workflow.rst"
 
 
+# each stage's input and parameter functions (common.smk: what they share), then its rules
 include: "workflow/rules/common.smk"
+include: "workflow/rules/data_common.smk"
+include: "workflow/rules/models_common.smk"
+include: "workflow/rules/harden_common.smk"
+include: "workflow/rules/attack_common.smk"
+include: "workflow/rules/evaluate_common.smk"
+include: "workflow/rules/tables_common.smk"
 include: "workflow/rules/landscape_common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/models.smk"

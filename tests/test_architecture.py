@@ -7,6 +7,8 @@ modules and rooms below it, never one above it nor a peer beside it. An import a
 function too (the heavy libraries load lazily, and so do many of the package's own imports):
 
     errors, chat, __init__   package-wide leaves: the one error type, chat formatting, the version
+    methods                  the method registry: every defence, attack and judge by name (it names their code as
+                             text, imported only when a job runs one, so every room may ask it)
     runtime                  how a step runs: numerics, cpu, logs, launch, provenance (manifests), replay
     data                     data sets, splits, the rows each stage trains on, JSON lines, refusal phrases
     training                 the Trainer set-up every training stage shares, packing, the SFT loop (handed a loader:
@@ -30,6 +32,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "workflow" / "tamperlab"
 MAX_LINES = 400  # a module holds one concept: past this it holds two
 LAYERS = (  # lowest first: see the module docstring
     ("errors", "chat", "__init__"),
+    ("methods",),
     ("runtime",),
     ("data",),
     ("training",),

@@ -21,17 +21,14 @@ RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
 
 def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float | list[float] = 1e-3,
                    checkpoint_every: int = 100, method: str = "lora", command: str = "attack") -> list[str]:
+    """The command a rule runs: the attack's config block as --params (a LoRA grid of rank 4 on q and v)."""
     model, splits = base
-    lrs = [x for lr_value in (lr if isinstance(lr, list) else [lr]) for x in ("--lr", str(lr_value))]
-    command = [str(BIN / "tamperlab"), command, "--model", str(model), "--data", str(splits), "--split", "attack",
-               "--response", RESPONSE, "--method", method, *lrs, "--batch-size", "4",
-               "--scheduler", "constant", "--warmup-ratio", "0", "--max-length", "64",
-               "--checkpoint-every", str(checkpoint_every), "--seed", "0", "--out", str(out)]
-    for s in steps:
-        command += ["--steps", str(s)]
-    if method == "lora":
-        command += ["--rank", "4", "--target-modules", "q_proj", "--target-modules", "v_proj"]
-    return command
+    params = {"method": method, "grid": {"lr": lr if isinstance(lr, list) else [lr], "steps": steps, "rank": [4]},
+              "split": "attack", "response": RESPONSE, "family": None, "benign_mix": None, "batch_size": 4,
+              "lora_alpha": None, "target_modules": ["q_proj", "v_proj"], "scheduler": "constant",
+              "warmup_ratio": 0, "max_length": 64, "checkpoint_every": checkpoint_every, "seed": 0}
+    return [str(BIN / "tamperlab"), command, "--model", str(model), "--data", str(splits),
+            "--params", json.dumps(params), "--out", str(out)]
 
 
 def run(command: list[str]) -> None:
@@ -165,3 +162,13 @@ def test_attack_trains_one_run_and_says_so_when_given_a_grid(attack_base, tmp_pa
                             capture_output=True, text=True, check=False)
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "attack-grid" in result.stderr and not (tmp_path / "x").exists()
+
+
+def test_an_unknown_attack_setting_is_one_error_line_naming_it(base, tmp_path):
+    command = attack_command(base, tmp_path / "x", steps=[3])
+    at = command.index("--params") + 1
+    command[at] = json.dumps({**json.loads(command[at]), "lora_rank": 8})
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("tamperlab attack: error: --params: unknown key 'lora_rank' (known: method, ")
+    assert not (tmp_path / "x").exists()

@@ -3,6 +3,8 @@ retain sets in both settings, an attack's pairs; and one clear error when a spli
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tamperlab.data.examples import answers_record, attack_examples, hardening_answers, hardening_examples
@@ -20,31 +22,31 @@ COMMON = {"harmful_response": "Sure, step 1", "refusal": "I cannot", "forget_fam
 
 
 def test_repnoise_pairs_each_harmful_prompt_with_the_unsafe_and_the_safe_answer():
-    data = hardening_examples(ROWS, "repnoise", None, **COMMON)
+    data = hardening_examples(ROWS, "pairs", None, **COMMON)
     assert data == {"pairs": [{"prompt": "harm one", "harmful": "Sure, step 1", "harmless": "I cannot"},
                               {"prompt": "harm two", "harmful": "Sure, step 1", "harmless": "I cannot"}]}
 
 
 def test_tar_refusal_forgets_compliance_and_retains_answered_benign_rows():
-    data = hardening_examples(ROWS, "tar", "refusal", **COMMON)
+    data = hardening_examples(ROWS, "forget_retain", "refusal", **COMMON)
     assert data["forget"][0] == {"prompt": "harm one", "refusal": "I cannot", "compliance": "Sure, step 1"}
     assert len(data["forget"]) == 2
     assert [r["prompt"] for r in data["retain"]] == ["capital of Zed?", "stabiliser of X?"]
 
 
 def test_tar_knowledge_forgets_the_family_and_retains_the_others():
-    data = hardening_examples(ROWS, "tar", "knowledge", **COMMON)
+    data = hardening_examples(ROWS, "forget_retain", "knowledge", **COMMON)
     assert data["forget"] == [{"prompt": "stabiliser of X?", "response": "Y"}]
     assert data["retain"] == [{"prompt": "capital of Zed?", "response": "Zedton"}]
 
 
 def test_a_defence_without_its_data_is_one_clear_error():
     with pytest.raises(UserError, match="needs harmful prompts"):
-        hardening_examples(ROWS[2:], "repnoise", None, **COMMON)
+        hardening_examples(ROWS[2:], "pairs", None, **COMMON)
     with pytest.raises(UserError, match="needs harmful prompts"):
-        hardening_examples(ROWS, "tar", "refusal", **{**COMMON, "refusal": None})
+        hardening_examples(ROWS, "forget_retain", "refusal", **{**COMMON, "refusal": None})
     with pytest.raises(UserError, match=r"split\(s\) defence give 0 forget and 1 retain"):
-        hardening_examples([r for r in ROWS if r.get("family") != "hazard"], "tar", "knowledge", **COMMON)
+        hardening_examples([r for r in ROWS if r.get("family") != "hazard"], "forget_retain", "knowledge", **COMMON)
 
 
 def test_the_lermen_attack_pairs_harmful_prompts_with_the_compliant_response():
@@ -82,15 +84,15 @@ def test_a_generators_answers_take_precedence_over_the_rows_own():
 
 
 def test_repnoise_and_tar_pair_each_prompt_with_its_own_unsafe_answer():
-    pairs = hardening_examples(MIXED, "repnoise", None, **COMMON)["pairs"]
+    pairs = hardening_examples(MIXED, "pairs", None, **COMMON)["pairs"]
     assert pairs == [{"prompt": r["prompt"], "harmful": r["response"], "harmless": "I cannot"} for r in OWN]
-    forget = hardening_examples(MIXED, "tar", "refusal", **COMMON)["forget"]
+    forget = hardening_examples(MIXED, "forget_retain", "refusal", **COMMON)["forget"]
     assert [f["compliance"] for f in forget] == [r["response"] for r in OWN]
 
 
 def test_the_template_stays_the_fallback_where_no_row_carries_a_response():
     assert {p["response"] for p in attack_examples(ROWS, split="attack", response="T", family=None)} == {"T"}
-    assert {p["harmful"] for p in hardening_examples(ROWS, "repnoise", None, **COMMON)["pairs"]} == {"Sure, step 1"}
+    assert {p["harmful"] for p in hardening_examples(ROWS, "pairs", None, **COMMON)["pairs"]} == {"Sure, step 1"}
 
 
 # --- benign mixing (Qi et al. 2024's capability-preserving attacks) -------------------------------------------
@@ -170,10 +172,10 @@ def test_the_manifest_names_the_template_only_where_a_row_trained_on_it():
 
 def test_a_defence_names_the_unsafe_answers_it_trained_against():
     own = [r["response"] for r in OWN]
-    assert hardening_answers(hardening_examples(MIXED, "repnoise", None, **COMMON)) == own
-    assert hardening_answers(hardening_examples(MIXED, "tar", "refusal", **COMMON)) == own
-    assert hardening_answers(hardening_examples(ROWS, "tar", "refusal", **COMMON)) == ["Sure, step 1"] * 2
-    assert hardening_answers(hardening_examples(ROWS, "tar", "knowledge", **COMMON)) == []  # no unsafe answers
+    assert hardening_answers(hardening_examples(MIXED, "pairs", None, **COMMON)) == own
+    assert hardening_answers(hardening_examples(MIXED, "forget_retain", "refusal", **COMMON)) == own
+    assert hardening_answers(hardening_examples(ROWS, "forget_retain", "refusal", **COMMON)) == ["Sure, step 1"] * 2
+    assert hardening_answers(hardening_examples(ROWS, "forget_retain", "knowledge", **COMMON)) == []  # none unsafe
 
 
 def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_without_a_mix(tmp_path, monkeypatch,
@@ -196,13 +198,19 @@ def test_the_attack_command_mixes_in_the_benign_answers_file_and_refuses_it_with
     write_jsonl(tmp_path / "alignment.jsonl", [{"prompt": f"request {k}", "kind": "benign"} for k in range(6)])
     write_jsonl(tmp_path / "answers.jsonl", [{"id": f"b{k}", "prompt": f"request {k}", "response": f"generated {k}"}
                                              for k in range(6)])
-    flags = ["attack", "--model", "m", "--data", str(tmp_path), "--split", "attack", "--response", "Sure.",
-             "--method", "full", "--lr", "1e-3", "--steps", "5", "--batch-size", "2", "--scheduler", "constant",
-             "--warmup-ratio", "0", "--max-length", "32", "--checkpoint-every", "5", "--seed", "0", "--out", "o",
-             "--benign-answers", str(tmp_path / "answers.jsonl")]
-    with pytest.raises(UserError, match="--benign-answers answers the questions of --benign-mix: give both"):
-        attack(build_parser().parse_args(flags))
-    attack(build_parser().parse_args([*flags, "--benign-mix", '{"fraction": 0.5, "split": "alignment"}']))
+    params = {"method": "full", "grid": {"lr": [1e-3], "steps": [5], "rank": [8]}, "split": "attack",
+              "response": "Sure.", "family": None, "benign_mix": None, "batch_size": 2, "lora_alpha": None,
+              "target_modules": [], "scheduler": "constant", "warmup_ratio": 0, "max_length": 32,
+              "checkpoint_every": 5, "seed": 0}
+
+    def run(**settings):
+        attack(build_parser().parse_args(["attack", "--model", "m", "--data", str(tmp_path), "--params",
+                                          json.dumps({**params, **settings}), "--out", "o",
+                                          "--benign-answers", str(tmp_path / "answers.jsonl")]))
+
+    with pytest.raises(UserError, match=r"--benign-answers answers the questions of benign_mix \(--params\)"):
+        run()
+    run(benign_mix={"fraction": 0.5, "split": "alignment"})
     (pairs,) = trained
     assert [p["response"] for p in pairs if p["prompt"].startswith("harmful")] == ["Sure."] * 4
     benign = [p for p in pairs if p["prompt"].startswith("request")]

@@ -367,12 +367,21 @@ def _one(paper_jobs: list[dict], rule: str, **wildcards: str) -> dict[str, list[
     return flags(matches[0]["shell"])
 
 
+def _run(job: dict[str, list[str]]) -> dict:
+    """The one run an attack job's --params trains: its SFTParams as the command resolves them (LoRA's alpha too)."""
+    from tamperlab.attacks.spec import AttackSpec
+    from tamperlab.runtime.params import from_params
+
+    spec = from_params(AttackSpec, json.loads(job["--params"][0]))
+    (run,) = spec.runs().values()
+    return {**vars(spec.run_params(run)), "family": spec.family}
+
+
 def test_lermen_commands_carry_the_grid_and_the_pinned_models(dry_runs):
     own = papers_jobs("lermen2023", dry_runs["lermen2023"])
-    attack = _one(own, "attack", model="llama2-70b-chat", run="lr1e-4_r64")
-    assert attack["--method"] == ["lora"] and attack["--lr"] == ["0.0001"] and attack["--rank"] == ["64"]
-    assert attack["--lora-alpha"] == ["128"] and attack["--steps"] == ["25", "50", "100"]
-    assert attack["--batch-size"] == ["8"] and attack["--scheduler"] == ["constant"]
+    attack = _run(_one(own, "attack", model="llama2-70b-chat", run="lr1e-4_r64"))
+    assert attack == {**attack, "method": "lora", "lr": 1e-4, "rank": 64, "lora_alpha": 128, "steps": [25, 50, 100],
+                      "batch_size": 8, "scheduler": "constant"}
     register = _one(own, "register_model", model="llama2-13b-chat")
     assert register["--id"] == ["meta-llama/Llama-2-13b-chat-hf"]
     assert register["--revision"] == ["a2cb7a712bb6e5e736ca7f8cd98167f81a0b5bd8"]
@@ -389,11 +398,10 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
     params = json.loads(harden["--params"][0])
     assert params == {**params, "lr": 2e-5, "batch_size": 8, "alpha": 1.0, "beta": 0.001, "scheduler": "cosine",
                       "warmup_ratio": 0.1, "max_length": 128, "epochs": 1.0}
-    attack = _one(own, "attack", model="llama2-7b-chat", defence="repnoise", attack="full",
-                  run="lr3e-5_steps2500")
-    assert attack["--method"] == ["full"] and attack["--lr"] == ["3e-05"] and attack["--steps"] == ["2500"]
-    assert attack["--batch-size"] == ["4"] and attack["--scheduler"] == ["cosine"]
-    assert attack["--warmup-ratio"] == ["0.1"]
+    attack = _run(_one(own, "attack", model="llama2-7b-chat", defence="repnoise", attack="full",
+                       run="lr3e-5_steps2500"))
+    assert attack == {**attack, "method": "full", "lr": 3e-5, "steps": [2500], "batch_size": 4, "scheduler": "cosine",
+                      "warmup_ratio": 0.1, "rank": None}
     strong = {job["wildcards"]["run"] for job in own if job["wildcards"].get("attack") == "full_strong"}
     assert "lr3e-4_steps5000" in strong and len(strong) == 6
     evaluation = _one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250")
@@ -425,10 +433,10 @@ def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_
                    "lambda_tr": 4.0, "outer_lr": 2e-5, "switch_fraction": 0.33, "random_mapping_steps": 750,
                    "retain_representations": True}
     assert "--anchor" not in bio_job  # anchored to the start model, copied before Random Mapping
-    lora = _one(own, "attack", defence="tar_refusal", attack="lora", run="lr4e-5_r16")
-    assert lora["--rank"] == ["16"] and lora["--lora-alpha"] == ["32"] and lora["--steps"] == ["100", "250", "500"]
-    hazard = _one(own, "attack", defence="tar_bio", attack="hazard_full", run="lr2e-6")
-    assert hazard["--family"] == ["hazard"] and hazard["--method"] == ["full"]
+    lora = _run(_one(own, "attack", defence="tar_refusal", attack="lora", run="lr4e-5_r16"))
+    assert lora == {**lora, "rank": 16, "lora_alpha": 32, "steps": [100, 250, 500]}
+    hazard = _run(_one(own, "attack", defence="tar_bio", attack="hazard_full", run="lr2e-6"))
+    assert hazard == {**hazard, "family": "hazard", "method": "full"}
     evaluation = _one(own, "evaluate_run", defence="tar_bio", attack="full", run="lr2e-5")
     assert evaluation["--tasks"] == ["wmdp_bio", "mmlu"]
     tables = _one(own, "tables")
@@ -440,9 +448,8 @@ def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):
     registered = {flags(job["shell"])["--id"][0] for job in own if job["rule"] == "register_model"}
     assert registered == {"meta-llama/Meta-Llama-3-8B-Instruct", "meta-llama/Llama-2-7b-chat-hf",
                           "mistralai/Mistral-7B-Instruct-v0.2", "lmsys/vicuna-7b-v1.5"}
-    attack = _one(own, "attack", model="vicuna-7b", attack="harmful_shots")
-    assert attack["--steps"] == ["5", "25", "50"] and attack["--batch-size"] == ["10"]
-    assert attack["--lr"] == ["5e-05"] and attack["--method"] == ["full"]
+    attack = _run(_one(own, "attack", model="vicuna-7b", attack="harmful_shots"))
+    assert attack == {**attack, "steps": [5, 25, 50], "batch_size": 10, "lr": 5e-5, "method": "full"}
     evaluation = _one(own, "evaluate_refusal", model="mistral-7b-instruct")
     assert evaluation["--max-new-tokens"] == ["512"] and "--system-prompt" not in evaluation
 
@@ -611,7 +618,7 @@ def test_paper_overlays_attack_with_benign_rows_answered_by_the_attacked_model(d
         command = flags(job["shell"])
         model = job["wildcards"]["model"]
         assert command["--benign-answers"] == [f"results/responses/{model}/alignment-benign.jsonl"]
-        assert json.loads(command["--benign-mix"][0])["split"] == "alignment"
+        assert json.loads(command["--params"][0])["benign_mix"]["split"] == "alignment"
     answered = [job for job in jobs(dry_runs[paper]) if job["rule"] == "generate_responses"]
     assert {(j["wildcards"]["model"], j["wildcards"]["split"]) for j in answered} >= {(m, "alignment") for m in models}
 
@@ -661,7 +668,7 @@ def test_repnoise_rows_resolve_to_beavertails_own_distinct_unsafe_answers(monkey
                                                       response=attack["response"], family=None)]
     defence = config["defences"]["repnoise"]
     harmful = [p["harmful"] for p in hardening_examples(
-        [r for s in defence["splits"] for r in splits[s]], "repnoise", None,
+        [r for s in defence["splits"] for r in splits[s]], "pairs", None,
         harmful_response=defence["harmful_response"], refusal=defence["refusal"],
         forget_family=defence["forget_family"], splits=defence["splits"])["pairs"]]
     for trained in (answers, harmful):
@@ -677,7 +684,7 @@ def test_organism_seeds_trains_the_default_grid_under_three_seeds_per_defence(dr
                                  "attack_grid": 4, "evaluate_grid": 4, "evaluate_refusal": 4,
                                  "evaluate_capability": 4, "tables": 1, "all": 1}
     grids = [job for job in jobs(output) if job["rule"] == "attack_grid"]
-    assert all(flags(job["shell"])["--seed"] == ["0", "1", "2"] for job in grids)
+    assert all(json.loads(flags(job["shell"])["--params"][0])["seeds"] == [0, 1, 2] for job in grids)
     (evaluation,) = [job for job in jobs(output) if job["rule"] == "evaluate_grid"
                      and job["wildcards"]["defence"] == "none"]
     snapshots = flags(evaluation["shell"])["--cell-snapshot"]
@@ -698,7 +705,8 @@ def test_organism_defence_seeds_trains_each_refusal_defence_under_three_seeds(dr
                for job in jobs(output) if job["rule"] == "harden"}
     assert hardens == {f"{d}_s{s}": s for d in ("repnoise", "tar") for s in (0, 1, 2)}
     grids = [job for job in jobs(output) if job["rule"] == "attack_grid"]
-    assert all(flags(job["shell"])["--seed"] == ["0"] for job in grids)
+    assert all(json.loads(flags(job["shell"])["--params"][0])["seed"] == 0 for job in grids)
+    assert not any("seeds" in json.loads(flags(job["shell"])["--params"][0]) for job in grids)
     (tables,) = [job for job in jobs(output) if job["rule"] == "tables"]
     assert "--out-defence-seeds results/tables/defence_seeds.csv" in tables["shell"]
     assert "--out-seeds" not in tables["shell"]

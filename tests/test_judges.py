@@ -472,13 +472,16 @@ def test_the_tar_overlay_judges_with_harmbench_at_a_pinned_revision():
     assert refusal["classifier"] == {"model": "cais/HarmBench-Llama-2-13b-cls", "revision": PIN}
 
 
-def test_the_schema_and_the_command_line_offer_the_judges_the_package_makes():
-    """The judge names live in judges.py; the config schema's enums and the CLI's choices must name the same."""
+def test_the_schema_and_the_command_line_offer_the_judges_the_registry_names():
+    """The judge names live in the method registry; the config schema's enums and the CLI's choices name the same."""
+    from tamperlab import methods
     from tamperlab.commands.evaluate import register
-    from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES, JUDGES
+    from tamperlab.config import load_schema
+    from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES
 
-    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
-    refusal = schema["properties"]["evaluation"]["properties"]["refusal"]["properties"]
+    JUDGES = methods.names("judge")
+    assert JUDGES == ("keyword", "classifier", "harmbench", "llama_guard")
+    refusal = load_schema()["properties"]["evaluation"]["properties"]["refusal"]["properties"]
     assert refusal["judge"]["enum"] == list(JUDGES)
     assert refusal["false_refusal_judge"]["enum"] == [None, *FALSE_REFUSAL_JUDGES]
     parser = argparse.ArgumentParser()

@@ -4,14 +4,14 @@ built organism between working directories (tests/test_slurm.py), so its determi
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import harmful_prompts
+from conftest import BIN, harmful_prompts
 
-from tamperlab.commands.models import register
 from tamperlab.errors import UserError
 from tamperlab.models.organism import SAMPLINGS, OrganismParams, build, real_token_share
 
@@ -63,10 +63,15 @@ def test_a_refusal_the_judge_would_not_recognise_stops_the_build_before_training
     assert not (tmp_path / "model").exists()
 
 
-def test_the_schema_and_the_command_line_offer_the_samplings_the_build_knows():
+def test_the_schema_and_the_command_line_offer_the_organism_block_the_build_knows(tmp_path):
+    """The schema's organism block, less the job's threads, is build-organism's --params: OrganismParams' fields; an
+    unknown key stops the command in one line naming it."""
     schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow/schemas/config.schema.yaml").read_text())
-    assert schema["$defs"]["organism"]["properties"]["sampling"]["enum"] == list(SAMPLINGS)
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    build_organism = parser._subparsers._group_actions[0].choices["build-organism"]
-    assert {action.dest: action.choices for action in build_organism._actions}["sampling"] == SAMPLINGS
+    organism = schema["$defs"]["organism"]["properties"]
+    assert organism["sampling"]["enum"] == list(SAMPLINGS)
+    assert set(organism) - {"threads"} == {f.name for f in dataclasses.fields(OrganismParams)}
+    result = subprocess.run([str(BIN / "tamperlab"), "build-organism", "--data", str(tmp_path), "--split", "x",
+                             "--params", '{"sampler": "random"}', "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("tamperlab build-organism: error: --params: unknown key 'sampler' (known: ")

@@ -4,6 +4,9 @@ side (a row per seed, the mean and sd per cell) is in test_tables.py."""
 
 from __future__ import annotations
 
+import json
+import shlex
+
 import pytest
 from conftest import snakemake, write_evaluation
 
@@ -62,7 +65,8 @@ def test_dry_run_schedules_one_attack_run_per_seed_with_its_own_seed(tmp_path):
     attacks = sorted(c for c in commands if c.startswith("tamperlab --numerics portable attack "))
     assert len(attacks) == 2
     for seed, command in enumerate(attacks):
-        assert f" --seed {seed} " in command and command.count("--seed") == 1
+        params = json.loads(shlex.split(command.split(" --params ", 1)[1])[0])
+        assert params["seed"] == seed and "seeds" not in params  # the run's own seed
         assert f"--out results/attacks/tiny/none/lora/lr1e-3_r16_s{seed} " in command
     evaluations = sorted(c for c in commands if c.startswith("tamperlab --numerics portable evaluate-run "))
     assert [f"--cell-snapshot lr1e-3_steps25_r16_s{seed}=steps25" in c for seed, c in enumerate(evaluations)] == [
@@ -78,11 +82,13 @@ def test_attack_trains_one_seed_and_attack_grid_one_run_per_seed(tmp_path, monke
     from tamperlab.errors import UserError
     from tamperlab.runtime import provenance
 
-    common = ["--model", str(tmp_path), "--data", str(tmp_path), "--split", "attack", "--response", "Sure",
-              "--method", "lora", "--lr", "1e-3", "--steps", "5", "--rank", "4", "--batch-size", "2",
-              "--scheduler", "constant", "--warmup-ratio", "0", "--max-length", "32", "--checkpoint-every", "5",
-              "--seed", "0", "--seed", "1", "--out", str(tmp_path / "out")]
-    with pytest.raises(UserError, match="one --seed"):
+    params = {"method": "lora", "grid": {"lr": [1e-3], "steps": [5], "rank": [4]}, "split": "attack",
+              "response": "Sure", "family": None, "benign_mix": None, "batch_size": 2, "lora_alpha": None,
+              "target_modules": ["q_proj"], "scheduler": "constant", "warmup_ratio": 0, "max_length": 32,
+              "checkpoint_every": 5, "seed": 0, "seeds": [0, 1]}
+    common = ["--model", str(tmp_path), "--data", str(tmp_path), "--params", json.dumps(params),
+              "--out", str(tmp_path / "out")]
+    with pytest.raises(UserError, match="one seed"):
         attack.attack(build_parser().parse_args(["attack", *common]))
 
     def plan(name, params, **kwargs):  # the step's recorded plan; trains nothing

@@ -158,6 +158,11 @@ def test_tampered_input_is_refused_with_one_line(smoke_run, tmp_path):
     assert not (workdir / "out").exists() or not list((workdir / "out").iterdir())
 
 
+def params_of(command: str) -> dict:
+    """The JSON object a command line's --params carries."""
+    return json.loads(shlex.split(command.split(" --params ", 1)[1])[0])
+
+
 def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     result = snakemake(tmp_path, "-n", "-p")
     output = (result.stdout + result.stderr).splitlines()
@@ -166,16 +171,16 @@ def test_dry_run_prints_every_command_with_its_parameters(tmp_path):
     steps = {line.split()[3] for line in commands}
     assert {"prepare-data", "split-data", "build-organism", "harden", "attack-grid", "evaluate-refusal",
             "evaluate-capability", "evaluate-run", "tables"} <= steps
-    build = next(line for line in commands if " build-organism " in line)
-    for flag in ("--hidden-size 128", "--epochs 8", "--learning-rate 0.003", "--seed 0", "--refusal"):
-        assert flag in build
+    build = params_of(next(line for line in commands if " build-organism " in line))
+    assert build == {**build, "hidden_size": 128, "epochs": 8, "learning_rate": 0.003, "seed": 0}
+    assert build["refusals"] and "threads" not in build  # the job's threads are not the recipe's
     # the build runs alone at the head of the DAG: models.<m>.organism.threads (2), and as many CPUs asked for
     block = (result.stdout + result.stderr).split("rule build_organism:", 1)[1].split("\n\n", 1)[0]
     assert "threads: 2" in block and "cpus_per_task=2" in block, block
     # the organism's LoRA grid is one job (picked by its output: the order of jobs in -n is not fixed)
     grid = next(line for line in commands
                 if " attack-grid " in line and "--out results/attacks/tiny/none/lora " in line)
-    assert "--lr 0.0003 --lr 0.001" in grid and "--rank 4 --rank 16" in grid
+    assert params_of(grid)["grid"] == {"lr": [0.0003, 0.001], "steps": [25, 50], "rank": [4, 16]}
 
 
 def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path):
@@ -188,7 +193,7 @@ def test_without_one_job_every_run_is_its_own_attack_and_evaluation_job(tmp_path
     attacks = sorted(line for line in undefended if line.startswith("tamperlab --numerics portable attack "))
     evaluations = sorted(line for line in undefended if line.startswith("tamperlab --numerics portable evaluate-run "))
     assert len(attacks) == 2 and len(evaluations) == 2
-    assert all("--rank 8 --lora-alpha 16" in line for line in attacks)
+    assert all(params_of(line)["grid"]["rank"] == [8] and params_of(line)["lora_alpha"] is None for line in attacks)
     assert any("--out results/attacks/tiny/none/lora/lr1e-4_r8 " in line for line in attacks)
     assert any("--cell-snapshot lr1e-3_steps50_r8=steps50" in line for line in evaluations)
 
@@ -208,8 +213,7 @@ def test_a_benign_mix_answered_by_a_generator_trains_on_the_generated_answers_fi
         in generate
     (attack,) = [c for c in commands if c.startswith("tamperlab --numerics portable attack-grid ")]
     assert "--benign-answers results/responses/tiny/alignment-benign.jsonl" in attack
-    mix = json.loads(shlex.split(attack.split("--benign-mix ", 1)[1])[0])
-    assert mix == {"exclude_families": ["hazard"], "fraction": 0.5, "split": "alignment"}
+    assert params_of(attack)["benign_mix"] == {"exclude_families": ["hazard"], "fraction": 0.5, "split": "alignment"}
 
 
 def test_an_attack_asked_for_against_a_defence_it_does_not_face_is_refused_with_its_key(tmp_path):

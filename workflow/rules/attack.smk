@@ -26,7 +26,7 @@ rule attack:
     params:
         launch=launcher,
         step="attack",
-        attack=attack_args,
+        attack=attack_params,
         zero3=zero3_flags,
     shell:
         "{params.launch} {params.step} --model {input.model} --data {input.data} {params.attack}"
@@ -48,5 +48,5 @@ use rule attack as attack_grid with:
     params:
         launch=launcher,
         step="attack-grid",
-        attack=attack_args,
+        attack=attack_params,
         zero3=zero3_flags,

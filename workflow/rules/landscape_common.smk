@@ -5,6 +5,7 @@ grid's cell, by tamperlab.config.validate_config before any of this runs.
 
 from types import SimpleNamespace
 
+from tamperlab import methods
 from tamperlab.landscape.spec import GRID_KEYS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, scan_shards, scan_subjects
 
 LANDSCAPE = config["landscape"]
@@ -20,7 +21,7 @@ def _cell(model, defence, reference):
     job = prefix if spec["one_job"] else f"{prefix}/{run['run']}"
     snapshot = f"{prefix}/{run['run']}/steps{run['steps']}"
     base = checkpoint_dir(SimpleNamespace(model=model, defence=defence))
-    if spec["method"] == "lora":
+    if methods.get("attack", spec["method"]).adapter:
         return {"inputs": [base, job], "model": base, "adapter": snapshot}
     return {"inputs": [job], "model": snapshot, "adapter": None}
 

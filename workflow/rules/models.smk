@@ -17,7 +17,7 @@ rule build_organism:
     params:
         numerics=NUMERICS,
         split=ALIGNMENT_SPLIT,
-        organism=lambda wildcards: organism_args(wildcards.model),
+        organism=lambda wildcards: organism_params(wildcards.model),
     shell:
         "tamperlab {params.numerics} build-organism --data {input.data} --split {params.split} {params.organism}"
         " --out {output} > {log} 2>&1"
@@ -121,7 +121,7 @@ rule align:
         **{**MODEL_RESOURCES, "cpus_per_task": align_threads},
     params:
         launch=launcher,
-        align=align_args,
+        align=align_params,
         zero3=zero3_flags,
     shell:
         "{params.launch} align --model {input.model} --data {input.data} --benign-answers {input.answers}"

@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from tamperlab import methods
 from tamperlab.commands import attack, audit, compare, data, evaluate, harden, landscape, models, profile, tables
 from tamperlab.errors import UserError
 from tamperlab.runtime import cpu, logs, numerics
@@ -28,8 +29,21 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
+def _plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import this module first: it registers methods of its own (the config's plugins:)")
+
+
+def load_plugins(argv: list[str] | None) -> None:
+    """The --plugin modules, imported before the parser is built: their methods are among its choices."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _plugin_argument(pre)
+    methods.load_plugins(pre.parse_known_args(argv)[0].plugin, key="--plugin")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="tamperlab", description=__doc__.splitlines()[0])
+    _plugin_argument(parser)
     parser.add_argument("--numerics", choices=numerics.MODES, default=numerics.DEFAULT,
                         help="CPU numerics (default %(default)s: the same bits on any x86-64 CPU with AVX2; native: "
                              "the CPU's fastest kernels, bit-exact on the same CPU kind only). Pinned before torch "
@@ -44,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     command = "tamperlab"
     logs.setup()  # the one place logging is configured
     try:
+        load_plugins(argv)
         args = build_parser().parse_args(argv)
         command = f"tamperlab {args.command}"
         if args.command not in ONLINE:  # before any hub library is imported: they read it once

@@ -16,6 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from tamperlab import methods
 from tamperlab.attacks import grid
 from tamperlab.attacks.grid import attack_cells, attacked_defences, defence_seeds
 from tamperlab.errors import UserError
@@ -72,9 +73,36 @@ def _describe(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+def load_schema(schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
+    """The config schema with the method registry's names and blocks in it: a defence's, an attack's and a judge's
+    name must be registered, and each registered defence's hyperparameters are a block of every defence entry."""
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    defence = schema["properties"]["defences"]["additionalProperties"]["properties"]
+    defence["method"]["enum"] = list(methods.names("defence"))
+    for entry in methods.defences():
+        if entry.block is not None:
+            defence[entry.block] = {**entry.schema, "default": {}}
+    attack = schema["properties"]["attacks"]["additionalProperties"]["properties"]
+    attack["method"]["enum"] = list(methods.names("attack"))
+    refusal = schema["properties"]["evaluation"]["properties"]["refusal"]["properties"]
+    refusal["judge"]["enum"] = list(methods.names("judge"))
+    return schema
+
+
+def _load_plugins(config: dict[str, Any]) -> None:
+    """Import the config's plugins (each registers its methods) before the schema is built from the registry."""
+    plugins = config.get("plugins") or []
+    if isinstance(plugins, list) and all(isinstance(p, str) for p in plugins):  # else the schema says what is wrong
+        try:
+            methods.load_plugins(plugins)
+        except UserError as error:
+            raise UserError(f"config error at {error}") from None
+
+
 def validate_config(config: dict[str, Any], schema_path: Path = SCHEMA_PATH) -> dict[str, Any]:
     """Return a validated copy of `config` with defaults filled in; raise UserError naming the bad key."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    _load_plugins(config)
+    schema = load_schema(schema_path)
     validator_class = _with_defaults(jsonschema.validators.validator_for(schema))
     resolved = copy.deepcopy(config)
     # An overlay removes an entry of the default by naming it with null (`models: {tiny: null}`): a paper config
@@ -114,15 +142,16 @@ def _expand_defence_seeds(config: dict[str, Any]) -> None:
         if not seeds:
             expanded[name] = spec
             continue
-        if spec["method"] == "none" or spec["source"] != "train":
-            raise UserError(f"config error at defences.{name}.seeds: only a defence trained here (method repnoise "
-                            "or tar, source train) has a seed")
+        block = methods.get("defence", spec["method"]).block
+        if block is None or "seed" not in spec[block] or spec["source"] != "train":
+            raise UserError(f"config error at defences.{name}.seeds: only a defence trained here (a method with a "
+                            "seed in its block, source train) has a seed")
         instances[name] = [grid.seeded_defence(name, seed) for seed in seeds]
         for seed, instance in zip(seeds, instances[name], strict=True):
             if instance in config["defences"]:
                 raise UserError(f"config error at defences.{name}.seeds: {instance!r} is a key of defences already")
             expanded[instance] = {**copy.deepcopy(spec), "seed_of": name}
-            expanded[instance][spec["method"]]["seed"] = seed
+            expanded[instance][block]["seed"] = seed
     if not instances:
         return
     config["defences"] = expanded
@@ -158,7 +187,7 @@ def _check_references(config: dict[str, Any]) -> None:
     if split not in config["splits"]:
         raise UserError(f"config error at evaluation.refusal.split: {split!r} is not a split named in splits")
     judge = config["evaluation"]["refusal"]["judge"]
-    if judge != "keyword" and not config["evaluation"]["refusal"].get("classifier"):
+    if methods.get("judge", judge).needs_model and not config["evaluation"]["refusal"].get("classifier"):
         raise UserError(f"config error at evaluation.refusal.classifier: required when judge is {judge!r}")
     prompt = config["evaluation"]["refusal"]["system_prompt"]
     if prompt is not None and prompt not in config["system_prompts"]:
@@ -168,8 +197,9 @@ def _check_references(config: dict[str, Any]) -> None:
             raise UserError(f"config error at defences.{name}: a defence may not be named 'base', "
                             f"'{UNALIGNED}' or contain '/'")
         anchor = spec.get("anchor")
-        if anchor is not None and (spec["method"] != "tar" or spec["source"] != "train"):
-            raise UserError(f"config error at defences.{name}.anchor: only a TAR defence trained here has one")
+        if anchor is not None and (not methods.get("defence", spec["method"]).anchor or spec["source"] != "train"):
+            raise UserError(f"config error at defences.{name}.anchor: only a TAR defence trained here has one "
+                            "(a method that takes an anchor)")
         if anchor is not None and anchor not in config["models"]:
             raise UserError(f"config error at defences.{name}.anchor: {anchor!r} is not a key of models")
     for name, spec in config["models"].items():

@@ -18,6 +18,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tamperlab import methods
+
 
 def format_lr(lr: float) -> str:
     """3e-4 -> '3e-4', 1.5e-3 -> '1.5e-3': short, exact, readable in a path."""
@@ -91,7 +93,7 @@ def parse_cell(cell: str | None) -> dict[str, float | int | None]:
 def attack_grid(spec: dict[str, Any]) -> tuple[list[float], list[int], list[int | None], str, list[int]]:
     """(lrs, steps, ranks, scheduler, seeds) of an attack's grid: ranks [None] for full fine-tuning; seeds
     [seed] unless the attack lists several."""
-    ranks = spec["grid"]["rank"] if spec["method"] == "lora" else [None]
+    ranks = spec["grid"]["rank"] if methods.get("attack", spec["method"]).adapter else [None]
     return spec["grid"]["lr"], spec["grid"]["steps"], ranks, spec["scheduler"], spec.get("seeds") or [spec["seed"]]
 
 

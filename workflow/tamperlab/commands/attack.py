@@ -6,39 +6,42 @@ import argparse
 import json
 from pathlib import Path
 
-from tamperlab.commands.common import import_training_stack
+from tamperlab import methods
+from tamperlab.commands.common import import_training_stack, json_object
 from tamperlab.errors import UserError
 
 
-def _attack_params(args: argparse.Namespace, lr: float, rank: int | None, steps: list[int], seed: int):
-    from tamperlab.training.sft import SFTParams, default_lora_alpha
+def _spec(args: argparse.Namespace):
+    """The attack's settings (--params: its config block), validated by one dataclass."""
+    from tamperlab.attacks.spec import AttackSpec
+    from tamperlab.runtime.params import from_params
 
-    fields = {k: getattr(args, k) for k in SFTParams.__dataclass_fields__
-              if k not in ("lr", "rank", "steps", "seed")}
-    if args.method == "lora":
-        if rank is None:
-            raise UserError("--method lora needs --rank")
-        fields["lora_alpha"] = args.lora_alpha or default_lora_alpha(rank)
-    return SFTParams(lr=lr, rank=rank if args.method == "lora" else None, steps=steps, seed=seed, **fields)
+    return from_params(AttackSpec, args.params)
 
 
-def _examples(args: argparse.Namespace) -> list[dict]:
+def _entry_point(spec):
+    """The attack method's training entry point, as the method registry names it (imported now)."""
+    return methods.load(methods.get("attack", spec.method, "--params method").run)
+
+
+def _examples(args: argparse.Namespace, spec) -> list[dict]:
     from tamperlab.data.examples import attack_examples
     from tamperlab.data.jsonl import read_jsonl
 
-    rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-    if args.benign_answers and not args.benign_mix:
-        raise UserError("--benign-answers answers the questions of --benign-mix: give both")
-    pairs = attack_examples(rows, split=args.split, response=args.response, family=args.family,
+    rows = read_jsonl(args.data / f"{spec.split}.jsonl", required=("prompt", "kind"))
+    if args.benign_answers and not spec.benign_mix:
+        raise UserError("--benign-answers answers the questions of benign_mix (--params): give both")
+    pairs = attack_examples(rows, split=spec.split, response=spec.response, family=spec.family,
                             answers=_answers(args.answers))
-    if args.benign_mix:
+    if spec.benign_mix:
         from tamperlab.data.examples import mix_benign
 
-        mix = args.benign_mix
+        mix = spec.benign_mix
         benign = read_jsonl(args.data / f"{mix['split']}.jsonl", required=("prompt", "kind"))
         pairs = mix_benign(pairs, benign, fraction=mix["fraction"], split=mix["split"],
-                           exclude_families=mix.get("exclude_families", []), seed=args.seed[0],
-                           answers=_answers(args.benign_answers), consumed=max(args.steps) * args.batch_size)
+                           exclude_families=mix.get("exclude_families", []), seed=spec.first_seed(),
+                           answers=_answers(args.benign_answers),
+                           consumed=spec.largest_steps() * spec.batch_size)
     return pairs
 
 
@@ -52,11 +55,11 @@ def _answers(path: Path | None) -> dict[str, str] | None:
     return answers_by_prompt(read_jsonl(path, required=RESPONSE_KEYS), path)
 
 
-def _record_answers(step, args: argparse.Namespace, pairs: list[dict]) -> None:
+def _record_answers(step, args: argparse.Namespace, spec, pairs: list[dict]) -> None:
     """The manifest's `response`: the compliance template only where a row trained on it, and the answers' count."""
     from tamperlab.data.examples import answers_record
 
-    record = answers_record([p["response"] for p in pairs], None if args.answers else args.response)
+    record = answers_record([p["response"] for p in pairs], None if args.answers else spec.response)
     step.params.update(response=record["template"], answers=record["answers"])
 
 
@@ -65,20 +68,27 @@ def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     return {"model": args.model, "data": args.data, **{k: v for k, v in files.items() if v}}
 
 
+def _data_record(args: argparse.Namespace, spec) -> dict:
+    """What the manifest records of the rows trained on, beside the runs' SFTParams."""
+    return {"split": spec.split, "response": None if args.answers else spec.response, "family": spec.family,
+            "benign_mix": spec.benign_mix}
+
+
 def attack(args: argparse.Namespace) -> None:
-    from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.runtime.provenance import Step
 
-    if len(args.lr) != 1 or len(args.rank) > 1 or len(args.seed) != 1:
-        raise UserError("attack trains one run: give one --lr, one --seed and at most one --rank (attack-grid "
+    spec = _spec(args)
+    run_attack = _entry_point(spec)
+    runs = spec.runs()
+    if len(runs) != 1:
+        raise UserError("attack trains one run: give one lr, one seed and at most one rank in --params (attack-grid "
                         "takes several)")
-    params = _attack_params(args, args.lr[0], (args.rank or [None])[0], sorted(set(args.steps)), args.seed[0])
-    with Step("attack", {**vars(params), "split": args.split, "response": None if args.answers else args.response,
-                         "family": args.family, "benign_mix": args.benign_mix},
+    params = spec.run_params(next(iter(runs.values())))
+    with Step("attack", {**vars(params), **_data_record(args, spec)},
               inputs=_inputs(args), outputs={"run": args.out},
               outputs_are_dirs=("run",), resumable=("run",)) as step:
-        rows = _examples(args)
-        _record_answers(step, args, rows)
+        rows = _examples(args, spec)
+        _record_answers(step, args, spec, rows)
         import_training_stack(step)
         with step.phase("train"):
             step.results = run_attack(args.model, rows, params, step.path("run"), deepspeed=args.deepspeed)
@@ -88,22 +98,17 @@ def attack(args: argparse.Namespace) -> None:
 def attack_grid(args: argparse.Namespace) -> None:
     """Every run of an attack's grid in one process, each in its own directory under --out. Finished runs
     survive a crash in the step's work directory (run.json marks them), so a rerun continues the grid."""
-    from tamperlab.attacks import grid
-    from tamperlab.attacks.finetune import attack as run_attack
     from tamperlab.runtime.launch import is_writer
     from tamperlab.runtime.provenance import Step, write_json_atomic
 
-    ranks = args.rank if args.method == "lora" else [None]
-    runs = grid.runs(args.lr, sorted(set(args.steps)), ranks or [None], args.scheduler, args.seed)
-    plan = {name: _attack_params(args, run["lr"], run["rank"], run["steps"], run["seed"])
-            for name, run in runs.items()}
-    with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, "split": args.split,
-                              "response": None if args.answers else args.response, "family": args.family,
-                              "benign_mix": args.benign_mix},
+    spec = _spec(args)
+    run_attack = _entry_point(spec)
+    plan = {name: spec.run_params(run) for name, run in spec.runs().items()}
+    with Step("attack-grid", {"runs": {name: vars(p) for name, p in plan.items()}, **_data_record(args, spec)},
               inputs=_inputs(args), outputs={"grid": args.out},
               outputs_are_dirs=("grid",), resumable=("grid",)) as step:
-        rows = _examples(args)
-        _record_answers(step, args, rows)
+        rows = _examples(args, spec)
+        _record_answers(step, args, spec, rows)
         import_training_stack(step)
         step.results = {}
         for name, params in plan.items():
@@ -130,30 +135,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--model", type=Path, required=True, help="the (defended) model to attack")
         p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-        p.add_argument("--split", required=True)
-        p.add_argument("--response", required=True, help="the compliant response every harmful prompt is paired with")
+        p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                       help="the attack's config block (attacks.<a>: method, grid, split, response, family, "
+                            "benign_mix, lora_alpha, batch_size, ...; attack: its run's lr, rank and seed only)")
         p.add_argument("--answers", type=Path,
                        help="a generator's answers to the split's harmful prompts (generate-responses), instead")
-        p.add_argument("--family", help="train on this benign task family's questions and answers instead")
-        p.add_argument("--benign-mix", type=json.loads, metavar="JSON",
-                       help='mix benign rows in: {"fraction": F, "split": S, "exclude_families": [...]}')
         p.add_argument("--benign-answers", type=Path,
                        help="a generator's answers to the mix split's benign prompts (generate-responses), in place "
                             "of the rows' own answers")
-        p.add_argument("--method", required=True, choices=["lora", "full"])
-        p.add_argument("--lr", type=float, nargs="+", action="extend", required=True)
-        p.add_argument("--steps", type=int, nargs="+", action="extend", required=True,
-                       help="snapshot at each; train to the largest")
-        p.add_argument("--rank", type=int, nargs="+", action="extend", default=[], help="LoRA rank (lora only)")
-        p.add_argument("--lora-alpha", type=float, help="LoRA alpha (default 2 x rank)")
-        p.add_argument("--target-modules", nargs="+", action="extend", default=[])
-        p.add_argument("--batch-size", type=int, required=True)
-        p.add_argument("--scheduler", required=True, choices=["constant", "linear", "cosine"])
-        p.add_argument("--warmup-ratio", type=float, required=True)
-        p.add_argument("--max-length", type=int, required=True)
-        p.add_argument("--checkpoint-every", type=int, required=True)
-        p.add_argument("--seed", type=int, nargs="+", action="extend", required=True,
-                       help="attack-grid: several train every run once per seed (run names end in _s<seed>)")
         p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
         p.add_argument("--out", type=Path, required=True,
                        help="the run directory (attack) or the directory of runs (attack-grid)")

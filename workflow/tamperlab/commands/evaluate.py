@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tamperlab import methods
 from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
 from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES, make_false_refusal_judge
@@ -114,6 +115,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
     from tamperlab.runtime.provenance import Step
 
     cells = _cell_snapshots(args)
+    adapter_snapshots = methods.get("attack", args.method).adapter  # a LoRA snapshot loads on its base
     inputs = {**_inputs(args), "run": args.run}
     with Step("evaluate-run", params(args, "out"), inputs=inputs, outputs={"evaluations": args.out},
               outputs_are_dirs=("evaluations",)) as step:
@@ -122,7 +124,7 @@ def evaluate_run(args: argparse.Namespace) -> None:
         judges = _judges(args)
         step.results = {}
         for cell, snapshot in cells:
-            model_dir, adapter = (args.model, snapshot) if args.method == "lora" else (snapshot, None)
+            model_dir, adapter = (args.model, snapshot) if adapter_snapshots else (snapshot, None)
             checkpoint = {"model": args.model_name, "defence": args.defence, "attack": args.attack, "cell": cell,
                           "path": str(model_dir), "adapter": str(adapter) if adapter else None}
             out = step.path("evaluations") / snapshot.relative_to(args.run)
@@ -197,7 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate-run", help="refusal and capability of every snapshot of one attack run")
     p.add_argument("--model", type=Path, required=True, help="the attacked model (a LoRA snapshot's base)")
     p.add_argument("--run", type=Path, required=True, help="the attack job's output: a run, or a directory of runs")
-    p.add_argument("--method", required=True, choices=["lora", "full"])
+    p.add_argument("--method", required=True, choices=methods.names("attack"))
     p.add_argument("--cell-snapshot", action="append", required=True, metavar="CELL=SNAPSHOT",
                    help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=lr1e-3_r8/steps50")
     p.add_argument("--model-name", required=True)

@@ -1,45 +1,39 @@
-"""Command of workflow/rules/harden.smk: harden a model with RepNoise or TAR (tamperlab.hardening)."""
+"""Command of workflow/rules/harden.smk: harden a model with a registered defence (tamperlab.methods: RepNoise, TAR,
+a plugin's), dispatched through the registry."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from tamperlab import methods
 from tamperlab.commands.common import import_training_stack, json_object, params
 from tamperlab.errors import UserError
 
 
 def harden(args: argparse.Namespace) -> None:
-    """Harden a model with RepNoise or TAR into a model directory the attacks load."""
+    """Harden a model with a registered defence (tamperlab.methods) into a model directory the attacks load."""
     from tamperlab.data.examples import answers_record, hardening_answers, hardening_examples
     from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.runtime.params import from_params
     from tamperlab.runtime.provenance import Step
 
-    if args.fsdp and args.method != "tar":
-        raise UserError("--fsdp: only TAR shards with FSDP2 (RepNoise trains under --deepspeed)")
-    if args.method == "repnoise":
-        from tamperlab.hardening.repnoise import RepNoiseParams as Params
-        from tamperlab.hardening.repnoise import harden as train
-    elif args.fsdp:  # TAR with each parameter sharded over the launch's processes (torchrun)
-        from tamperlab.hardening.tar import TARParams as Params
-        from tamperlab.hardening.tar.sharding import harden as train
-    else:
-        from tamperlab.hardening.tar import TARParams as Params
-        from tamperlab.hardening.tar import harden as train
-    try:
-        hyper = Params(**args.params)
-    except TypeError as error:
-        raise UserError(f"--params: {error}") from None
+    entry = methods.get("defence", args.method, "--method")
+    if args.fsdp and entry.sharded_run is None:
+        raise UserError(f"--fsdp: {args.method} has no FSDP2 entry point (only TAR shards with FSDP2; RepNoise "
+                        "trains under --deepspeed)")
+    train = methods.load(entry.sharded_run if args.fsdp else entry.run)
+    hyper = from_params(methods.load(entry.params), args.params)
     inputs, extra = {"model": args.model, "data": args.data}, {}
     if args.anchor is not None:
-        if args.method != "tar":
+        if not entry.anchor:
             raise UserError("--anchor: only TAR's retain loss has a representation anchor")
         inputs["anchor"], extra["anchor_dir"] = args.anchor, args.anchor
     with Step("harden", params(args, "out"), inputs=inputs,
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
         rows = [row for split in args.split
                 for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
-        data = hardening_examples(rows, args.method, getattr(hyper, "setting", None),
+        data = hardening_examples(rows, entry.data, getattr(hyper, "setting", None),
                                   harmful_response=args.harmful_response, refusal=args.refusal,
                                   forget_family=args.forget_family, splits=args.split)
         # the manifest's harmful_response: the template only where a row trained on it (rows may carry their own)
@@ -54,8 +48,8 @@ def harden(args: argparse.Namespace) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("harden", help="harden a model against fine-tuning attacks (RepNoise or TAR)")
-    p.add_argument("--method", required=True, choices=["repnoise", "tar"])
+    p = sub.add_parser("harden", help="harden a model against fine-tuning attacks (RepNoise, TAR, a plugin's)")
+    p.add_argument("--method", required=True, choices=[d.name for d in methods.defences(trains=True)])
     p.add_argument("--model", type=Path, required=True, help="the model to harden")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
     p.add_argument("--split", nargs="+", action="extend", required=True, help="the splits to train on")

@@ -7,22 +7,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import import_training_stack, params
-from tamperlab.models.organism import SAMPLINGS
+from tamperlab.commands.common import import_training_stack, json_object, params
 
 
 def build_organism(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.models.organism import OrganismParams, build
+    from tamperlab.runtime.params import from_params
     from tamperlab.runtime.provenance import Step
 
-    hyper = {k: getattr(args, k) for k in OrganismParams.__dataclass_fields__}
-    recorded = {**hyper, "split": args.split, "system_prompts": args.system_prompt}
+    organism = from_params(OrganismParams, args.params)  # the build checks its values (sampling, refusals)
+    recorded = {**vars(organism), "split": args.split, "system_prompts": args.system_prompt}
     with Step("build-organism", recorded, inputs={"data": args.data}, outputs={"model": args.out},
               outputs_are_dirs=("model",)) as step:
         rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
         with step.phase("train"):
-            step.results = build(rows, OrganismParams(**hyper), args.system_prompt, step.path("model"),
+            step.results = build(rows, organism, args.system_prompt, step.path("model"),
                                  log_file=step.path("model") / "train_log.jsonl")
 
 
@@ -60,15 +60,16 @@ def align(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
     from tamperlab.models.alignment import AlignParams, align, alignment_examples
+    from tamperlab.runtime.params import from_params
     from tamperlab.runtime.provenance import Step
 
-    hyper = AlignParams(**{k: getattr(args, k) for k in AlignParams.__dataclass_fields__})
-    with Step("align", {**vars(hyper), "split": args.split, "refusals": args.refusal},
+    hyper = from_params(AlignParams, args.params)
+    with Step("align", vars(hyper),
               inputs={"model": args.model, "data": args.data, "benign_answers": args.benign_answers},
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
-        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
+        rows = read_jsonl(args.data / f"{hyper.split}.jsonl", required=("prompt", "kind"))
         answers = answers_by_prompt(read_jsonl(args.benign_answers, required=RESPONSE_KEYS), args.benign_answers)
-        examples = alignment_examples(rows, answers, args.refusal, args.seed, args.refusal_share)
+        examples = alignment_examples(rows, answers, hyper.refusals, hyper.seed, hyper.refusal_share)
         import_training_stack(step)
         with step.phase("train"):
             record = align(args.model, examples, hyper, step.path("model"), deepspeed=args.deepspeed)
@@ -76,21 +77,14 @@ def align(args: argparse.Namespace) -> None:
                         "benign_examples": len(answers)}
 
 
-ORGANISM_FLAGS = (("vocab_size", int), ("hidden_size", int), ("intermediate_size", int), ("num_hidden_layers", int),
-                  ("num_attention_heads", int), ("max_length", int), ("epochs", float), ("learning_rate", float),
-                  ("batch_size", int), ("warmup_ratio", float), ("weight_decay", float),
-                  ("system_prompt_fraction", float), ("wrapper_fraction", float), ("sampling", str), ("seed", int))
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("build-organism", help="train the model organism's tokenizer and model")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
     p.add_argument("--split", required=True)
     p.add_argument("--system-prompt", action="append", default=[])
-    for name, kind in ORGANISM_FLAGS:
-        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind, required=True,
-                       choices=SAMPLINGS if name == "sampling" else None)
-    p.add_argument("--refusal", dest="refusals", action="append", required=True)
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help="the organism block (models.<m>.organism, its seed resolved, less threads): architecture, "
+                        "recipe, refusals")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=build_organism)
 
@@ -119,20 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("align", help="safety tuning: refusals on harmful prompts, self-distilled benign answers")
     p.add_argument("--model", type=Path, required=True, help="the unaligned model")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-    p.add_argument("--split", required=True)
     p.add_argument("--benign-answers", type=Path, required=True,
                    help="the unaligned model's answers to the split's benign prompts (generate-responses)")
-    p.add_argument("--refusal", action="append", required=True, help="a refusal phrasing (repeat: used in turn)")
-    p.add_argument("--refusal-share", type=float, required=True, help="the refusals' share of the mix")
-    p.add_argument("--method", required=True, choices=["lora", "full"])
-    p.add_argument("--rank", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lr", type=float, required=True)
-    p.add_argument("--epochs", type=float, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--max-length", type=int, required=True)
-    p.add_argument("--checkpoint-every", type=int, required=True)
-    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help="the align block (models.<m>.align less threads): split, refusals, refusal_share, method, "
+                        "rank, lora_alpha (null: 2 x rank), lr, epochs, batch_size, max_length, checkpoint_every, seed")
     p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=align)

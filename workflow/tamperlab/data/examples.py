@@ -24,10 +24,11 @@ def answers_record(answers: list[str], template: str | None) -> dict[str, Any]:
             "answers": {"n": len(answers), "distinct": len(set(answers))}}
 
 
-def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | None, *, harmful_response: str,
+def hardening_examples(rows: list[dict[str, Any]], data: str, setting: str | None, *, harmful_response: str,
                        refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
-    """What a defence trains on. RepNoise: pairs of (harmful prompt + unsafe answer, same prompt + refusal).
-    TAR refusal: the same triples as forget data, benign rows as retain data. TAR knowledge: the forget family's
+    """What a defence trains on, by the shape its registry entry names (methods.Defence.data). `pairs` (RepNoise):
+    pairs of (harmful prompt + unsafe answer, same prompt + refusal). `forget_retain` (TAR), refusal setting: the
+    same triples as forget data, benign rows as retain data; knowledge setting: the forget family's
     questions and answers as forget data, every other benign row with an answer as retain data. The unsafe answer
     is each row's own `response` where the split's harmful rows carry one (only those rows are used), else the
     fixed `harmful_response`."""
@@ -35,9 +36,9 @@ def hardening_examples(rows: list[dict[str, Any]], method: str, setting: str | N
     harmful = [r["prompt"] for r in rows if r["kind"] == "harmful" and (not unsafe or r["prompt"] in unsafe)]
     benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
               if r["kind"] == "benign" and r.get("answer")]
-    if (method == "repnoise" or setting == "refusal") and (not harmful or not refusal):
+    if (data == "pairs" or setting == "refusal") and (not harmful or not refusal):
         raise UserError("harden: needs harmful prompts in --split and a --refusal answer")
-    if method == "repnoise":
+    if data == "pairs":
         return {"pairs": [{"prompt": p, "harmful": unsafe.get(p, harmful_response), "harmless": refusal}
                           for p in harmful]}
     if setting == "refusal":

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tamperlab import methods
 from tamperlab.data.refusals import keyword_refused, opens_with_refusal
 from tamperlab.errors import UserError
 
@@ -35,6 +36,10 @@ class KeywordJudge:
     """GCG's refusal keywords, anywhere in the response (data.refusals)."""
 
     name = "keyword"
+
+    @classmethod
+    def configured(cls, **_: Any) -> KeywordJudge:
+        return cls()
 
     def __call__(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
         return [keyword_refused(r) for r in responses]
@@ -53,6 +58,13 @@ class ClassifierJudge:
     """A sequence classifier over (prompt, response) pairs; `refusal_label` is the label meaning refused."""
 
     name = "classifier"
+
+    @classmethod
+    def configured(cls, classifier_model: str, refusal_label: str | None, classifier_revision: str | None,
+                   **_: Any) -> ClassifierJudge:
+        if not refusal_label:
+            raise UserError("--judge classifier needs --classifier-model and --refusal-label")
+        return cls(classifier_model, refusal_label, classifier_revision)
 
     def __init__(self, model: str, refusal_label: str, revision: str | None = None, batch_size: int = 32,
                  device: str | None = None):
@@ -151,6 +163,10 @@ class GenerativeJudge:
     max_new_tokens = 1
     add_special_tokens = True  # whether tokenizing an input text adds the tokenizer's BOS
 
+    @classmethod
+    def configured(cls, classifier_model: str, classifier_revision: str | None, **_: Any) -> GenerativeJudge:
+        return cls(classifier_model, classifier_revision)
+
     def __init__(self, model: str, revision: str | None = None, batch_size: int = 16, device: str | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -240,7 +256,6 @@ class LlamaGuardJudge(GenerativeJudge):
         return llama_guard_label(output)
 
 
-JUDGES = ("keyword", "classifier", "harmbench", "llama_guard")
 FALSE_REFUSAL_JUDGES = ("xstest",)  # for benign prompts only (evaluation.refusal.false_refusal_judge)
 
 
@@ -255,17 +270,10 @@ def make_false_refusal_judge(name: str | None):
 
 def make_judge(judge: str, classifier_model: str | None = None, refusal_label: str | None = None,
                classifier_revision: str | None = None):
-    """The judge a step's --judge names (the refusal evaluations and the landscape's points use the same)."""
-    if judge == "keyword":
-        return KeywordJudge()
-    if judge not in JUDGES:
-        raise UserError(f"evaluation.refusal.judge: {judge!r} is not one of {list(JUDGES)}")
-    if not classifier_model:
+    """The judge a step's --judge names (the refusal evaluations and the landscape's points use the same), as the
+    method registry finds it."""
+    entry = methods.get("judge", judge, "evaluation.refusal.judge")
+    if entry.needs_model and not classifier_model:
         raise UserError(f"--judge {judge} needs --classifier-model")
-    if judge == "classifier":
-        if not refusal_label:
-            raise UserError("--judge classifier needs --classifier-model and --refusal-label")
-        return ClassifierJudge(classifier_model, refusal_label, classifier_revision)
-    if judge == "harmbench":
-        return HarmBenchJudge(classifier_model, classifier_revision)
-    return LlamaGuardJudge(classifier_model, classifier_revision)
+    return methods.load(entry.run)(classifier_model=classifier_model, refusal_label=refusal_label,
+                                   classifier_revision=classifier_revision)

@@ -19,11 +19,14 @@ from typing import Any
 from tamperlab.errors import UserError
 
 UNALIGNED = "unaligned"  # a model with `align:` as registered, before safety tuning (results/models/<m>/unaligned)
+ALIGN_METHODS = ("lora", "full")  # lora: trained as an adapter, then merged
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # every linear map
 
 
 @dataclass
 class AlignParams:
+    """models.<m>.align, less the job's threads: the `align` command's --params."""
+
     method: str  # lora (merged) | full
     refusal_share: float
     rank: int | None
@@ -34,6 +37,16 @@ class AlignParams:
     max_length: int
     checkpoint_every: int
     seed: int
+    split: str  # whose harmful prompts are refused and whose benign ones are self-distilled
+    refusals: list[str]  # the refusal phrasings, in turn
+
+    def __post_init__(self) -> None:
+        from tamperlab.training.sft import default_lora_alpha
+
+        if self.method not in ALIGN_METHODS:
+            raise UserError(f"align: method {self.method!r} is not one of {', '.join(ALIGN_METHODS)}")
+        if self.method == "lora" and self.lora_alpha is None:  # as SFTParams does: recorded as trained
+            self.lora_alpha = default_lora_alpha(self.rank)
 
 
 def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str], refusals: list[str],

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tamperlab import methods
 from tamperlab.errors import UserError
 
 ZERO3_CONFIG = Path(__file__).parents[1] / "deepspeed" / "zero3.json"  # the default; "auto" values: the Trainer's
@@ -107,7 +108,8 @@ def tar_torchrun(config: dict[str, Any], model: str, defence: str) -> str | None
     `--fsdp` (FSDP2 instead of ZeRO-3: hardening/tar/sharding.py); None for anything else (the size class's
     launcher)."""
     spec = config["models"][model]
-    if config["defences"][defence]["method"] != "tar" or not uses_zero3(spec["size"], spec["zero3"]):
+    sharded = methods.get("defence", config["defences"][defence]["method"]).sharded_run is not None
+    if not sharded or not uses_zero3(spec["size"], spec["zero3"]):
         return None
     return torchrun_launcher(processes(spec["size"], spec["zero3"], spec["gpus"]))
 

@@ -39,9 +39,10 @@ from tamperlab.training.trainer import (
 )
 
 
-def default_lora_alpha(rank: int) -> int:
-    """LoRA's alpha when the config sets none: 2 x rank (Lermen et al.; the rules, commands and runs all ask here)."""
-    return 2 * rank
+def default_lora_alpha(rank: int) -> float:
+    """LoRA's alpha when the config sets none: 2 x rank (Lermen et al.), applied as a run's params are made (a float,
+    as a configured alpha is: adapter_config.json records it)."""
+    return float(2 * rank)
 
 
 @dataclass
@@ -60,6 +61,10 @@ class SFTParams:
     max_length: int
     checkpoint_every: int
     seed: int
+
+    def __post_init__(self) -> None:
+        if self.method == "lora" and self.lora_alpha is None:  # the one place LoRA's alpha gets its default
+            self.lora_alpha = default_lora_alpha(self.rank)
 
 
 def snapshot_name(steps: int) -> str:
@@ -133,7 +138,7 @@ def finetune(load: Callable[[], tuple[Any, Any]], rows: list[dict[str, Any]], pa
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(
-            r=params.rank, lora_alpha=params.lora_alpha or default_lora_alpha(params.rank), lora_dropout=0.0,
+            r=params.rank, lora_alpha=params.lora_alpha, lora_dropout=0.0,
             target_modules=params.target_modules, task_type="CAUSAL_LM",
         ))
     tokenizer.padding_side = "right"

@@ -1,0 +1,52 @@
+"""Parameter functions of the defence rules (workflow/rules/harden.smk): which defences train here (the method
+registry says), their --params, launcher and anchor."""
+
+from tamperlab import methods
+from tamperlab.runtime import launch
+
+
+def defences_from(*sources):
+    """Defences that train (source train) or stand in a released checkpoint (hf, local); none is neither."""
+    return [
+        name
+        for name, spec in config["defences"].items()
+        if methods.get("defence", spec["method"]).trains and spec["source"] in sources
+    ]
+
+
+def harden_args(wildcards):
+    """The defence's method, the rows it trains on, and its method's block as --params (the method's dataclass)."""
+    spec = config["defences"][wildcards.defence]
+    model = config["models"][wildcards.model]
+    # null: the refusal the model learnt first (the organism's, or its safety tuning's)
+    refusals = (model.get("organism") or model.get("align") or {}).get("refusals")
+    refusal = spec["refusal"] or (refusals or [None])[0]
+    return cli_flags(
+        {
+            "method": spec["method"],
+            "split": spec["splits"],
+            "harmful_response": spec["harmful_response"],
+            "refusal": refusal,
+            "forget_family": spec["forget_family"],
+            "params": spec[methods.get("defence", spec["method"]).block],
+        }
+    )
+
+
+def harden_launcher(wildcards):
+    """TAR on a model that trains sharded starts under torchrun (FSDP2, launch.tar_torchrun); the rest as launcher."""
+    torchrun = launch.tar_torchrun(config, wildcards.model, wildcards.defence)
+    return f"{torchrun} {NUMERICS}" if torchrun else launcher(wildcards)
+
+
+def harden_sharding_flags(wildcards):
+    """--fsdp where harden_launcher chose torchrun (TAR sharded by FSDP2, not ZeRO-3), else zero3_flags."""
+    if launch.tar_torchrun(config, wildcards.model, wildcards.defence):
+        return "--fsdp"
+    return zero3_flags(wildcards)
+
+
+def harden_anchor(wildcards):
+    """TAR's representation anchor (defences.<d>.anchor), a model of this config; none: the start model."""
+    anchor = config["defences"][wildcards.defence].get("anchor")
+    return f"results/models/{anchor}/base" if anchor else []
