@@ -207,3 +207,17 @@ def test_no_function_is_too_long():
     assert len(lengths) > 500, "found too few functions: the package moved?"
     long = {name: n for name, n in sorted(lengths.items()) if n > MAX_FUNCTION_LINES}
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them into named steps): {long}"
+
+
+def test_conftest_is_a_fixture_file_no_test_imports_by_name():
+    """Fixtures reach a test through pytest; what a test imports by name lives in tests/helpers.py."""
+    tests = Path(__file__).resolve().parent
+    importers = []
+    for path in sorted(tests.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            if "conftest" in names:
+                importers.append(path.name)
+    assert len(list(tests.glob("test_*.py"))) > 30, "found too few test modules: the tests moved?"
+    assert not importers, f"import from tests/helpers.py, not conftest: {importers}"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
+from helpers import launch
 from safetensors.torch import load_file
 from test_attack import RESPONSE, attack_command  # RESPONSE: the conftest `attack_base` reads it here too
 

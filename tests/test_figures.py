@@ -267,7 +267,7 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
 
 def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, kept):
     """Through the command: capability evaluations beside the refusal ones give the utility bound of the figure."""
-    from conftest import write_evaluation
+    from helpers import write_evaluation
 
     from tamperlab.cli import build_parser
     from tamperlab.landscape.scan import write_scan_csv

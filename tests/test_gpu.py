@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from conftest import llama_config
+from helpers import llama_config
 
 from tamperlab.chat import prompt_text
 from tamperlab.evaluation.generation import early_stop_substrings, generate

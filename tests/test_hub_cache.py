@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_base_model, tiny_llama, write_splits
+from helpers import make_tokenizer, save_base_model, tiny_llama, write_splits
 
 from tamperlab.errors import UserError
 from tamperlab.models.registry import POINTER, load_model, make_pointer, resolve

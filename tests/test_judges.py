@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from helpers import make_tokenizer, save_base_model, tiny_llama
 
 from tamperlab.data.refusals import REFUSAL_KEYWORDS, keyword_refused, matched_keywords, opens_with_refusal
 from tamperlab.errors import UserError

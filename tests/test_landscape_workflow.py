@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import snakemake
+from helpers import snakemake
 
 CELL = "lr2e-3_steps60_r16"  # the smoke grid's strongest cell
 TIMING = ["perturb_s", "eval_s"]

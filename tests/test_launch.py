@@ -159,7 +159,7 @@ def test_a_rank_killed_by_a_signal_is_launched_again_once_and_a_python_error_is_
     import os
     import sys
 
-    from conftest import launch as run_launch
+    from helpers import launch as run_launch
 
     (tmp_path / "aborts.py").write_text(ABORTS_ONCE)
     (tmp_path / "raises.py").write_text(RAISES)

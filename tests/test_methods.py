@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, REPO, SMOKE, one_chain_overlay, snakemake, snakemake_env
+from helpers import BIN, REPO, SMOKE, one_chain_overlay, snakemake, snakemake_env
 
 from tamperlab import methods
 from tamperlab.config import validate_config

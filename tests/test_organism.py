@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, harmful_prompts
+from helpers import BIN, harmful_prompts
 
 from tamperlab.errors import UserError
 from tamperlab.models.organism import SAMPLINGS, OrganismParams, build, real_token_share

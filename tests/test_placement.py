@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from helpers import make_tokenizer, save_base_model, tiny_llama
 
 from tamperlab.errors import UserError
 from tamperlab.models import placement

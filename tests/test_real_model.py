@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import REPO, snakemake
+from helpers import REPO, snakemake
 
 CONFIG = REPO / "tests" / "configs" / "smollm2_smoke.yaml"
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import save_base_model, tiny_llama
+from helpers import save_base_model, tiny_llama
 
 from tamperlab.config import validate_config
 from tamperlab.data import mmlu
@@ -283,7 +283,7 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
     evaluation splits), align, one defence, the 2 x 2 grid on both (a job per run: the runs train and are evaluated
     side by side), every evaluation, MMLU, tables, landscape."""
-    from conftest import snakemake
+    from helpers import snakemake
     from test_experiments import job_stats
 
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))

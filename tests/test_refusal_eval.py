@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_llama
+from helpers import tiny_llama
 
 from tamperlab.chat import encode_example, messages, prompt_text
 from tamperlab.evaluation.generation import generate_responses

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_base_model, tiny_llama
+from helpers import make_tokenizer, save_base_model, tiny_llama
 
 from tamperlab.errors import UserError
 from tamperlab.models.registry import POINTER, load_model, load_tokenizer, make_pointer

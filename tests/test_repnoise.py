@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import harmful_prompts, save_base_model, tiny_llama
+from helpers import harmful_prompts, save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.hardening import repnoise

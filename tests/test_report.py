@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import SMOKE, SMOKE_TARGETS, snakemake
+from helpers import SMOKE, SMOKE_TARGETS, snakemake
 from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")

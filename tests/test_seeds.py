@@ -8,7 +8,7 @@ import json
 import shlex
 
 import pytest
-from conftest import snakemake, write_evaluation
+from helpers import snakemake, write_evaluation
 
 from tamperlab.attacks.grid import cell_name, cells, parse_cell, run_name, runs
 
@@ -122,7 +122,7 @@ def test_compare_keys_refusal_rows_by_seed_and_reads_tables_from_before_seeds(tm
 
 def _default_with(**defence_overrides) -> dict:
     import yaml
-    from conftest import REPO
+    from helpers import REPO
 
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     for name, override in defence_overrides.items():

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from conftest import BIN, CACHE, REPO, SMOKE, assert_same_chain, one_chain_overlay  # noqa: E402
+from helpers import BIN, CACHE, REPO, SMOKE, assert_same_chain, one_chain_overlay  # noqa: E402
 from slurm_cluster import PARTITION, SlurmCluster, can_run  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from conftest import save_base_model, tiny_llama
+from helpers import save_base_model, tiny_llama
 from safetensors.torch import load_file
 
 from tamperlab.errors import UserError

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch, snakemake_env
+from helpers import launch, snakemake_env
 from safetensors.torch import load_file
 
 from tamperlab.hardening.tar import TAR_LOG

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, SMOKE, assert_same_chain, one_chain_overlay, snakemake
+from helpers import BIN, SMOKE, assert_same_chain, one_chain_overlay, snakemake
 from slurm_cluster import can_run
 
 
