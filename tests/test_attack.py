@@ -164,8 +164,8 @@ def test_attack_trains_one_run_and_says_so_when_given_a_grid(attack_base, tmp_pa
     assert "attack-grid" in result.stderr and not (tmp_path / "x").exists()
 
 
-def test_an_unknown_attack_setting_is_one_error_line_naming_it(base, tmp_path):
-    command = attack_command(base, tmp_path / "x", steps=[3])
+def test_an_unknown_attack_setting_is_one_error_line_naming_it(attack_base, tmp_path):
+    command = attack_command(attack_base, tmp_path / "x", steps=[3])
     at = command.index("--params") + 1
     command[at] = json.dumps({**json.loads(command[at]), "lora_rank": 8})
     result = subprocess.run(command, capture_output=True, text=True, check=False)

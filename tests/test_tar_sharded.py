@@ -150,7 +150,7 @@ def test_fsdp_is_for_tar_only(defence_base, tmp_path, capsys):
     args[args.index("tar")] = "repnoise"
     with pytest.raises(SystemExit) as exit_:
         main([*args, "--fsdp"])
-    assert exit_.value.code == 2 and "--fsdp: only TAR" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--fsdp: repnoise has no FSDP2 entry point" in capsys.readouterr().err
     assert not (tmp_path / "rn").exists()
 
 
