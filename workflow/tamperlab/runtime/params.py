@@ -6,12 +6,13 @@ where it derives one), so the copied line computes the same thing."""
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from typing import Any, TypeVar
 
 from tamperlab.errors import UserError
 
 T = TypeVar("T")
-FLOAT_TYPES = (float, "float", "float | None")
 
 
 def from_params(cls: type[T], values: dict[str, Any], key: str = "--params") -> T:
@@ -25,10 +26,13 @@ def from_params(cls: type[T], values: dict[str, Any], key: str = "--params") -> 
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:
         raise UserError(f"{key}: missing key {missing[0]!r}")
-    return cls(**{k: _coerced(fields[k], v) for k, v in values.items()})
+    floats = _float_fields(cls)
+    return cls(**{k: float(v) if k in floats and type(v) is int else v for k, v in values.items()})
 
 
-def _coerced(field: dataclasses.Field, value: Any) -> Any:
-    if field.type in FLOAT_TYPES and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+def _float_fields(cls: type) -> set[str]:
+    """The fields declared float, alone or in a union (float | None): the annotations resolved, not their text."""
+    hints = typing.get_type_hints(cls)
+    unions = (typing.Union, types.UnionType)
+    return {name for name, hint in hints.items()
+            if hint is float or (typing.get_origin(hint) in unions and float in typing.get_args(hint))}
