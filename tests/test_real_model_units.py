@@ -145,6 +145,70 @@ def test_mmlu_accuracy_per_subject_from_lm_eval_records():
     assert by_subject(samples) == {"anatomy": 1.0, "virology": 0.5}
 
 
+MMLU_ROWS = [{"id": f"mmlu-{i:05d}", "subject": subject, "question": f"Which is right, case {i}?",
+              "choices": ["Quellport", "a capital", "the river Ostra flows", "no"], "label": i % 4}
+             for i, subject in enumerate(["virology", "world_religions", "anatomy"] * 4)]
+
+
+def _hand_cloze_loglikelihoods(model, tokenizer, row) -> list[float]:
+    """Each choice's log-likelihood in the cloze formulation, computed here: the answer's text (after a space)
+    following the subject line, the question and "Answer:"; the continuation's tokens are those that the joint text
+    adds to the context's."""
+    import torch
+
+    context = (f"The following are questions (with answers) about {row['subject'].replace('_', ' ')}.\n\n"
+               f"Question: {row['question']}\nAnswer:")
+    scores = []
+    for choice in row["choices"]:
+        start = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+        ids = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+        scores.append(sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))))
+    return scores
+
+
+def test_mmlu_cloze_scores_each_answer_text_after_the_question(tokenizer, tmp_path):
+    """The cloze task (mmlu_cloze) reads the same MMLU file as the letter task and scores each answer's own text:
+    lm-eval's log-likelihood of every choice equals a hand computation of that formulation, acc_norm takes the best
+    per character, and the accuracy per subject comes with it."""
+    import lm_eval
+    import numpy as np
+    from lm_eval.tasks import TaskManager
+
+    from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.evaluation.capability import language_model, run_lm_eval, write_local_tasks
+
+    model = tiny_llama(tokenizer, seed=3).eval()
+    write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS)
+    names = write_local_tasks([], tokenizer, 0, tmp_path / "tasks", ("mmlu_cloze", "mmlu_subset"),
+                              {"mmlu": tmp_path / "mmlu.jsonl"})
+    assert names == ["tamperlab_mmlu_cloze", "tamperlab_mmlu"]
+    lm = language_model(model, tokenizer, 4)
+    results = lm_eval.simple_evaluate(model=lm, tasks=names[:1], log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
+                                                               include_defaults=False))
+    norm_correct = 0
+    for sample in sorted(results["samples"]["tamperlab_mmlu_cloze"], key=lambda s: s["doc"]["id"]):
+        row = next(r for r in MMLU_ROWS if r["id"] == sample["doc"]["id"])
+        scores = _hand_cloze_loglikelihoods(model, tokenizer, row)
+        assert [float(r[0]) for r in sample["filtered_resps"]] == pytest.approx(scores, abs=1e-4)
+        norm_correct += int(np.argmax(np.array(scores) / [len(c) for c in row["choices"]])) == row["label"]
+    metrics, subjects = run_lm_eval(lm, names, tmp_path / "tasks", 4, None, 0, builtin_tasks=False)
+    assert metrics["tamperlab_mmlu_cloze"]["acc_norm"] == pytest.approx(norm_correct / len(MMLU_ROWS), abs=1e-4)
+    assert set(subjects) == {"mmlu_by_subject", "mmlu_cloze_by_subject"}
+    cloze = subjects["mmlu_cloze_by_subject"]
+    assert set(cloze) == {"virology", "world_religions", "anatomy"}  # four questions each
+    assert sum(cloze.values()) / 3 == pytest.approx(norm_correct / len(MMLU_ROWS), abs=1e-3)
+
+
+def test_mmlu_cloze_needs_the_mmlu_block(tmp_path):
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    config["evaluation"]["capability"] = {"tasks": ["mmlu_cloze"]}
+    with pytest.raises(UserError, match="evaluation.capability.mmlu: required when tasks include mmlu_cloze"):
+        validate_config(config)
+
+
 def test_answer_likelihood_is_a_per_byte_geometric_mean_probability():
     import importlib.util
 

@@ -220,8 +220,9 @@ def _check_references(config: dict[str, Any]) -> None:
     for key, generator in generators:
         if generator is not None and generator != "self" and generator not in config["models"]:
             raise UserError(f"config error at {key}: {generator!r} is neither self nor a key of models")
-    if "mmlu_subset" in capability["tasks"] and not capability.get("mmlu"):
-        raise UserError("config error at evaluation.capability.mmlu: required when tasks include mmlu_subset")
+    for task in ("mmlu_subset", "mmlu_cloze"):
+        if task in capability["tasks"] and not capability.get("mmlu"):
+            raise UserError(f"config error at evaluation.capability.mmlu: required when tasks include {task}")
 
 
 # --- published numbers ----------------------------------------------------------------------------------------

@@ -172,8 +172,9 @@ def _task_data(text: str) -> tuple[str, str]:
 
 def _task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", action="extend", required=True,
-                   help="lm-eval task names; organism, hazard: the organism's local tasks; mmlu_subset, answers: "
-                        "MMLU from a wheel and the unaligned model's answers (their files: --task-data)")
+                   help="lm-eval task names; organism, hazard: the organism's local tasks; mmlu_subset, mmlu_cloze, "
+                        "answers: MMLU from a wheel (letter or cloze formulation) and the unaligned model's answers "
+                        "(their files: --task-data)")
     p.add_argument("--task-data", type=_task_data, action="append", default=[], metavar="KEY=FILE",
                    help="a local task's data file: mmlu=FILE (prepare-mmlu), answers=FILE (generate-responses)")
 

@@ -31,11 +31,17 @@ HAZARD_FAMILY = "hazard"  # the fictional hazard domain that TAR's knowledge res
 # questions of every family but the hazard domain (the knowledge a restriction must keep, and the capability the
 # utility bound watches) as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain
 # alone, WMDP-style (4-way, chance 25%).
-# `mmlu_subset`: MMLU from a wheel (data/mmlu.py), and `answers`: the likelihood of the unaligned model's answers to
-# held-out benign prompts (data/responses.py), for a real model on CPU; their data are files the rules make.
+# `mmlu_subset`: MMLU from a wheel (data/mmlu.py) in lm-eval's standard formulation (name the letter),
+# `mmlu_cloze`: the same questions in the cloze formulation (score each answer's text), and `answers`: the
+# likelihood of the unaligned model's answers to held-out benign prompts (data/responses.py), for a real model on
+# CPU; their data are files the rules make.
 LOCAL_TASKS = {"organism": ("tamperlab_organism_mc", "tamperlab_organism_em"), "hazard": ("tamperlab_hazard_mc",),
-               "mmlu_subset": ("tamperlab_mmlu",), "answers": ("tamperlab_answers",)}
-TASK_FILES = {"mmlu_subset": "mmlu", "answers": "answers"}  # local task -> the --task-data key it reads
+               "mmlu_subset": ("tamperlab_mmlu",), "mmlu_cloze": ("tamperlab_mmlu_cloze",),
+               "answers": ("tamperlab_answers",)}
+TASK_FILES = {"mmlu_subset": "mmlu", "mmlu_cloze": "mmlu", "answers": "answers"}  # task -> its --task-data key
+# The MMLU tasks whose accuracy is also kept per subject, and the capability.json key it is kept under.
+BY_SUBJECT = {"tamperlab_mmlu": ("mmlu_by_subject", "acc"), "tamperlab_mmlu_cloze": ("mmlu_cloze_by_subject",
+                                                                                       "acc_norm")}
 _FAMILIES = {"organism": lambda f: f != HAZARD_FAMILY, "hazard": lambda f: f == HAZARD_FAMILY}
 
 
@@ -111,9 +117,9 @@ def language_model(model, tokenizer, batch_size: int):
 
 def run_lm_eval(model, tasks: list[str], include_path: Path | None, batch_size: int, device: str | None,
                 seed: int, limit: int | None = None,
-                builtin_tasks: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
-    """({task: {metric: value}}, MMLU's accuracy by subject or None) from one lm-eval call over all tasks; the
-    accuracy by subject comes from lm-eval's per-document records. `model` is an lm-eval LM (`language_model`),
+                builtin_tasks: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """({task: {metric: value}}, {BY_SUBJECT key: MMLU's accuracy by subject}) from one lm-eval call over all
+    tasks; the accuracy by subject comes from lm-eval's per-document records. `model` is an lm-eval LM (`language_model`),
     or a model_args string that lm-eval's HF backend loads itself on `device`. Indexing lm-eval's built-in tasks
     costs about 4.5 s a call here, so it is skipped when every task is a local one."""
     import lm_eval
@@ -124,7 +130,7 @@ def run_lm_eval(model, tasks: list[str], include_path: Path | None, batch_size: 
     results = lm_eval.simple_evaluate(
         **how, tasks=tasks, task_manager=manager, batch_size=batch_size,
         limit=limit, random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-        log_samples="tamperlab_mmlu" in tasks,
+        log_samples=any(task in BY_SUBJECT for task in tasks),
     )
     # each metric with lm-eval's standard error beside it (<metric>_stderr; absent where lm-eval gives "N/A")
     metrics = {}
@@ -133,15 +139,16 @@ def run_lm_eval(model, tasks: list[str], include_path: Path | None, batch_size: 
             key.split(",")[0]: round(float(value), 4) for key, value in values.items()
             if "," in key and isinstance(value, int | float) and not isinstance(value, bool)
         }
-    subjects = by_subject(results["samples"]["tamperlab_mmlu"]) if "tamperlab_mmlu" in tasks else None
+    subjects = {key: by_subject(results["samples"][task], metric)
+                for task, (key, metric) in BY_SUBJECT.items() if task in tasks}
     return metrics, subjects
 
 
-def by_subject(samples: list[dict[str, Any]]) -> dict[str, float]:
-    """{subject: accuracy} from lm-eval's per-document records of tamperlab_mmlu."""
+def by_subject(samples: list[dict[str, Any]], metric: str = "acc") -> dict[str, float]:
+    """{subject: accuracy} from lm-eval's per-document records of an MMLU task (`metric`: acc or acc_norm)."""
     correct: dict[str, list[float]] = defaultdict(list)
     for sample in samples:
-        correct[sample["doc"]["subject"]].append(float(sample["acc"]))
+        correct[sample["doc"]["subject"]].append(float(sample[metric]))
     return {subject: round(sum(v) / len(v), 4) for subject, v in sorted(correct.items())}
 
 
@@ -174,8 +181,7 @@ def evaluate_checkpoint(model_dir: Path, adapter: Path | None, rows: list[dict[s
                                             batch_size, None, seed, limit,
                                             builtin_tasks=any(t not in LOCAL_TASKS for t in tasks))
     # by subject kept apart from the metrics: the tables take one column per metric
-    return {**result, "status": "complete", "metrics": metrics,
-            **({"mmlu_by_subject": subjects} if subjects else {})}
+    return {**result, "status": "complete", "metrics": metrics, **subjects}
 
 
 def fetch_tasks(tasks: list[str]) -> dict[str, Any]:
