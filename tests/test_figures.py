@@ -259,7 +259,7 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
         "--hazard-attack", "hazard", "--harmfulness-attack", "lora", "--out-refusal", str(out / "refusal.csv"),
         "--out-summary", str(out / "summary.csv"), "--out-figures", str(out / "figures"),
         "--out-harmfulness", str(out / "harmfulness.csv"), "--out-tamper-resistance", str(out / "tr.csv"),
-        "--out-published", str(out / "published.csv")])
+        "--out-published", str(out / "published.csv"), "--out-cost", str(out / "cost.csv")])
     args.func(args)
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["hazard_tiny_hazard.png", "refusal_tiny_lora.png"]
     assert evaluation_settings([tmp_path / "eval/none/refusal.json"]) == {"judge": "keyword", "new_tokens": "24"}

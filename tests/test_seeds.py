@@ -222,6 +222,7 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
     from tamperlab.runtime import provenance
 
     monkeypatch.setattr(provenance, "verify_input", lambda path: None)  # hand-made evaluations have no manifests
+    write_evaluation(tmp_path / "eval" / "none", "none", None, None, 0.9, {"org_mc": {"acc": 0.8}})  # the yardstick
     for defence, worst in (("repnoise_s0", 0.2), ("repnoise_s1", 0.6)):
         for attack, cell, refusal in ((None, None, 1.0), ("lora", "lr1e-3_steps25_r16", worst)):
             write_evaluation(tmp_path / "eval" / defence / (cell or ""), defence, attack, cell, refusal,
@@ -232,6 +233,7 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
              "retain_mc/acc", "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
              "--out-figures", str(out / "figures"), "--out-harmfulness", str(out / "harmfulness.csv"),
              "--out-tamper-resistance", str(out / "tr.csv"), "--out-published", str(out / "published.csv"),
+             "--out-cost", str(out / "cost.csv"),
              "--defence-seeds", '{"repnoise": ["repnoise_s0", "repnoise_s1"]}']
     with pytest.raises(SystemExit) as refused:  # the table without its output: refused before anything is written
         main(flags)

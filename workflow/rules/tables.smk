@@ -61,6 +61,12 @@ rule tables:
             category="Tables",
             subcategory="Paper tables",
         ),
+        cost=report(
+            "results/tables/defence_cost.csv",
+            caption="../report/defence_cost.rst",
+            category="Tables",
+            subcategory="Refusal and capability",
+        ),
         manifest="results/tables/refusal.manifest.json",
     log:
         "logs/tables.log",
@@ -87,4 +93,4 @@ rule tables:
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
         " --out-tamper-resistance {output.tamper_resistance}"
-        " --out-published {output.published}{params.visage}{params.seeds} > {log} 2>&1"
+        " --out-published {output.published} --out-cost {output.cost}{params.visage}{params.seeds} > {log} 2>&1"

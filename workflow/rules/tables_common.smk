@@ -62,6 +62,7 @@ def tables_args():
                 json.dumps(config["published"]) if config["published"] else None
             ),
             "defence_seeds": defence_seeds(config) or None,
+            "utility": config["evaluation"]["utility"],
         }
     )
 

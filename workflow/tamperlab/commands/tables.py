@@ -14,6 +14,8 @@ def tables(args: argparse.Namespace) -> None:
 
     from tamperlab.reporting.attack_figures import refusal_figures
     from tamperlab.reporting.published_table import published_table
+    from tamperlab.reporting.utility import UtilityBound, cost_table, with_usability
+    from tamperlab.runtime.params import from_params
     from tamperlab.reporting.tables import (
         defence_seed_table,
         evaluation_files,
@@ -32,23 +34,27 @@ def tables(args: argparse.Namespace) -> None:
     inputs |= {"visage": args.visage} if args.visage else {}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
-               "published_csv": args.out_published, **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
+               "published_csv": args.out_published, "cost_csv": args.out_cost, **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
                **({"defence_seeds_csv": args.out_defence_seeds} if args.out_defence_seeds else {})}
     if bool(args.defence_seeds) != bool(args.out_defence_seeds):
         raise UserError("--defence-seeds and --out-defence-seeds go together")
+    bound = from_params(UtilityBound, args.utility, "--utility")
     with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         summaries = evaluation_files(args.refusal, "refusal.json")
         table = refusal_table(summaries, evaluation_files(args.capability, "capability.json"))
-        cells = mean_over_seeds(table)  # one row per cell (means over seeds) for the per-cell tables; one seed: table
+        # one row per cell (means over seeds) for the per-cell tables and figures; one seed: the table itself
+        cells = with_usability(mean_over_seeds(table), args.capability_metric, bound)
+        table = with_usability(table, args.capability_metric, bound)
         resistance = tamper_resistance_table(cells, args.hazard_metric, args.retain_metric)
         visage = pd.read_csv(args.visage) if args.visage else None
-        summary = summary_table(table, args.capability_metric)
+        summary = summary_table(table, args.capability_metric, bound)
         written = {
             "refusal_csv": table,
             "summary_csv": summary,
             "harmfulness_csv": harmfulness_table(cells, args.harmfulness_attack, args.capability_metric),
             "tamper_resistance_csv": resistance,
             "published_csv": published_table(args.published, cells, resistance, visage),
+            "cost_csv": cost_table(table, args.capability_metric, bound),
             **({"seeds_csv": seed_table(table)} if args.out_seeds else {}),
             **({"defence_seeds_csv": defence_seed_table(summary, args.defence_seeds)} if args.defence_seeds else {}),
         }
@@ -81,6 +87,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="visage.csv, where published VISAGE numbers are looked up")
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
+    p.add_argument("--utility", type=json_object, default={},
+                   help="the utility bound (JSON: max_capability_drop, max_false_refusal_rise, false_refusal; "
+                        "default each as reporting.utility.UtilityBound)")
+    p.add_argument("--out-cost", type=Path, required=True,
+                   help="defence_cost.csv: each defended model's capability and false refusal against the aligned "
+                        "model's")
     p.add_argument("--out-seeds", type=Path, help="each cell's mean and sd over its seeds (grids of several seeds)")
     p.add_argument("--defence-seeds", type=json_object, default={},
                    help="JSON {defence: [the names of its seeds' defences]} for defences trained under several seeds")

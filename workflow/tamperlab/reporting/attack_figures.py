@@ -48,9 +48,9 @@ def _fmt(value) -> str:
 def _panel(axes, cells: pd.DataFrame, rows: list[tuple], lrs: list[float], colour: str, cmap: str,
            lines, hatch: bool) -> None:
     """One defence: cells coloured by `colour` (0..1), each annotated with `lines(row)`; a missing cell blank, a
-    diverged one grey; with `hatch`, a broken one hatched."""
+    diverged one grey; with `hatch`, a broken one hatched; an unusable one (the utility bound) framed and marked."""
     grid = np.full((len(rows), len(lrs)), np.nan)
-    texts, broken = {}, set()
+    texts, broken, unusable = {}, set(), set()
     for _, row in cells.iterrows():
         i = rows.index((int(0 if pd.isna(row["rank"]) else row["rank"]), int(row["steps"])))
         j = lrs.index(row["lr"])
@@ -61,6 +61,9 @@ def _panel(axes, cells: pd.DataFrame, rows: list[tuple], lrs: list[float], colou
         texts[i, j] = lines(row)
         if hatch and (_number(row, "other_rate") or 0) >= BROKEN:
             broken.add((i, j))
+        if _unusable(row):
+            unusable.add((i, j))
+            texts[i, j] += "\nunusable"
     colormap = plt.get_cmap(cmap).with_extremes(bad="lightgrey")
     axes.imshow(grid, vmin=0, vmax=1, cmap=colormap, origin="lower", aspect="auto")
     for (i, j), text in texts.items():
@@ -69,6 +72,9 @@ def _panel(axes, cells: pd.DataFrame, rows: list[tuple], lrs: list[float], colou
         if (i, j) in broken:  # broken into word salad: hatched, so it does not read as jailbroken
             axes.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", lw=0,
                                          edgecolor=text_colour(background), alpha=0.4))
+        if (i, j) in unusable:  # outside the utility bound: framed, so that its refusal is not read as robustness
+            axes.add_patch(plt.Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, lw=1.2, ls="--",
+                                         edgecolor=text_colour(background)))
         # on a box of the cell's own colour, so that the hatching does not cross the numbers
         axes.text(j, i, text, ha="center", va="center", fontsize=7, color=text_colour(background),
                   bbox={"facecolor": background, "edgecolor": "none", "pad": 1.5})
@@ -89,14 +95,20 @@ def faceted_figure(table: pd.DataFrame, model: str, attack: str, path: Path, *, 
     for axes, defence in zip(panels[0], defences, strict=True):
         _panel(axes, attacked[attacked["defence"] == defence], rows, lrs, colour, cmap, lines, hatch)
         base = table[(table["model"] == model) & (table["defence"] == defence) & (table["attack"] == "none")]
-        axes.set_title(f"defence {defence}\n{base_line(base.iloc[0]) if len(base) else 'no unattacked row'}",
-                       fontsize=8)
+        usable = "" if not len(base) or not _unusable(base.iloc[0]) else " (unusable)"
+        axes.set_title(f"defence {defence}{usable}\n"
+                       f"{base_line(base.iloc[0]) if len(base) else 'no unattacked row'}", fontsize=8)
     scale = plt.cm.ScalarMappable(norm=plt.Normalize(0, 1), cmap=cmap)
     figure.colorbar(scale, ax=panels[0].tolist(), label=label, shrink=0.9)
     figure.suptitle(title, fontsize=9)
     figure.savefig(path, dpi=110, metadata=METADATA)
     plt.close(figure)
     return Path(path)
+
+
+def _unusable(row) -> bool:
+    """Whether the utility bound (reporting.utility) marked this checkpoint unusable (unknown: not marked)."""
+    return "usable" in row and row["usable"] is not pd.NA and row["usable"] is not None and not bool(row["usable"])
 
 
 def _number(row, column: str) -> float | None:
@@ -132,6 +144,6 @@ def refusal_figures(table: pd.DataFrame, out_dir: Path, capability: str, hazard:
                              f"brk {_fmt(_number(r, 'other_rate'))}\ncap {_fmt(_number(r, capability))}"),
             title=f"{model}: refusal after the {attack} attack — n = {n} prompts, judge {settings['judge']}, "
                   f"{settings['new_tokens']} new tokens\nref / com / brk: refused, complied, broken (neither; "
-                  f"hatched ≥ {BROKEN:g}); cap: {cap}",
+                  f"hatched ≥ {BROKEN:g}); cap: {cap}; dashed: unusable (utility bound)",
             base_line=lambda r: f"unattacked: ref {_fmt(r['refusal_rate'])},\ncap {_fmt(_number(r, capability))}"))
     return written

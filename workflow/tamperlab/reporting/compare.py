@@ -71,7 +71,7 @@ SPREAD_DIR = "spread"  # REFERENCE/spread/<run>/tables: the same configuration u
 BIT_EXACT, WITHIN_SPREAD, NOT_REPRODUCED = "bit-exact", "within spread", "NOT reproduced"
 # The claims a defence comparison states, per (model, defence, attack) row of refusal_summary.csv
 CLAIMS = {"base_refusal_rate": "base refusal", "base_capability": "base capability",
-          "bounded_worst_refusal_rate": "bounded-worst refusal",
+          "defence_usable": "defence usable", "bounded_worst_refusal_rate": "bounded-worst refusal",
           "bounded_worst_capability": "capability at the bounded worst"}
 SUMMARY_COLUMNS = ["table", "cells", "identical", "outside", "missing"]
 
