@@ -5,6 +5,7 @@ functions, so that collecting the workflow tests stays quick."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -81,6 +82,36 @@ def last_words(output: str) -> str:
              if line.startswith(("Fatal Python error", "terminate called")) or "Error:" in line]
     blocks = ["\n".join(lines[i:i + 25]) for i in marks[:3]]
     return "\n...\n".join([*blocks, output[-3000:]])
+
+
+def refusal_params(**changes) -> str:
+    """evaluate-refusal's --params (tamperlab.evaluation.settings.RefusalParams), every key given: the keyword
+    judge on the evaluation split, 4 new tokens, no system prompt or limits; `changes` replace keys."""
+    settings = {"split": "evaluation", "judge": "keyword", "classifier_model": None, "classifier_revision": None,
+                "refusal_label": None, "max_new_tokens": 4, "batch_size": 4, "compliance_marker": None,
+                "system_prompt": None, "prompt_limit": None, "benign_limit": None, "false_refusal_judge": None,
+                "seed": 0}
+    return json.dumps({**settings, **changes})
+
+
+def capability_params(**changes) -> str:
+    """evaluate-capability's --params (tamperlab.evaluation.settings.CapabilityParams): the organism's task on the
+    evaluation split, every key given; `changes` replace keys."""
+    settings = {"split": "evaluation", "tasks": ["organism"], "batch_size": 4, "limit": None, "seed": 0}
+    return json.dumps({**settings, **changes})
+
+
+def run_params(refusal: dict | None = None, capability: dict | None = None) -> str:
+    """evaluate-run's --params: both blocks by name, each as refusal_params and capability_params give it."""
+    return json.dumps({"refusal": json.loads(refusal_params(**refusal or {})),
+                       "capability": json.loads(capability_params(**capability or {}))})
+
+
+def defence_params(method: dict, **data) -> str:
+    """harden's --params: the rows trained on (data: tamperlab.data.examples.DefenceData; the defence split, the
+    hazard family, no refusal unless given) and the method's block."""
+    rows = {"splits": ["defence"], "harmful_response": None, "refusal": None, "forget_family": "hazard"}
+    return json.dumps({"data": {**rows, **data}, "method": method})
 
 
 def write_evaluation(directory: Path, defence: str, attack: str | None, cell: str | None, refusal: float,

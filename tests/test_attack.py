@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import refusal_params, run_params
 from safetensors.torch import load_file
 
 from tamperlab.runtime.provenance import read_manifest
@@ -87,8 +88,8 @@ def test_a_non_finite_loss_ends_the_cell_as_diverged_and_the_evaluation_says_so(
     summary = tmp_path / "eval/refusal.json"
     run([str(BIN / "tamperlab"), "evaluate-refusal", "--model", str(out / "steps6"), "--model-name", "tiny",
          "--defence", "none", "--attack", "full", "--cell", "lr1e30_steps6", "--data", str(splits),
-         "--split", "evaluation", "--judge", "keyword", "--max-new-tokens", "4", "--batch-size", "4", "--seed", "0",
-         "--out-summary", str(summary), "--out-responses", str(tmp_path / "eval/refusal.jsonl")])
+         "--params", refusal_params(), "--out-summary", str(summary),
+         "--out-responses", str(tmp_path / "eval/refusal.jsonl")])
     result = json.loads(summary.read_text())
     assert result["status"] == "diverged" and result["refusal_rate"] is None
 
@@ -112,9 +113,7 @@ def test_a_malformed_cell_snapshot_is_one_error_line(attack_base, tmp_path):
     result = subprocess.run(
         [str(BIN / "tamperlab"), "evaluate-run", "--model", str(model), "--run", str(tmp_path), "--method", "lora",
          "--cell-snapshot", "steps5", "--model-name", "tiny", "--defence", "none", "--attack", "lora",
-         "--data", str(splits), "--split", "evaluation", "--judge", "keyword", "--max-new-tokens", "4",
-         "--batch-size", "4", "--seed", "0", "--tasks", "organism", "--capability-split", "evaluation",
-         "--capability-batch-size", "4", "--out", str(tmp_path / "out")],
+         "--data", str(splits), "--params", run_params(), "--out", str(tmp_path / "out")],
         capture_output=True, text=True, check=False,
     )
     assert result.returncode == 2
