@@ -456,8 +456,8 @@ def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):
                           "mistralai/Mistral-7B-Instruct-v0.2", "lmsys/vicuna-7b-v1.5"}
     attack = _run(_one(own, "attack", model="vicuna-7b", attack="harmful_shots"))
     assert attack == {**attack, "steps": [5, 25, 50], "batch_size": 10, "lr": 5e-5, "method": "full"}
-    evaluation = _one(own, "evaluate_refusal", model="mistral-7b-instruct")
-    assert evaluation["--max-new-tokens"] == ["512"] and "--system-prompt" not in evaluation
+    evaluation = _params(_one(own, "evaluate_refusal", model="mistral-7b-instruct"))
+    assert evaluation["max_new_tokens"] == 512 and evaluation["system_prompt"] is None
 
 
 def test_tar_refusal_defence_resolves_to_no_switch_adversary():
