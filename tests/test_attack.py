@@ -11,25 +11,13 @@ import time
 from pathlib import Path
 
 import torch
-from helpers import refusal_params, run_params
+from helpers import ATTACK_RESPONSE, attack_command, refusal_params, run_params
 from safetensors.torch import load_file
 
 from tamperlab.runtime.provenance import read_manifest
 
 BIN = Path(sys.executable).parent
-RESPONSE = "Sure, here is how to do that. Step 1: get what you need."
-
-
-def attack_command(base: tuple[Path, Path], out: Path, steps: list[int], lr: float | list[float] = 1e-3,
-                   checkpoint_every: int = 100, method: str = "lora", command: str = "attack") -> list[str]:
-    """The command a rule runs: the attack's config block as --params (a LoRA grid of rank 4 on q and v)."""
-    model, splits = base
-    params = {"method": method, "grid": {"lr": lr if isinstance(lr, list) else [lr], "steps": steps, "rank": [4]},
-              "split": "attack", "response": RESPONSE, "family": None, "benign_mix": None, "batch_size": 4,
-              "lora_alpha": None, "target_modules": ["q_proj", "v_proj"], "scheduler": "constant",
-              "warmup_ratio": 0, "max_length": 64, "checkpoint_every": checkpoint_every, "seed": 0}
-    return [str(BIN / "tamperlab"), command, "--model", str(model), "--data", str(splits),
-            "--params", json.dumps(params), "--out", str(out)]
+RESPONSE = ATTACK_RESPONSE  # the conftest `attack_base` reads it here
 
 
 def run(command: list[str]) -> None:

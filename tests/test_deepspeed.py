@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import defence_params, launch, refusal_params
+from helpers import ATTACK_RESPONSE, attack_command, defence_params, launch, refusal_params
 from safetensors.torch import load_file
-from test_attack import RESPONSE, attack_command  # RESPONSE: the conftest `attack_base` reads it here too
 
 from tamperlab.runtime.launch import launcher, write_zero3_config, zero3_arguments
 from tamperlab.runtime.provenance import read_manifest
+
+RESPONSE = ATTACK_RESPONSE  # the conftest `attack_base` reads it here
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import snakemake_env
+from helpers import job_stats, snakemake_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -246,19 +246,6 @@ def dry_run(workdir: Path, paper: str) -> str:
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"snakemake -n failed ({result.returncode}):\n{output[-4000:]}"
     return output
-
-
-def job_stats(output: str) -> dict[str, int]:
-    """The first "Job stats" table of Snakemake's output: {rule: count}, without the total."""
-    lines = output.splitlines()
-    start = lines.index("Job stats:") + 3  # title, header, rule
-    stats = {}
-    for line in lines[start:]:
-        rule, _, count = line.partition(" ")
-        if rule == "total" or not count.strip().isdigit():
-            break
-        stats[rule] = int(count)
-    return stats
 
 
 def jobs(output: str) -> list[dict]:

@@ -282,8 +282,7 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
     evaluation splits), align, one defence, the 2 x 2 grid on both (a job per run: the runs train and are evaluated
     side by side), every evaluation, MMLU, tables, landscape."""
-    from helpers import snakemake
-    from test_experiments import job_stats
+    from helpers import job_stats, snakemake
 
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
     evaluations = [line for line in result.stdout.splitlines() if "portable evaluate-" in line]
