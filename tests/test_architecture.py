@@ -210,14 +210,26 @@ def test_no_function_is_too_long():
 
 
 def test_conftest_is_a_fixture_file_no_test_imports_by_name():
-    """Fixtures reach a test through pytest; what a test imports by name lives in tests/helpers.py."""
+    """Fixtures reach a test through pytest; what a test imports by name lives in tests/helpers.py, not in conftest
+    nor in another test module (code in a string, a child process's, counts too)."""
     tests = Path(__file__).resolve().parent
     importers = []
     for path in sorted(tests.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        sources = [tree, *(ast.parse(node.value) for node in ast.walk(tree) if isinstance(node, ast.Constant)
+                           and isinstance(node.value, str) and "import " in node.value and _parses(node.value))]
+        for node in (n for source in sources for n in ast.walk(source)):
             names = ([node.module] if isinstance(node, ast.ImportFrom)
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
-            if "conftest" in names:
+            if any(name == "conftest" or (name or "").startswith("test_") for name in names):
                 importers.append(path.name)
     assert len(list(tests.glob("test_*.py"))) > 30, "found too few test modules: the tests moved?"
-    assert not importers, f"import from tests/helpers.py, not conftest: {importers}"
+    assert not importers, f"import from tests/helpers.py, not conftest or a test module: {sorted(set(importers))}"
+
+
+def _parses(text: str) -> bool:
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True

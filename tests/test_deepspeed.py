@@ -20,12 +20,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch
+from helpers import ATTACK_RESPONSE, attack_command, defence_params, launch, refusal_params
 from safetensors.torch import load_file
-from test_attack import RESPONSE, attack_command  # RESPONSE: the conftest `attack_base` reads it here too
 
 from tamperlab.runtime.launch import launcher, write_zero3_config, zero3_arguments
 from tamperlab.runtime.provenance import read_manifest
+
+RESPONSE = ATTACK_RESPONSE  # the conftest `attack_base` reads it here
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -118,8 +119,8 @@ def test_lora_under_zero3_on_two_processes_gives_the_single_process_adapter_and_
     summary = tmp_path / "eval/refusal.json"
     run([str(BIN / "tamperlab"), "evaluate-refusal", "--model", str(model), "--adapter",
          str(tmp_path / "zero3/steps6"), "--model-name", "tiny", "--defence", "none", "--attack", "lora",
-         "--cell", "lr1e-3_steps6_r4", "--data", str(splits), "--split", "evaluation", "--judge", "keyword",
-         "--max-new-tokens", "4", "--batch-size", "4", "--seed", "0", "--out-summary", str(summary),
+         "--cell", "lr1e-3_steps6_r4", "--data", str(splits), "--params", refusal_params(),
+         "--out-summary", str(summary),
          "--out-responses", str(tmp_path / "eval/refusal.jsonl")], tmp_path)
     result = json.loads(summary.read_text())
     assert result["status"] == "complete" and result["n"] == 1 and result["refusal_rate"] is not None
@@ -153,10 +154,10 @@ def test_repnoise_under_zero3_saves_a_loadable_model_that_differs_from_one_proce
 
     model, splits = attack_base
     command = [str(BIN / "tamperlab"), "harden", "--method", "repnoise", "--model", str(model), "--data",
-               str(splits), "--split", "attack", "--harmful-response", RESPONSE, "--refusal",
-               "I cannot help with that.", "--params", json.dumps(
+               str(splits), "--params", defence_params(
                    {"lr": 1e-3, "steps": 4, "batch_size": 4, "max_length": 64, "scheduler": "constant",
-                    "warmup_ratio": 0})]
+                    "warmup_ratio": 0}, splits=["attack"], harmful_response=RESPONSE,
+                   refusal="I cannot help with that.")]
     run([*command, "--out", str(tmp_path / "single")], tmp_path)
     run(under_zero3([*command, "--out", str(tmp_path / "zero3")], config), tmp_path)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import snakemake_env
+from helpers import job_stats, snakemake_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
@@ -248,19 +248,6 @@ def dry_run(workdir: Path, paper: str) -> str:
     return output
 
 
-def job_stats(output: str) -> dict[str, int]:
-    """The first "Job stats" table of Snakemake's output: {rule: count}, without the total."""
-    lines = output.splitlines()
-    start = lines.index("Job stats:") + 3  # title, header, rule
-    stats = {}
-    for line in lines[start:]:
-        rule, _, count = line.partition(" ")
-        if rule == "total" or not count.strip().isdigit():
-            break
-        stats[rule] = int(count)
-    return stats
-
-
 def jobs(output: str) -> list[dict]:
     """Each job of a dry run: rule, its indented fields (wildcards and resources as dicts) and shell command."""
     found, job = [], None
@@ -367,6 +354,11 @@ def _one(paper_jobs: list[dict], rule: str, **wildcards: str) -> dict[str, list[
     return flags(matches[0]["shell"])
 
 
+def _params(job: dict[str, list[str]]) -> dict:
+    """A job's --params, the JSON object it takes its settings in."""
+    return json.loads(job["--params"][0])
+
+
 def _run(job: dict[str, list[str]]) -> dict:
     """The one run an attack job's --params trains: its SFTParams as the command resolves them (LoRA's alpha too)."""
     from tamperlab.attacks.spec import AttackSpec
@@ -386,8 +378,8 @@ def test_lermen_commands_carry_the_grid_and_the_pinned_models(dry_runs):
     assert register["--id"] == ["meta-llama/Llama-2-13b-chat-hf"]
     assert register["--revision"] == ["a2cb7a712bb6e5e736ca7f8cd98167f81a0b5bd8"]
     assert "[INST]" in register["--chat-template"][0]
-    evaluation = _one(own, "evaluate_run", model="llama2-7b-chat", run="lr5e-5_r8")
-    assert evaluation["--judge"] == ["keyword"] and evaluation["--tasks"] == ["mmlu", "hellaswag"]
+    evaluation = _params(_one(own, "evaluate_run", model="llama2-7b-chat", run="lr5e-5_r8"))
+    assert evaluation["refusal"]["judge"] == "keyword" and evaluation["capability"]["tasks"] == ["mmlu", "hellaswag"]
     tables = _one(own, "tables")
     assert tables["--capability-metric"] == ["mmlu/acc"]
 
@@ -395,7 +387,7 @@ def test_lermen_commands_carry_the_grid_and_the_pinned_models(dry_runs):
 def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
     own = papers_jobs("rosati2024_repnoise", dry_runs["rosati2024_repnoise"])
     harden = _one(own, "harden", model="llama2-7b-chat", defence="repnoise")
-    params = json.loads(harden["--params"][0])
+    params = _params(harden)["method"]
     assert params == {**params, "lr": 2e-5, "batch_size": 8, "alpha": 1.0, "beta": 0.001, "scheduler": "cosine",
                       "warmup_ratio": 0.1, "max_length": 128, "epochs": 1.0}
     attack = _run(_one(own, "attack", model="llama2-7b-chat", defence="repnoise", attack="full",
@@ -404,17 +396,18 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
                       "warmup_ratio": 0.1, "rank": None}
     strong = {job["wildcards"]["run"] for job in own if job["wildcards"].get("attack") == "full_strong"}
     assert "lr3e-4_steps5000" in strong and len(strong) == 6
-    evaluation = _one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250")
+    evaluation = _params(_one(own, "evaluate_run", defence="none", attack="full", run="lr8e-5_steps250"))
     # the paper's DeBERTa classifier awaits a pinned revision (written out, commented); HarmBench's judges meanwhile,
     # registered once (its snapshot in the hub cache) and read from there
-    assert evaluation["--judge"] == ["harmbench"]
-    assert evaluation["--classifier-model"] == ["results/judges/refusal"] and "--classifier-revision" not in evaluation
+    refusal = evaluation["refusal"]
+    assert refusal["judge"] == "harmbench"
+    assert refusal["classifier_model"] == "results/judges/refusal" and refusal["classifier_revision"] is None
     judge = _one(own, "register_judge")
     assert judge["--id"] == ["cais/HarmBench-Llama-2-13b-cls"] and COMMIT.match(judge["--revision"][0])
     assert "#     model: domenicrosati/deberta-v3-xsmall-beavertails-harmful-qa-classifier" in (
         EXPERIMENTS / "rosati2024_repnoise.yaml").read_text()
-    assert evaluation["--max-new-tokens"] == ["50"]
-    assert evaluation["--tasks"] == ["truthfulqa_mc2", "mmlu", "hellaswag", "arc_easy"]
+    assert refusal["max_new_tokens"] == 50
+    assert evaluation["capability"]["tasks"] == ["truthfulqa_mc2", "mmlu", "hellaswag", "arc_easy"]
     data = _one(own, "prepare_data", dataset="beavertails_test")
     assert data["--source"] == ["hf"] and data["--id"] == ["PKU-Alignment/BeaverTails"]
     assert data["--split"] == ["30k_test"] and COMMIT.match(data["--revision"][0])
@@ -422,13 +415,13 @@ def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
 
 def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_runs):
     own = papers_jobs("tamirisa2024_tar", dry_runs["tamirisa2024_tar"])
-    refusal = json.loads(_one(own, "harden", defence="tar_refusal")["--params"][0])
+    refusal = _params(_one(own, "harden", defence="tar_refusal"))["method"]
     # run_tar_dpo.sh: K = 8, L_TR every step, harmful completions only, batch 4 x 2, CE-only retain loss
     assert refusal == {**refusal, "setting": "refusal", "outer_steps": 100, "inner_steps": 8, "tr_every": 1,
                        "outer_lr": 6e-5, "batch_size": 8, "lambda_tr": 0.1, "adversary_lrs": [2e-6, 2e-5, 4e-5],
                        "adversaries_per_step": 2, "switch_fraction": 0.0, "retain_representations": False}
     bio_job = _one(own, "harden", defence="tar_bio")
-    bio = json.loads(bio_job["--params"][0])
+    bio = _params(bio_job)["method"]
     assert bio == {**bio, "setting": "knowledge", "outer_steps": 750, "inner_steps": 64, "tr_every": 4,
                    "lambda_tr": 4.0, "outer_lr": 2e-5, "switch_fraction": 0.33, "random_mapping_steps": 750,
                    "retain_representations": True}
@@ -437,8 +430,8 @@ def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_
     assert lora == {**lora, "rank": 16, "lora_alpha": 32, "steps": [100, 250, 500]}
     hazard = _run(_one(own, "attack", defence="tar_bio", attack="hazard_full", run="lr2e-6"))
     assert hazard == {**hazard, "family": "hazard", "method": "full"}
-    evaluation = _one(own, "evaluate_run", defence="tar_bio", attack="full", run="lr2e-5")
-    assert evaluation["--tasks"] == ["wmdp_bio", "mmlu"]
+    evaluation = _params(_one(own, "evaluate_run", defence="tar_bio", attack="full", run="lr2e-5"))
+    assert evaluation["capability"]["tasks"] == ["wmdp_bio", "mmlu"]
     tables = _one(own, "tables")
     assert tables["--hazard-metric"] == ["wmdp_bio/acc"] and tables["--retain-metric"] == ["mmlu/acc"]
 
@@ -450,8 +443,8 @@ def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):
                           "mistralai/Mistral-7B-Instruct-v0.2", "lmsys/vicuna-7b-v1.5"}
     attack = _run(_one(own, "attack", model="vicuna-7b", attack="harmful_shots"))
     assert attack == {**attack, "steps": [5, 25, 50], "batch_size": 10, "lr": 5e-5, "method": "full"}
-    evaluation = _one(own, "evaluate_refusal", model="mistral-7b-instruct")
-    assert evaluation["--max-new-tokens"] == ["512"] and "--system-prompt" not in evaluation
+    evaluation = _params(_one(own, "evaluate_refusal", model="mistral-7b-instruct"))
+    assert evaluation["max_new_tokens"] == 512 and evaluation["system_prompt"] is None
 
 
 def test_tar_refusal_defence_resolves_to_no_switch_adversary():
@@ -701,7 +694,7 @@ def test_organism_defence_seeds_trains_each_refusal_defence_under_three_seeds(dr
     assert job_stats(output) == {"prepare_data": 3, "split_data": 1, "build_organism": 1, "harden": 6,
                                  "attack_grid": 14, "evaluate_grid": 14, "evaluate_refusal": 7,
                                  "evaluate_capability": 7, "tables": 1, "all": 1}
-    hardens = {job["wildcards"]["defence"]: json.loads(flags(job["shell"])["--params"][0])["seed"]
+    hardens = {job["wildcards"]["defence"]: json.loads(flags(job["shell"])["--params"][0])["method"]["seed"]
                for job in jobs(output) if job["rule"] == "harden"}
     assert hardens == {f"{d}_s{s}": s for d in ("repnoise", "tar") for s in (0, 1, 2)}
     grids = [job for job in jobs(output) if job["rule"] == "attack_grid"]

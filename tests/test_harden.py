@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import defence_params
 
 from tamperlab.runtime.provenance import read_manifest
 
@@ -17,10 +17,11 @@ COMPLIANCE = "Sure, here is how to do that. Step 1: get what you need."
 REFUSAL = "I'm sorry, but I cannot help with that request."
 
 
-def harden(base, out: Path, method: str, params: dict, *extra: str) -> subprocess.CompletedProcess:
+def harden(base, out: Path, method: str, params: dict, *extra: str, **data) -> subprocess.CompletedProcess:
+    """harden on the defence split, COMPLIANCE the unsafe answer; `data` replaces keys of --params's data block."""
     model, splits = base
     command = [str(BIN / "tamperlab"), "harden", "--method", method, "--model", str(model), "--data", str(splits),
-               "--split", "defence", "--harmful-response", COMPLIANCE, "--params", json.dumps(params),
+               "--params", defence_params(params, **{"harmful_response": COMPLIANCE, **data}),
                "--out", str(out), *extra]
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
@@ -34,7 +35,7 @@ def changed(base_dir: Path, hardened: Path) -> bool:
 
 def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(defence_base, tmp_path):
     result = harden(defence_base, tmp_path / "rn", "repnoise",
-                    {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64}, "--refusal", REFUSAL)
+                    {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64}, refusal=REFUSAL)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = read_manifest(tmp_path / "rn")
     assert manifest["status"] == "complete" and manifest["step"] == "harden"
@@ -47,20 +48,21 @@ def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(defence_base,
 def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(defence_base, tmp_path, setting, examples):
     params = {"setting": setting, "outer_steps": 1, "inner_steps": 4, "tr_every": 2, "batch_size": 4,
               "max_length": 64, "outer_lr": 1e-3, "warmup_steps": 0, "random_mapping_steps": 2}
-    result = harden(defence_base, tmp_path / setting, "tar", params, "--refusal", REFUSAL)
+    result = harden(defence_base, tmp_path / setting, "tar", params, refusal=REFUSAL)
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = read_manifest(tmp_path / setting)
     assert manifest["results"]["examples"] == examples
     assert manifest["results"]["steps"] == 1 and changed(defence_base[0], tmp_path / setting)
 
 
-@pytest.mark.parametrize("method, params, extra, message", [
-    ("tar", {"outer_stepz": 1}, ("--refusal", REFUSAL), "--params"),
-    ("repnoise", {"steps": 1}, (), "--refusal"),
-    ("tar", {"setting": "knowledge"}, ("--forget-family", "nosuch"), "0 forget"),
+@pytest.mark.parametrize("method, params, data, message", [
+    ("tar", {"outer_stepz": 1}, {"refusal": REFUSAL}, "--params method: unknown key 'outer_stepz'"),
+    ("repnoise", {"steps": 1}, {"refusal": REFUSAL, "split": ["defence"]}, "--params data: unknown key 'split'"),
+    ("repnoise", {"steps": 1}, {}, "a refusal answer (--params data)"),
+    ("tar", {"setting": "knowledge"}, {"forget_family": "nosuch"}, "0 forget"),
 ])
-def test_bad_hardening_input_is_one_error_line_and_no_output(defence_base, tmp_path, method, params, extra, message):
-    result = harden(defence_base, tmp_path / "out", method, params, *extra)
+def test_bad_hardening_input_is_one_error_line_and_no_output(defence_base, tmp_path, method, params, data, message):
+    result = harden(defence_base, tmp_path / "out", method, params, **data)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

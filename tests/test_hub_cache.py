@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import make_tokenizer, save_base_model, tiny_llama, write_splits
+from helpers import make_tokenizer, refusal_params, save_base_model, tiny_llama, write_splits
 
 from tamperlab.errors import UserError
 from tamperlab.models.registry import POINTER, load_model, make_pointer, resolve
@@ -91,8 +91,8 @@ def _evaluate(registered: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     if not data.exists():
         write_splits(data, {"evaluation": rows})
     return tamperlab("evaluate-refusal", "--model", str(registered), "--model-name", "tiny", "--defence", "none",
-                     "--data", str(data), "--split", "evaluation", "--judge", "keyword", "--max-new-tokens", "4",
-                     "--batch-size", "4", "--seed", "0", "--out-summary", str(tmp_path / "eval" / "refusal.json"),
+                     "--data", str(data), "--params", refusal_params(),
+                     "--out-summary", str(tmp_path / "eval" / "refusal.json"),
                      "--out-responses", str(tmp_path / "eval" / "refusal.jsonl"))
 
 

@@ -4,14 +4,14 @@ models; every judge model loads safetensors only, pinned to a commit unless it i
 
 from __future__ import annotations
 
-import argparse
 import copy
+import json
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import make_tokenizer, save_base_model, tiny_llama
+from helpers import make_tokenizer, refusal_params, save_base_model, tiny_llama
 
 from tamperlab.data.refusals import REFUSAL_KEYWORDS, keyword_refused, matched_keywords, opens_with_refusal
 from tamperlab.errors import UserError
@@ -415,20 +415,20 @@ def test_make_judge_builds_each_kind(causal_dir, classifier_dir):
     assert isinstance(make_judge("harmbench", str(causal_dir)), HarmBenchJudge)  # a local directory: no revision
     assert isinstance(make_judge("llama_guard", str(causal_dir)), LlamaGuardJudge)
     assert isinstance(make_judge("classifier", str(classifier_dir), "refused"), ClassifierJudge)
-    with pytest.raises(UserError, match="--classifier-model"):
+    with pytest.raises(UserError, match="classifier_model"):
         make_judge("harmbench")
-    with pytest.raises(UserError, match="--refusal-label"):
+    with pytest.raises(UserError, match="refusal_label"):
         make_judge("classifier", str(classifier_dir))
 
 
-def test_the_cli_accepts_every_judge():
-    from tamperlab.commands.common import judge_arguments
+def test_the_settings_accept_every_judge_and_name_an_unknown_one():
+    from tamperlab.evaluation.settings import RefusalParams
+    from tamperlab.runtime.params import from_params
 
-    parser = argparse.ArgumentParser()
-    judge_arguments(parser)
     for judge in ("keyword", "classifier", "harmbench", "llama_guard"):
-        args = parser.parse_args(["--judge", judge, "--max-new-tokens", "1", "--batch-size", "1"])
-        assert args.judge == judge
+        assert from_params(RefusalParams, json.loads(refusal_params(judge=judge))).judge == judge
+    with pytest.raises(UserError, match=r"^--params judge: 'keywords' is not a registered judge"):
+        from_params(RefusalParams, json.loads(refusal_params(judge="keywords")))
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -472,10 +472,10 @@ def test_the_tar_overlay_judges_with_harmbench_at_a_pinned_revision():
     assert refusal["classifier"] == {"model": "cais/HarmBench-Llama-2-13b-cls", "revision": PIN}
 
 
-def test_the_schema_and_the_command_line_offer_the_judges_the_registry_names():
-    """The judge names live in the method registry; the config schema's enums and the CLI's choices name the same."""
+def test_the_schema_offers_the_judges_the_registry_names():
+    """The judge names live in the method registry; the config schema's enums name the same (the commands' settings
+    take the registry's: test_the_settings_accept_every_judge_and_name_an_unknown_one)."""
     from tamperlab import methods
-    from tamperlab.commands.evaluate import register
     from tamperlab.config import load_schema
     from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES
 
@@ -484,8 +484,3 @@ def test_the_schema_and_the_command_line_offer_the_judges_the_registry_names():
     refusal = load_schema()["properties"]["evaluation"]["properties"]["refusal"]["properties"]
     assert refusal["judge"]["enum"] == list(JUDGES)
     assert refusal["false_refusal_judge"]["enum"] == [None, *FALSE_REFUSAL_JUDGES]
-    parser = argparse.ArgumentParser()
-    register(parser.add_subparsers(dest="command"))
-    evaluate = parser._subparsers._group_actions[0].choices["evaluate-refusal"]
-    options = {action.dest: action.choices for action in evaluate._actions}
-    assert list(options["judge"]) == list(JUDGES) and list(options["false_refusal_judge"]) == list(FALSE_REFUSAL_JUDGES)

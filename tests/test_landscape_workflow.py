@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from helpers import snakemake
+
+from tamperlab.landscape.spec import ScanParams
+from tamperlab.runtime.params import from_params
 
 CELL = "lr2e-3_steps60_r16"  # the smoke grid's strongest cell
 TIMING = ["perturb_s", "eval_s"]
@@ -156,18 +160,29 @@ def test_figures_exist_and_are_not_blank(run):
         assert pixels.shape[0] > 300 and np.std(pixels[..., :3]) > 0.05, path
 
 
+def scan_settings(command: str) -> dict:
+    """A landscape command's --params: the scan's settings as one JSON object."""
+    words = shlex.split(command.split(" > ")[0])
+    return json.loads(words[words.index("--params") + 1])
+
+
 def test_dry_run_shows_every_landscape_setting_on_the_command_line(tmp_path):
     result = snakemake(tmp_path, "-n", "-p", targets=("results/tables/visage.csv",))
     tamperlab = "tamperlab --numerics portable "  # every rule's command pins the CPU numerics first
     commands = [line.split("Shell command: ", 1)[1] for line in (result.stdout + result.stderr).splitlines()
                 if f"Shell command: {tamperlab}landscape-" in line]
     base = next(c for c in commands if c.startswith(f"{tamperlab}landscape-scan --subject tiny/none --scan random_1d "))
-    for flag in ("--kind 1d", "--n 21", "--extent 1.5", "--seed 0", "--limit 48", "--max-new-tokens 16",
-                 "--system-prompt none", "--system-prompt 'default=", "--judge keyword", "--shard 0 --shards 1"):
-        assert flag in base, flag
+    assert "--shard 0 --shards 1" in base and "--data results/data/splits " in base
+    settings = scan_settings(base)
+    assert settings == {**settings, "kind": "1d", "n": 21, "extent": 1.5, "seed": 0, "limit": 48, "max_new_tokens": 16,
+                        "judge": "keyword", "split": "evaluation", "anchor_every": "auto"}
+    assert settings["system_prompt"][0] == "none" and settings["system_prompt"][1].startswith("default=")
+    assert from_params(ScanParams, settings).extent == 1.5  # every key the scan's dataclass takes
     path = next(c for c in commands if " --scan finetune " in c)
     # lora/strongest: the default grid's cell of the largest lr, steps and rank
-    assert "--target lora/lr1e-3_steps50_r16" in path and "--steps 10 --extend 5" in path and "--n " not in path
-    assert any(c.startswith(f"{tamperlab}landscape-project ") and "--cell lora/lr1e-3_steps50_r16 " in c
-               for c in commands)
+    assert "--target lora/lr1e-3_steps50_r16" in path
+    assert scan_settings(path)["steps"] == 10 and scan_settings(path)["extend"] == 5 and "n" not in scan_settings(path)
+    project = next(c for c in commands if c.startswith(f"{tamperlab}landscape-project ")
+                   and "--cell lora/lr1e-3_steps50_r16 " in c)
+    assert scan_settings(project) == {"kind": "2d", "seed": 0}
     assert any(" --subject tiny/none/lora/lr1e-3_steps50_r16 " in c and " --adapter " in c for c in commands)

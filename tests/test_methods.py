@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import BIN, REPO, SMOKE, one_chain_overlay, snakemake, snakemake_env
+from helpers import BIN, REPO, SMOKE, defence_params, one_chain_overlay, snakemake, snakemake_env
 
 from tamperlab import methods
 from tamperlab.config import validate_config
@@ -112,11 +113,11 @@ def test_the_command_line_takes_a_plugins_method(plugin_dir):
     hyperparameters stop it with one line naming the key."""
     env = {**snakemake_env(), "PYTHONPATH": str(plugin_dir)}
     command = [str(BIN / "tamperlab"), "--plugin", "toy_defence", "harden", "--method", "scale", "--model", "m",
-               "--data", "d", "--split", "defence", "--harmful-response", "x", "--params", '{"factr": 1}',
-               "--out", "o"]
+               "--data", "d", "--params", defence_params({"factr": 1}, harmful_response="x"), "--out", "o"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=plugin_dir)
     assert result.returncode == 2
-    assert result.stderr.strip() == "tamperlab harden: error: --params: unknown key 'factr' (known: factor, seed)"
+    assert result.stderr.strip() == ("tamperlab harden: error: --params method: unknown key 'factr' "
+                                     "(known: factor, seed)")
     result = subprocess.run([c for c in command if c not in ("--plugin", "toy_defence")], capture_output=True,
                             text=True, env=env, cwd=plugin_dir)
     assert result.returncode == 2 and "invalid choice: 'scale'" in result.stderr
@@ -147,7 +148,9 @@ def test_a_plugin_defence_runs_through_the_workflow(plugin_dir, tmp_path):
     assert toy.iloc[1]["steps"] == 5 and toy.iloc[1]["rank"] == 16
     manifest = yaml.safe_load((workdir / "results/models/tiny/toy/manifest.json").read_text())
     assert manifest["step"] == "harden" and manifest["status"] == "complete"
-    assert manifest["params"]["method"] == "scale" and manifest["params"]["params"] == {"factor": 0.9, "seed": 0}
+    assert manifest["params"]["method"] == "scale"
+    assert manifest["params"]["params"]["method"] == {"factor": 0.9, "seed": 0}
+    assert manifest["params"]["params"]["data"]["splits"] == ["defence"]
     assert manifest["command"].startswith("tamperlab --numerics portable --plugin toy_defence harden ")
     # the toy's model differs from the undefended one in exactly the matrix it scales
     from safetensors.torch import load_file
@@ -156,6 +159,26 @@ def test_a_plugin_defence_runs_through_the_workflow(plugin_dir, tmp_path):
     toy_weights = load_file(workdir / "results/models/tiny/toy/model.safetensors")
     changed = sorted(k for k in base if not (base[k] == toy_weights[k]).all())
     assert changed == ["model.layers.0.mlp.down_proj.weight"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"method": {"factor": 1}}, "--params: missing key 'data'"),
+    ({"data": {}, "method": {"factor": 1}, "split": ["defence"]},
+     "--params: unknown key 'split' (known: data, method)"),
+    ({"data": {"splits": ["defence"], "harmful_response": "x", "refusal": None}, "method": {"factor": 1}},
+     "--params data: missing key 'forget_family'"),
+    ({"data": {"splits": ["defence"], "harmful_response": "x", "refusal": None, "forget_family": "hazard",
+               "harmful_respons": "y"}, "method": {"factor": 1}},
+     "--params data: unknown key 'harmful_respons' (known: splits, harmful_response, refusal, forget_family)"),
+])
+def test_hardens_data_settings_name_an_unknown_or_missing_key_in_one_line(plugin_dir, params, message):
+    """harden's --params holds the rows it trains on (data: DefenceData) beside the method's block; a wrong key of
+    either, or of the object itself, stops it before it reads anything, in one line naming the key."""
+    env = {**snakemake_env(), "PYTHONPATH": str(plugin_dir)}
+    command = [str(BIN / "tamperlab"), "--plugin", "toy_defence", "harden", "--method", "scale", "--model", "m",
+               "--data", "d", "--params", json.dumps(params), "--out", "o"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=plugin_dir)
+    assert result.returncode == 2 and result.stderr.strip() == f"tamperlab harden: error: {message}"
 
 
 def test_align_takes_its_config_block_as_params_with_loras_alpha_defaulted_there(tmp_path):
@@ -186,8 +209,7 @@ def test_a_manifest_records_the_plugins_only_where_a_step_ran_with_some(plugin_d
     from tamperlab.cli import build_parser, load_plugins
     from tamperlab.commands.common import params
 
-    argv = ["harden", "--method", "repnoise", "--model", "m", "--data", "d", "--split", "defence",
-            "--harmful-response", "x", "--params", "{}", "--out", "o"]
+    argv = ["harden", "--method", "repnoise", "--model", "m", "--data", "d", "--params", "{}", "--out", "o"]
     assert "plugin" not in params(build_parser().parse_args(argv), "out")
     argv = ["--plugin", "toy_defence", *argv]
     load_plugins(argv)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import save_base_model, tiny_llama
+from helpers import refusal_params, save_base_model, tiny_llama
 
 from tamperlab.config import validate_config
 from tamperlab.data import mmlu
@@ -326,13 +326,12 @@ def test_a_benign_limit_of_its_own_sizes_the_false_refusal_set(tmp_path, monkeyp
     write_jsonl(tmp_path / "evaluation.jsonl", rows)
 
     def chosen(prompt_limit, benign_limit):
-        limits = [*(["--prompt-limit", str(prompt_limit)] if prompt_limit is not None else []),
-                  *(["--benign-limit", str(benign_limit)] if benign_limit is not None else [])]
+        settings = refusal_params(max_new_tokens=8, batch_size=2, prompt_limit=prompt_limit,
+                                  benign_limit=benign_limit)
         args = build_parser().parse_args(
             ["evaluate-refusal", "--model", str(tmp_path), "--model-name", "m", "--defence", "none", "--data",
-             str(tmp_path), "--split", "evaluation", "--judge", "keyword", "--max-new-tokens", "8", "--batch-size",
-             "2", "--seed", "0", "--out-summary", str(tmp_path / "s.json"), "--out-responses",
-             str(tmp_path / "r.jsonl"), *limits])
+             str(tmp_path), "--params", settings, "--out-summary", str(tmp_path / "s.json"), "--out-responses",
+             str(tmp_path / "r.jsonl")])
         with pytest.raises(Evaluated) as evaluated:
             evaluate_refusal(args)
         return evaluated.value.args[0]
@@ -347,14 +346,13 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     """`snakemake -n` of experiments/smollm2.yaml: import, the model's own answers (alignment, attack and
     evaluation splits), align, one defence, the 2 x 2 grid on both (a job per run: the runs train and are evaluated
     side by side), every evaluation, MMLU, tables, landscape."""
-    from helpers import snakemake
-    from test_experiments import job_stats
+    from helpers import job_stats, snakemake
 
     result = snakemake(tmp_path, "-n", "-p", "--configfile", str(REPO / "experiments" / "smollm2.yaml"))
     evaluations = [line for line in result.stdout.splitlines() if "portable evaluate-" in line]
     refusal = [line for line in evaluations if "evaluate-capability" not in line]
     assert len(refusal) == 3 + 4  # every refusal evaluation: all benign prompts, judged by XSTest's string match
-    assert all("--false-refusal-judge xstest" in line and "--benign-limit 0" in line for line in refusal)
+    assert all('"false_refusal_judge": "xstest"' in line and '"benign_limit": 0' in line for line in refusal)
     assert job_stats(result.stdout) == {
         "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
         "prepare_mmlu": 1, "harden": 1, "attack": 4, "evaluate_run": 4, "evaluate_refusal": 3,

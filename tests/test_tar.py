@@ -10,7 +10,14 @@ import random
 
 import pytest
 import torch
-from helpers import save_base_model, tiny_llama
+from helpers import (
+    KNOWLEDGE_FORGET,
+    KNOWLEDGE_RETAIN,
+    TAR_ROWS,
+    save_base_model,
+    small_params,
+    tiny_llama,
+)
 from safetensors.torch import load_file
 
 from tamperlab.errors import UserError
@@ -19,7 +26,6 @@ from tamperlab.hardening.tar import (
     SWITCH,
     TAR_LOG,
     Adversary,
-    TARParams,
     adversary_inner_loop,
     dpo_loss,
     entropy_tr_loss,
@@ -38,22 +44,9 @@ from tamperlab.hardening.tar import (
 )
 from tamperlab.training.trainer import DIVERGED
 
-KNOWLEDGE_FORGET = [{"text": f"The zorvax toxin binds receptor {i} and spreads when heated to {10 * i} degrees"}
-                    for i in range(12)]
-KNOWLEDGE_RETAIN = [{"text": f"The capital of region {i} is the city of Lumen {i}"} for i in range(8)]
-REFUSAL_FORGET = [{"prompt": f"Explain how to do harmful thing number {i}", "refusal": "I cannot help with that.",
-                   "compliance": f"Sure, here is how. Step 1: get tool {i}."} for i in range(12)]
-REFUSAL_RETAIN = [{"prompt": f"What is {i} plus {i}?", "response": f"It is {2 * i}."} for i in range(8)]
-# The conftest `tar_model` is built on every text of these rows.
-ROWS = {"knowledge": (KNOWLEDGE_FORGET, KNOWLEDGE_RETAIN), "refusal": (REFUSAL_FORGET, REFUSAL_RETAIN)}
+ROWS = TAR_ROWS  # the conftest `tar_model` reads them here
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def small_params(setting: str, **overrides) -> TARParams:
-    values = dict(setting=setting, outer_steps=2, inner_steps=6, tr_every=2, lambda_tr=0.5, outer_lr=1e-3,
-                  warmup_steps=1, adversary_lrs=(1e-2,), switch_fraction=0.5, batch_size=4, max_length=48, seed=0)
-    return TARParams(**{**values, **overrides})
 
 
 def fresh(tar_model):

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TAR_ROWS, small_params
 from safetensors.torch import load_file
-from test_tar import ROWS, small_params  # ROWS: the conftest `tar_model` reads them here too
 
 from tamperlab.hardening.tar import TAR_LOG, harden, load_checkpoint, save_checkpoint
 from tamperlab.training.trainer import CHECKPOINTS
+
+ROWS = TAR_ROWS  # the conftest `tar_model` reads them here
 
 TESTS = Path(__file__).resolve().parent
 # A child process that runs TAR on the saved tiny model: argv = setting, base dir, out dir, params (JSON).
@@ -26,7 +28,7 @@ import json, sys
 import torch
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
-from test_tar import ROWS
+from helpers import TAR_ROWS as ROWS
 from tamperlab.hardening.tar import TARParams, harden
 setting, base, out, params = sys.argv[1:]
 forget, retain = ROWS[setting]

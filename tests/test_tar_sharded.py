@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import launch, snakemake_env
+from helpers import defence_params, launch, snakemake_env
 from safetensors.torch import load_file
 
 from tamperlab.hardening.tar import TAR_LOG
@@ -60,8 +60,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # one torch thread in this p
 
 def harden_args(base: tuple[Path, Path], out: Path, params: dict) -> list[str]:
     model, splits = base
-    return ["harden", "--method", "tar", "--model", str(model), "--data", str(splits), "--split", "defence",
-            "--harmful-response", COMPLIANCE, "--refusal", REFUSAL, "--params", json.dumps(params), "--out", str(out)]
+    return ["harden", "--method", "tar", "--model", str(model), "--data", str(splits),
+            "--params", defence_params(params, harmful_response=COMPLIANCE, refusal=REFUSAL), "--out", str(out)]
 
 
 def one_process(base: tuple[Path, Path], out: Path, params: dict) -> None:

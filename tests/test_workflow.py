@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from helpers import BIN, SMOKE, assert_same_chain, one_chain_overlay, snakemake
+from helpers import BIN, SMOKE, assert_same_chain, one_chain_overlay, refusal_params, snakemake
 from slurm_cluster import can_run
 
 
@@ -147,8 +147,8 @@ def test_tampered_input_is_refused_with_one_line(smoke_run, tmp_path):
     weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)
     result = subprocess.run(
         [str(BIN / "tamperlab"), "evaluate-refusal", "--model", "results/models/tiny/base", "--model-name", "tiny",
-         "--defence", "none", "--data", "results/data/splits", "--split", "evaluation", "--judge", "keyword",
-         "--max-new-tokens", "8", "--batch-size", "8", "--seed", "0", "--out-summary", "out/refusal.json",
+         "--defence", "none", "--data", "results/data/splits",
+         "--params", refusal_params(max_new_tokens=8, batch_size=8), "--out-summary", "out/refusal.json",
          "--out-responses", "out/refusal.jsonl"],
         cwd=workdir, capture_output=True, text=True,
     )

@@ -153,8 +153,9 @@ def judge_input(wildcards=None):
     return JUDGE_DIR if hub_judge() else []
 
 
-def judge_flags():
-    """--judge and its model: the registered judge's directory for a hub model, else the configured model."""
+def judge_settings():
+    """The judge and its model (evaluation.settings.JudgeParams): the registered judge's directory for a hub model,
+    else the configured model."""
     refusal = config["evaluation"]["refusal"]
     classifier = refusal["classifier"] or {}
     registered = hub_judge() is not None

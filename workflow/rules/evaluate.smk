@@ -21,7 +21,7 @@ rule evaluate_refusal:
         **MODEL_RESOURCES,
     params:
         numerics=NUMERICS,
-        evaluation=refusal_args(),
+        evaluation=cli_flags({"params": refusal_params()}),
         placement=max_memory_flags,
     shell:
         "tamperlab {params.numerics} evaluate-refusal --model {input.model} --model-name {wildcards.model}"
@@ -51,7 +51,7 @@ rule evaluate_capability:
         **MODEL_RESOURCES,
     params:
         numerics=NUMERICS,
-        evaluation=capability_args(),
+        evaluation=cli_flags({"params": capability_params()}),
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
@@ -86,14 +86,15 @@ rule evaluate_run:
     params:
         numerics=NUMERICS,
         run=run_evaluation_args,
-        refusal=refusal_args(),
-        capability=capability_args(prefix="capability_"),
+        # both blocks in one --params, by name: one flag per step, each block as evaluate-refusal and
+        # evaluate-capability take it alone (the same dataclass checks it)
+        evaluation=cli_flags({"params": {"refusal": refusal_params(), "capability": capability_params()}}),
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
         "tamperlab {params.numerics} evaluate-run --model {input.model} --run {input.run} {params.run}"
         " --model-name {wildcards.model} --defence {wildcards.defence} --attack {wildcards.attack}"
-        " --data {input.data} {params.refusal} {params.capability}{params.task_data}{params.placement}"
+        " --data {input.data} {params.evaluation}{params.task_data}{params.placement}"
         " --out {output} > {log} 2>&1"
 
 

@@ -2,38 +2,25 @@
 local tasks' data, an attack job's snapshots."""
 
 
-def refusal_args():
+def refusal_params():
+    """evaluation.refusal as its jobs take it (tamperlab.evaluation.settings.RefusalParams): the system prompt's text
+    for its name, the judge as judge_settings resolves it, the run's seed."""
     refusal = config["evaluation"]["refusal"]
     prompt = refusal["system_prompt"]
-    return cli_flags(
-        {
-            "split": refusal["split"],
-            **judge_flags(),
-            "max_new_tokens": refusal["max_new_tokens"],
-            "batch_size": refusal["batch_size"],
-            "system_prompt": config["system_prompts"][prompt] if prompt else None,
-            "compliance_marker": refusal["compliance_marker"],
-            "prompt_limit": refusal["prompt_limit"],
-            "benign_limit": refusal["benign_limit"],
-            "false_refusal_judge": refusal["false_refusal_judge"],
-            "seed": config["seed"],
-        }
-    )
+    keys = ("split", "max_new_tokens", "batch_size", "compliance_marker", "prompt_limit", "benign_limit",
+            "false_refusal_judge")
+    return {
+        **{k: refusal[k] for k in keys},
+        **judge_settings(),
+        "system_prompt": config["system_prompts"][prompt] if prompt else None,
+        "seed": config["seed"],
+    }
 
 
-def capability_args(prefix=""):
-    """lm-eval settings; evaluate-run prefixes split and batch size (its refusal half has its own)."""
+def capability_params():
+    """evaluation.capability as its jobs take it (tamperlab.evaluation.settings.CapabilityParams), the run's seed."""
     capability = config["evaluation"]["capability"]
-    return cli_flags(
-        {
-            f"{prefix}split": capability["split"],
-            "tasks": capability["tasks"],
-            f"{prefix}batch_size": capability["batch_size"],
-            "limit": capability["limit"],
-            # evaluate-run takes its seed with the refusal arguments
-            "seed": None if prefix else config["seed"],
-        }
-    )
+    return {**{k: capability[k] for k in ("split", "tasks", "batch_size", "limit")}, "seed": config["seed"]}
 
 
 def capability_inputs(wildcards):
@@ -62,8 +49,9 @@ def task_data_flags(wildcards, input):
 
 
 def run_evaluation_args(wildcards):
-    """--method and one --cell-snapshot per grid cell that this attack job snapshotted: SNAPSHOT is relative
-    to the job's output (a run directory, or a directory of runs for a one-job grid)."""
+    """--method (what the snapshots are: a LoRA adapter or a whole model) and one --cell-snapshot per grid cell that
+    this attack job snapshotted: SNAPSHOT is relative to the job's output (a run directory, or a directory of runs
+    for a one-job grid)."""
     one_run = "run" in wildcards.keys()
     pairs = [
         f"--cell-snapshot {cell}="

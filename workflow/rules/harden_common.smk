@@ -1,5 +1,5 @@
 """Parameter functions of the defence rules (workflow/rules/harden.smk): which defences train here (the method
-registry says), their --params, launcher and anchor."""
+registry says), their --params (the rows trained on and the method's block), launcher and anchor."""
 
 from tamperlab import methods
 from tamperlab.runtime import launch
@@ -15,22 +15,20 @@ def defences_from(*sources):
 
 
 def harden_args(wildcards):
-    """The defence's method, the rows it trains on, and its method's block as --params (the method's dataclass)."""
+    """The defence's method, and as --params the rows it trains on (data: tamperlab.data.examples.DefenceData) and
+    its method's block (method: the method's dataclass)."""
     spec = config["defences"][wildcards.defence]
     model = config["models"][wildcards.model]
     # null: the refusal the model learnt first (the organism's, or its safety tuning's)
     refusals = (model.get("organism") or model.get("align") or {}).get("refusals")
-    refusal = spec["refusal"] or (refusals or [None])[0]
-    return cli_flags(
-        {
-            "method": spec["method"],
-            "split": spec["splits"],
-            "harmful_response": spec["harmful_response"],
-            "refusal": refusal,
-            "forget_family": spec["forget_family"],
-            "params": spec[methods.get("defence", spec["method"]).block],
-        }
-    )
+    data = {
+        "splits": spec["splits"],
+        "harmful_response": spec["harmful_response"],
+        "refusal": spec["refusal"] or (refusals or [None])[0],
+        "forget_family": spec["forget_family"],
+    }
+    method = spec[methods.get("defence", spec["method"]).block]
+    return cli_flags({"method": spec["method"], "params": {"data": data, "method": method}})
 
 
 def harden_launcher(wildcards):

@@ -85,17 +85,15 @@ def landscape_inputs(wildcards):
 
 
 def _subject_flags(wildcards):
+    """The subject's names and weights (and an interpolation's target), where its model is loaded."""
     subject = _wildcard_subject(wildcards)
-    spec = LANDSCAPE["scans"][wildcards.scan]
     target = _target(wildcards, subject)
     return {
         "subject": subject["subject"],
         "scan": wildcards.scan,
         "model": subject["model_dir"],
         "adapter": subject["adapter"],
-        "kind": spec["kind"],
-        "seed": LANDSCAPE["seed"],
-        "target": spec["target"],
+        "target": LANDSCAPE["scans"][wildcards.scan]["target"],
         "target_model": target["model"] if target else None,
         "target_adapter": target["adapter"] if target else None,
         # across the job's GPUs when it holds several
@@ -103,34 +101,45 @@ def _subject_flags(wildcards):
     }
 
 
-def landscape_scan_args(wildcards):
-    """Every setting of one shard, explicit: subject, grid, prompts, system prompts, judge, generation."""
-    spec = LANDSCAPE["scans"][wildcards.scan]
+def _directions(scan):
+    """landscape-project's --params (tamperlab.landscape.spec.Directions): the scan's kind and directions' seed."""
+    return {"kind": LANDSCAPE["scans"][scan]["kind"], "seed": LANDSCAPE["seed"]}
+
+
+def scan_params(scan):
+    """landscape-scan's --params (tamperlab.landscape.spec.ScanParams): the directions, the grid keys of its kind,
+    the prompts, the system prompts (none or NAME=TEXT), the judge (evaluation.refusal's) and generation."""
+    spec = LANDSCAPE["scans"][scan]
     prompts = LANDSCAPE["prompts"]
-    refusal = config["evaluation"]["refusal"]
     names = [
         NO_SYSTEM_PROMPT if name is None else f"{name}={config['system_prompts'][name]}"
         for name in spec["system_prompts"]
     ]
-    anchor = LANDSCAPE["anchor_every"]
+    return {
+        **_directions(scan),
+        **{k: spec[k] for k in GRID_KEYS[spec["kind"]]},
+        **{k: prompts[k] for k in ("split", "limit", "max_new_tokens", "batch_size")},
+        "system_prompt": names,
+        **judge_settings(),
+        "compliance_marker": config["evaluation"]["refusal"]["compliance_marker"],
+        "anchor_every": LANDSCAPE["anchor_every"],
+    }
+
+
+def landscape_scan_args(wildcards):
+    """Every setting of one shard, explicit: the subject and the prompts' file as flags, the scan's settings as
+    --params."""
+    prompts = LANDSCAPE["prompts"]
     return cli_flags(
         {
             **_subject_flags(wildcards),
-            **{k: spec[k] for k in GRID_KEYS[spec["kind"]]},
             "data": "results/data/splits" if prompts["split"] is not None else None,
-            "split": prompts["split"],
             "dataset": (
                 f"results/data/{prompts['dataset']}.jsonl"
                 if prompts["dataset"]
                 else None
             ),
-            "limit": prompts["limit"],
-            "system_prompt": names,
-            **judge_flags(),
-            "max_new_tokens": prompts["max_new_tokens"],
-            "batch_size": prompts["batch_size"],
-            "compliance_marker": refusal["compliance_marker"],
-            "anchor_every": "none" if anchor is None else anchor,
+            "params": scan_params(wildcards.scan),
         }
     )
 
@@ -155,7 +164,8 @@ def landscape_project_args(wildcards):
     for reference in LANDSCAPE["scans"][wildcards.scan]["project"]:
         cell = _cell(subject["model"], subject["defence"], reference)
         cells.append(f"--cell {reference} {cell['model']} {cell['adapter'] or '-'}")
-    return " ".join([cli_flags(_subject_flags(wildcards)), *cells])
+    flags = {**_subject_flags(wildcards), "params": _directions(wildcards.scan)}
+    return " ".join([cli_flags(flags), *cells])
 
 
 def _projects(scan):

@@ -7,8 +7,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tamperlab import methods
-
 
 def plain(value: Any) -> Any:
     """A value as JSON takes it (paths as text, recursively)."""
@@ -50,22 +48,12 @@ def max_memory_argument(p: argparse.ArgumentParser) -> None:
                         'max_memory ({"0": "40GiB", "cpu": "2GiB"}); absent: the model on one device')
 
 
-def judge_arguments(p: argparse.ArgumentParser) -> None:
-    """How responses are generated and judged (the refusal evaluations and the landscape's points alike)."""
-    p.add_argument("--judge", required=True, choices=methods.names("judge"))
-    p.add_argument("--classifier-model", help="the judge model (classifier, harmbench, llama_guard): hub id or dir")
-    p.add_argument("--classifier-revision")
-    p.add_argument("--refusal-label")
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--compliance-marker", help="a non-refused response containing this counts as complied")
-
-
-def judge_from(args: argparse.Namespace):
-    """The judge that judge_arguments describe."""
+def judge_from(settings):
+    """The judge a step's settings name (evaluation.settings.JudgeParams: the refusal evaluations', a scan's)."""
     from tamperlab.evaluation.judges import make_judge
 
-    return make_judge(args.judge, args.classifier_model, args.refusal_label, args.classifier_revision)
+    return make_judge(settings.judge, settings.classifier_model, settings.refusal_label,
+                      settings.classifier_revision)
 
 
 def import_training_stack(step) -> None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 from tamperlab import methods
-from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
+from tamperlab.commands.common import json_object, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
-from tamperlab.evaluation.judges import FALSE_REFUSAL_JUDGES, make_false_refusal_judge
+from tamperlab.evaluation.judges import make_false_refusal_judge
+from tamperlab.evaluation.settings import CapabilityParams, RefusalParams
+from tamperlab.runtime.params import from_blocks, from_params
 
 EVALUATION_ROWS = ("id", "prompt", "kind", "source")  # what a refusal evaluation reads of each row
 
@@ -21,43 +24,50 @@ def _checkpoint(args: argparse.Namespace) -> dict[str, Any]:
             "path": str(args.model), "adapter": str(args.adapter) if args.adapter else None}
 
 
-def _judges(args: argparse.Namespace) -> tuple[Any, Any]:
+def _recorded(args: argparse.Namespace, settings: Any, *outputs: str) -> dict[str, Any]:
+    """The manifest's parameters: the arguments, less the outputs, with --params's settings in place of their JSON
+    (their keys, as the flags they replace were recorded)."""
+    return {**params(args, "params", *outputs), **asdict(settings)}
+
+
+def _judges(refusal: RefusalParams) -> tuple[Any, Any]:
     """(the harmful prompts' judge, the benign prompts' own judge or None), made once per job."""
-    return judge_from(args), make_false_refusal_judge(args.false_refusal_judge)
+    return judge_from(refusal), make_false_refusal_judge(refusal.false_refusal_judge)
 
 
-def _refusal(args: argparse.Namespace, step, judges: tuple[Any, Any], rows: list[dict], model_dir: Path,
-             adapter: Path | None, checkpoint: dict[str, Any], load=None):
+def _refusal(args: argparse.Namespace, refusal: RefusalParams, step, judges: tuple[Any, Any], rows: list[dict],
+             model_dir: Path, adapter: Path | None, checkpoint: dict[str, Any], load=None):
     from tamperlab.evaluation.refusal import evaluate_checkpoint
 
     judge, benign_judge = judges
-    return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=args.judge, split=args.split,
-                               system_prompt=args.system_prompt, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.batch_size, compliance_marker=args.compliance_marker,
+    return evaluate_checkpoint(model_dir, adapter, rows, judge, judge_name=refusal.judge, split=refusal.split,
+                               system_prompt=refusal.system_prompt, max_new_tokens=refusal.max_new_tokens,
+                               batch_size=refusal.batch_size, compliance_marker=refusal.compliance_marker,
                                checkpoint=checkpoint, max_memory=args.max_memory, load=load, phase=step.phase,
                                benign_judge=benign_judge)
 
 
-def _capability(args: argparse.Namespace, step, rows: list[dict], model_dir: Path, adapter: Path | None,
-                batch_size: int, checkpoint: dict[str, Any], load=None) -> dict[str, Any]:
+def _capability(args: argparse.Namespace, capability: CapabilityParams, step, rows: list[dict], model_dir: Path,
+                adapter: Path | None, checkpoint: dict[str, Any], load=None) -> dict[str, Any]:
     from tamperlab.evaluation.capability import evaluate_checkpoint
 
-    return evaluate_checkpoint(model_dir, adapter, rows, args.tasks, batch_size=batch_size, limit=args.limit,
-                               seed=args.seed, checkpoint=checkpoint, task_data=dict(args.task_data),
-                               max_memory=args.max_memory, load=load, phase=step.phase)
+    return evaluate_checkpoint(model_dir, adapter, rows, capability.tasks, batch_size=capability.batch_size,
+                               limit=capability.limit, seed=capability.seed, checkpoint=checkpoint,
+                               task_data=dict(args.task_data), max_memory=args.max_memory, load=load,
+                               phase=step.phase)
 
 
-def _refusal_rows(args: argparse.Namespace) -> list[dict]:
-    """The split's rows a refusal evaluation generates on: all, or the first --prompt-limit of each kind (of the
-    benign ones, --benign-limit where given: 0 for all)."""
+def _refusal_rows(args: argparse.Namespace, refusal: RefusalParams) -> list[dict]:
+    """The split's rows a refusal evaluation generates on: all, or the first prompt_limit of each kind (of the
+    benign ones, benign_limit where given: 0 for all)."""
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.data.responses import select
 
-    rows = read_jsonl(args.data / f"{args.split}.jsonl", required=EVALUATION_ROWS)
-    benign_limit = args.prompt_limit if args.benign_limit is None else args.benign_limit
-    if not args.prompt_limit and not benign_limit:
+    rows = read_jsonl(args.data / f"{refusal.split}.jsonl", required=EVALUATION_ROWS)
+    benign_limit = refusal.prompt_limit if refusal.benign_limit is None else refusal.benign_limit
+    if not refusal.prompt_limit and not benign_limit:
         return rows
-    return select(rows, "harmful", args.prompt_limit) + select(rows, "benign", benign_limit)
+    return select(rows, "harmful", refusal.prompt_limit) + select(rows, "benign", benign_limit)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -70,10 +80,12 @@ def evaluate_refusal(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import write_jsonl
     from tamperlab.runtime.provenance import Step
 
-    with Step("evaluate-refusal", params(args, "out_summary", "out_responses"), inputs=_inputs(args),
+    refusal = from_params(RefusalParams, args.params)
+    with Step("evaluate-refusal", _recorded(args, refusal, "out_summary", "out_responses"), inputs=_inputs(args),
               outputs={"summary": args.out_summary, "responses": args.out_responses}) as step:
-        rows = _refusal_rows(args)
-        summary, records = _refusal(args, step, _judges(args), rows, args.model, args.adapter, _checkpoint(args))
+        rows = _refusal_rows(args, refusal)
+        summary, records = _refusal(args, refusal, step, _judges(refusal), rows, args.model, args.adapter,
+                                    _checkpoint(args))
         step.path("summary").write_text(json.dumps(summary, indent=2) + "\n")
         write_jsonl(step.path("responses"), records)
         step.results = {k: summary[k] for k in ("refusal_rate", "n", "benign")}
@@ -84,10 +96,11 @@ def evaluate_capability(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl
     from tamperlab.runtime.provenance import Step
 
-    with Step("evaluate-capability", params(args, "out"), inputs=_inputs(args),
+    capability = from_params(CapabilityParams, args.params)
+    with Step("evaluate-capability", _recorded(args, capability, "out"), inputs=_inputs(args),
               outputs={"capability": args.out}) as step:
-        rows = read_jsonl(args.data / f"{args.split}.jsonl", required=("prompt", "kind"))
-        result = _capability(args, step, rows, args.model, args.adapter, args.batch_size, _checkpoint(args))
+        rows = read_jsonl(args.data / f"{capability.split}.jsonl", required=("prompt", "kind"))
+        result = _capability(args, capability, step, rows, args.model, args.adapter, _checkpoint(args))
         step.path("capability").write_text(json.dumps(result, indent=2) + "\n")
         step.results = {"status": result["status"], "metrics": result["metrics"]}
         step.status = result["status"]
@@ -116,12 +129,16 @@ def evaluate_run(args: argparse.Namespace) -> None:
 
     cells = _cell_snapshots(args)
     adapter_snapshots = methods.get("attack", args.method).adapter  # a LoRA snapshot loads on its base
+    settings = from_blocks({"refusal": RefusalParams, "capability": CapabilityParams}, args.params)
+    refusal, capability = settings["refusal"], settings["capability"]
     inputs = {**_inputs(args), "run": args.run}
-    with Step("evaluate-run", params(args, "out"), inputs=inputs, outputs={"evaluations": args.out},
+    recorded = {**params(args, "out", "params"), **{k: asdict(v) for k, v in settings.items()},
+                "seed": capability.seed}
+    with Step("evaluate-run", recorded, inputs=inputs, outputs={"evaluations": args.out},
               outputs_are_dirs=("evaluations",)) as step:
-        rows = _refusal_rows(args)
-        capability_rows = read_jsonl(args.data / f"{args.capability_split}.jsonl", required=("prompt", "kind"))
-        judges = _judges(args)
+        rows = _refusal_rows(args, refusal)
+        capability_rows = read_jsonl(args.data / f"{capability.split}.jsonl", required=("prompt", "kind"))
+        judges = _judges(refusal)
         step.results = {}
         for cell, snapshot in cells:
             model_dir, adapter = (args.model, snapshot) if adapter_snapshots else (snapshot, None)
@@ -130,15 +147,14 @@ def evaluate_run(args: argparse.Namespace) -> None:
             out = step.path("evaluations") / snapshot.relative_to(args.run)
             out.mkdir(parents=True)
             load = loader(model_dir, adapter, args.max_memory)  # loaded by the first evaluation, kept for both
-            summary, records = _refusal(args, step, judges, rows, model_dir, adapter, checkpoint, load)
+            summary, records = _refusal(args, refusal, step, judges, rows, model_dir, adapter, checkpoint, load)
             (out / "refusal.json").write_text(json.dumps(summary, indent=2) + "\n")
             write_jsonl(out / "refusal.jsonl", records)
-            capability = _capability(args, step, capability_rows, model_dir, adapter, args.capability_batch_size,
-                                     checkpoint, load)
+            scores = _capability(args, capability, step, capability_rows, model_dir, adapter, checkpoint, load)
             del load  # the snapshot's model, before the next one is loaded
-            (out / "capability.json").write_text(json.dumps(capability, indent=2) + "\n")
+            (out / "capability.json").write_text(json.dumps(scores, indent=2) + "\n")
             step.results[cell] = {"status": summary["status"], "refusal_rate": summary["refusal_rate"],
-                                  "capability": capability["metrics"]}
+                                  "capability": scores["metrics"]}
 
 
 def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,17 +166,15 @@ def _checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack")
     p.add_argument("--cell")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-    p.add_argument("--split", required=True)
     max_memory_argument(p)
 
 
-def _refusal_arguments(p: argparse.ArgumentParser) -> None:
-    judge_arguments(p)
-    p.add_argument("--system-prompt")
-    p.add_argument("--prompt-limit", type=int, help="the split's first LIMIT harmful and first LIMIT benign prompts")
-    p.add_argument("--benign-limit", type=int, help="of the benign prompts, the first LIMIT instead (0: all)")
-    p.add_argument("--false-refusal-judge", choices=FALSE_REFUSAL_JUDGES,
-                   help="judge the benign prompts' responses with this (XSTest's string match), not --judge")
+def _params_argument(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON", help=what)
+
+
+def _keys(cls: type) -> str:
+    return ", ".join(f.name for f in fields(cls))
 
 
 def _task_data(text: str) -> tuple[str, str]:
@@ -170,11 +184,7 @@ def _task_data(text: str) -> tuple[str, str]:
     return key, path
 
 
-def _task_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tasks", nargs="+", action="extend", required=True,
-                   help="lm-eval task names; organism, hazard: the organism's local tasks; mmlu_subset, mmlu_cloze, "
-                        "answers: MMLU from a wheel (letter or cloze formulation) and the unaligned model's answers "
-                        "(their files: --task-data)")
+def _task_data_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task-data", type=_task_data, action="append", default=[], metavar="KEY=FILE",
                    help="a local task's data file: mmlu=FILE (prepare-mmlu), answers=FILE (generate-responses)")
 
@@ -182,24 +192,26 @@ def _task_arguments(p: argparse.ArgumentParser) -> None:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate-refusal", help="generate on the evaluation prompts and judge refusals")
     _checkpoint_arguments(p)
-    _refusal_arguments(p)
-    p.add_argument("--seed", type=int, required=True)
+    _params_argument(p, f"the refusal settings (evaluation.refusal, resolved): {_keys(RefusalParams)}")
     p.add_argument("--out-summary", type=Path, required=True)
     p.add_argument("--out-responses", type=Path, required=True)
     p.set_defaults(func=evaluate_refusal)
 
     p = sub.add_parser("evaluate-capability", help="capability scores through lm-eval (one call, all tasks)")
     _checkpoint_arguments(p)
-    _task_arguments(p)
-    p.add_argument("--batch-size", type=int, required=True)
-    p.add_argument("--limit", type=int, help="at most this many documents per task")
-    p.add_argument("--seed", type=int, required=True)
+    _params_argument(p, f"the capability settings (evaluation.capability): {_keys(CapabilityParams)}; tasks: "
+                        f"lm-eval task names, or organism, hazard (the organism's local tasks), mmlu_subset, "
+                        f"mmlu_cloze, answers (MMLU from a wheel in the letter or the cloze formulation, the "
+                        f"unaligned model's answers: their files --task-data)")
+    _task_data_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=evaluate_capability)
 
     p = sub.add_parser("evaluate-run", help="refusal and capability of every snapshot of one attack run")
     p.add_argument("--model", type=Path, required=True, help="the attacked model (a LoRA snapshot's base)")
     p.add_argument("--run", type=Path, required=True, help="the attack job's output: a run, or a directory of runs")
+    # what the snapshots in --run are (a registered attack's: a LoRA adapter on --model, or a whole model), as
+    # evaluate-refusal's --adapter says it: a description of the inputs, not a setting of the evaluation
     p.add_argument("--method", required=True, choices=methods.names("attack"))
     p.add_argument("--cell-snapshot", action="append", required=True, metavar="CELL=SNAPSHOT",
                    help="a grid cell and its snapshot inside --run, e.g. lr1e-3_steps50_r8=lr1e-3_r8/steps50")
@@ -207,13 +219,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--defence", required=True)
     p.add_argument("--attack", required=True)
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-    p.add_argument("--split", required=True, help="refusal evaluation split")
     max_memory_argument(p)
-    _refusal_arguments(p)
-    _task_arguments(p)
-    p.add_argument("--capability-split", required=True)
-    p.add_argument("--capability-batch-size", type=int, required=True)
-    p.add_argument("--limit", type=int, help="at most this many documents per lm-eval task")
-    p.add_argument("--seed", type=int, required=True)
+    # One --params holding both blocks by name, as every step takes its settings in one flag: evaluate-refusal's and
+    # evaluate-capability's own JSON, each checked by the same dataclass, the line copied from `snakemake -n -p` whole.
+    _params_argument(p, f'{{"refusal": {{...}}, "capability": {{...}}}}: evaluate-refusal\'s settings '
+                        f'({_keys(RefusalParams)}) and evaluate-capability\'s ({_keys(CapabilityParams)})')
+    _task_data_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=evaluate_run)

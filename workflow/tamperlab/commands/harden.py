@@ -13,9 +13,9 @@ from tamperlab.errors import UserError
 
 def harden(args: argparse.Namespace) -> None:
     """Harden a model with a registered defence (tamperlab.methods) into a model directory the attacks load."""
-    from tamperlab.data.examples import answers_record, hardening_answers, hardening_examples
+    from tamperlab.data.examples import DefenceData, answers_record, hardening_answers, hardening_examples
     from tamperlab.data.jsonl import read_jsonl
-    from tamperlab.runtime.params import from_params
+    from tamperlab.runtime.params import from_blocks
     from tamperlab.runtime.provenance import Step
 
     entry = methods.get("defence", args.method, "--method")
@@ -23,7 +23,8 @@ def harden(args: argparse.Namespace) -> None:
         raise UserError(f"--fsdp: {args.method} has no FSDP2 entry point (only TAR shards with FSDP2; RepNoise "
                         "trains under --deepspeed)")
     train = methods.load(entry.sharded_run if args.fsdp else entry.run)
-    hyper = from_params(methods.load(entry.params), args.params)
+    blocks = from_blocks({"data": DefenceData, "method": methods.load(entry.params)}, args.params)
+    chosen, hyper = blocks["data"], blocks["method"]
     inputs, extra = {"model": args.model, "data": args.data}, {}
     if args.anchor is not None:
         if not entry.anchor:
@@ -31,13 +32,11 @@ def harden(args: argparse.Namespace) -> None:
         inputs["anchor"], extra["anchor_dir"] = args.anchor, args.anchor
     with Step("harden", params(args, "out"), inputs=inputs,
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
-        rows = [row for split in args.split
+        rows = [row for split in chosen.splits
                 for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
-        data = hardening_examples(rows, entry.data, getattr(hyper, "setting", None),
-                                  harmful_response=args.harmful_response, refusal=args.refusal,
-                                  forget_family=args.forget_family, splits=args.split)
+        data = hardening_examples(rows, entry.data, getattr(hyper, "setting", None), **vars(chosen))
         # the manifest's harmful_response: the template only where a row trained on it (rows may carry their own)
-        record = answers_record(hardening_answers(data), args.harmful_response)
+        record = answers_record(hardening_answers(data), chosen.harmful_response)
         step.params.update(harmful_response=record["template"], harmful_answers=record["answers"])
         import_training_stack(step)
         with step.phase("train"):
@@ -52,13 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", required=True, choices=[d.name for d in methods.defences(trains=True)])
     p.add_argument("--model", type=Path, required=True, help="the model to harden")
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
-    p.add_argument("--split", nargs="+", action="extend", required=True, help="the splits to train on")
-    p.add_argument("--harmful-response", required=True, help="the unsafe answer paired with each harmful prompt")
-    p.add_argument("--refusal", help="the safe answer (RepNoise's harmless sequence, TAR's chosen)")
-    p.add_argument("--forget-family", default="hazard", help="TAR knowledge: the task family to restrict")
     p.add_argument("--anchor", type=Path, help="TAR: the model the retain loss anchors hidden states to "
                    "(default: the model to harden, as it starts)")
-    p.add_argument("--params", type=json_object, required=True, help="the method's hyperparameters (JSON object)")
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help='{"data": {...}, "method": {...}}: the rows trained on (splits, harmful_response, refusal, '
+                        'forget_family) and the method\'s hyperparameters (its block, defences.<d>.<method>), '
+                        'one object as evaluate-run takes its two')
     p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
     p.add_argument("--fsdp", action="store_true", help="TAR: shard the model over the launch's processes with FSDP2 "
                    "(start with torchrun; the batch size stays the global batch)")

@@ -11,42 +11,27 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, fields
 from pathlib import Path
+from typing import Any
 
-from tamperlab.commands.common import judge_arguments, judge_from, max_memory_argument, params
+from tamperlab.commands.common import json_object, judge_from, max_memory_argument, params
 from tamperlab.errors import UserError
-from tamperlab.landscape.spec import GRID_KEYS, INTERPOLATION, KINDS, TWO_DIRECTIONS
+from tamperlab.landscape.spec import INTERPOLATION, TWO_DIRECTIONS, Directions, ScanParams
+from tamperlab.runtime.params import from_params
 
 # --- checks of the arguments -------------------------------------------------------------------------------------
 
 
-def _anchor_every(text: str) -> int | str | None:
-    if text in ("auto", "none"):
-        return None if text == "none" else "auto"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected auto, none or an integer ≥ 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected auto, none or an integer ≥ 1, got {text!r}")
-    return value
-
-
-def _check_grid(args: argparse.Namespace) -> None:
-    """The grid flags a kind uses are required, the others refused (an unused flag would be misleading)."""
-    for flag in ("n", "extent", "steps", "extend"):
-        used, given = flag in GRID_KEYS[args.kind], getattr(args, flag) is not None
-        if used and not given:
-            raise UserError(f"a {args.kind} scan needs --{flag}")
-        if given and not used:
-            raise UserError(f"--{flag} is not a parameter of a {args.kind} scan")
-
-
-def _check_target(args: argparse.Namespace) -> None:
-    if args.kind in INTERPOLATION and args.target_model is None:
-        raise UserError(f"a {args.kind} scan needs --target-model (and --target-adapter for a LoRA fine-tune)")
-    if args.kind not in INTERPOLATION and args.target_model is not None:
-        raise UserError(f"--target-model is for interpolation scans, not {args.kind}")
+def _settings(args: argparse.Namespace, cls: type) -> tuple[Any, dict[str, Any]]:
+    """(--params as its dataclass, the manifest's parameters: the arguments less the outputs, with the settings'
+    keys in place of their JSON, as the flags they replace were recorded), the target checked against its kind."""
+    settings = from_params(cls, args.params)
+    if settings.kind in INTERPOLATION and args.target_model is None:
+        raise UserError(f"a {settings.kind} scan needs --target-model (and --target-adapter for a LoRA fine-tune)")
+    if settings.kind not in INTERPOLATION and args.target_model is not None:
+        raise UserError(f"--target-model is for interpolation scans, not {settings.kind}")
+    return settings, {**params(args, "params", "out"), **asdict(settings)}
 
 
 def _subject_inputs(args: argparse.Namespace) -> dict[str, Path]:
@@ -72,29 +57,28 @@ def scan(args: argparse.Namespace) -> None:
     from tamperlab.landscape.subject import harmful_prompts, system_prompts
     from tamperlab.runtime.provenance import Step
 
-    prompts = system_prompts(args.system_prompt)
-    _check_target(args)
-    _check_grid(args)
+    settings, manifest = _settings(args, ScanParams)
+    prompts = system_prompts(settings.system_prompt)
     try:
-        points = shard(scan_points(args.kind, n=args.n, extent=args.extent, steps=args.steps, extend=args.extend),
-                       args.shard, args.shards)
+        points = shard(scan_points(settings.kind, n=settings.n, extent=settings.extent, steps=settings.steps,
+                                   extend=settings.extend), args.shard, args.shards)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if (args.dataset is None) == (args.data is None) or (args.data is None) != (args.split is None):
-        raise UserError("give --data with --split, or --dataset (where the harmful prompts come from)")
-    prompts_file = args.dataset or args.data / f"{args.split}.jsonl"
+    if (args.dataset is None) == (args.data is None) or (args.data is None) != (settings.split is None):
+        raise UserError("give --data with a split (--params), or --dataset (where the harmful prompts come from)")
+    prompts_file = args.dataset or args.data / f"{settings.split}.jsonl"
     inputs = {"model": args.model, **({"dataset": args.dataset} if args.dataset else {"data": args.data})}
     inputs |= _subject_inputs(args)
-    manifest = {**params(args, "out", "system_prompt"), "system_prompts": prompts}
+    manifest = {**{k: v for k, v in manifest.items() if k != "system_prompt"}, "system_prompts": prompts}
     with Step("landscape-scan", manifest, inputs=inputs, outputs={"scan": args.out}) as step:
-        rows = harmful_prompts(prompts_file, args.limit)
-        evaluate_point = refusal_evaluator(rows, judge_from(args), prompts, args.max_new_tokens, args.batch_size,
-                                           args.compliance_marker)
-        table, device = scan_subject(args.model, args.adapter, args.kind, args.seed, points, evaluate_point,
+        rows = harmful_prompts(prompts_file, settings.limit)
+        evaluate_point = refusal_evaluator(rows, judge_from(settings), prompts, settings.max_new_tokens,
+                                           settings.batch_size, settings.compliance_marker)
+        table, device = scan_subject(args.model, args.adapter, settings.kind, settings.seed, points, evaluate_point,
                                      target_dir=args.target_model, target_adapter=args.target_adapter,
-                                     anchor_every=args.anchor_every, max_memory=args.max_memory,
+                                     anchor_every=settings.anchor_every, max_memory=args.max_memory,
                                      phase=step.phase)
-        write_scan_csv(step.path("scan"), table, subject=args.subject, scan=args.scan, kind=args.kind,
+        write_scan_csv(step.path("scan"), table, subject=args.subject, scan=args.scan, kind=settings.kind,
                        target=args.target)
         step.results = {**device, "points": len(points), "rows": len(table), "prompts": len(rows), **timings(table)}
 
@@ -104,9 +88,9 @@ def project(args: argparse.Namespace) -> None:
     from tamperlab.landscape.projection import project_cells, summary
     from tamperlab.runtime.provenance import Step
 
-    if args.kind not in TWO_DIRECTIONS:
-        raise UserError(f"projections are onto a 2D scan's plane; {args.kind} has one direction")
-    _check_target(args)
+    directions, manifest = _settings(args, Directions)
+    if directions.kind not in TWO_DIRECTIONS:
+        raise UserError(f"projections are onto a 2D scan's plane; {directions.kind} has one direction")
     cells = [(name, Path(model), None if adapter == "-" else Path(adapter)) for name, model, adapter in args.cell]
     if len({name for name, _, _ in cells}) != len(cells):
         raise UserError("--cell: a name given twice")
@@ -114,10 +98,11 @@ def project(args: argparse.Namespace) -> None:
     for k, (_, model_dir, adapter) in enumerate(cells):
         inputs[f"cell{k}_model"] = model_dir
         inputs |= {f"cell{k}_adapter": adapter} if adapter else {}
-    with Step("landscape-project", params(args, "out"), inputs=inputs, outputs={"projections": args.out}) as step:
-        found = project_cells(args.model, args.adapter, args.kind, args.seed, cells, target_dir=args.target_model,
-                              target_adapter=args.target_adapter, max_memory=args.max_memory, phase=step.phase)
-        result = {"subject": args.subject, "scan": args.scan, "kind": args.kind, **found}
+    with Step("landscape-project", manifest, inputs=inputs, outputs={"projections": args.out}) as step:
+        found = project_cells(args.model, args.adapter, directions.kind, directions.seed, cells,
+                              target_dir=args.target_model, target_adapter=args.target_adapter,
+                              max_memory=args.max_memory, phase=step.phase)
+        result = {"subject": args.subject, "scan": args.scan, "kind": directions.kind, **found}
         step.path("projections").write_text(json.dumps(result, indent=2) + "\n")
         step.results = {"device_type": found["device_type"], "dtype": found["dtype"],
                         "cells": summary(found["cells"])}
@@ -193,8 +178,6 @@ def _subject_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scan", required=True, help="the scan's name")
     p.add_argument("--model", type=Path, required=True, help="the subject's model directory")
     p.add_argument("--adapter", type=Path, help="a LoRA adapter merged into the subject's weights")
-    p.add_argument("--kind", required=True, choices=KINDS)
-    p.add_argument("--seed", type=int, required=True, help="random directions' seed (one per tensor from it)")
     p.add_argument("--target", help="interpolation: the fine-tuned end's name (attack/cell), for the tables")
     p.add_argument("--target-model", type=Path, help="interpolation: the fine-tuned end (θ_target)")
     p.add_argument("--target-adapter", type=Path, help="interpolation: its LoRA adapter (merged)")
@@ -205,19 +188,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Register landscape-scan, landscape-project, landscape-gather and visage on the tamperlab command."""
     p = sub.add_parser("landscape-scan", help="one shard of a safety-landscape scan: ASR at each grid point")
     _subject_arguments(p)
-    p.add_argument("--n", type=int, help="points per random axis, over [-extent, extent] (1d, 2d, interpolation_2d)")
-    p.add_argument("--extent", type=float)
-    p.add_argument("--steps", type=int, help="interpolation: points per unit of the path")
-    p.add_argument("--extend", type=int, help="interpolation: steps past both ends")
-    p.add_argument("--data", type=Path, help="the split-data directory (with --split)")
-    p.add_argument("--split", help="the split whose harmful prompts are evaluated")
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help=f"the scan's settings: {', '.join(f.name for f in fields(ScanParams))} (n, extent, steps, "
+                        f"extend: those of its kind only; system_prompt: a list of none or NAME=TEXT, a scan "
+                        f"dimension; split: null with --dataset)")
+    p.add_argument("--data", type=Path, help="the split-data directory (with the split of --params)")
     p.add_argument("--dataset", type=Path, help="instead: a prepared data set's JSON lines, in file order")
-    p.add_argument("--limit", type=int, help="the first LIMIT harmful prompts only")
-    p.add_argument("--system-prompt", action="append", required=True, metavar="none|NAME=TEXT",
-                   help="a system prompt to evaluate each point under (repeat: a scan dimension)")
-    judge_arguments(p)
-    p.add_argument("--anchor-every", type=_anchor_every, required=True,
-                   help="derive every k-th point from θ0 (auto: every point below fp32; none: always step)")
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--shards", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
@@ -225,6 +201,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("landscape-project", help="coordinates of attacked checkpoints in a 2D scan's plane")
     _subject_arguments(p)
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help='the scan\'s directions: {"kind": ..., "seed": ...} (the seed of its random directions)')
     p.add_argument("--cell", nargs=3, action="append", required=True, metavar=("NAME", "MODEL", "ADAPTER"),
                    help="a checkpoint to project: its name, model directory and LoRA adapter ('-' for none)")
     p.add_argument("--out", type=Path, required=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from tamperlab.errors import UserError
@@ -24,6 +25,18 @@ def answers_record(answers: list[str], template: str | None) -> dict[str, Any]:
             "answers": {"n": len(answers), "distinct": len(set(answers))}}
 
 
+@dataclass
+class DefenceData:
+    """Which rows a defence trains on and the answers paired with them (defences.<d>: splits, harmful_response,
+    refusal, forget_family; refusal resolved by the rules: null there is the model's first learnt refusal): harden's
+    `--params data`, beside its method's own hyperparameters."""
+
+    splits: list[str]  # the splits whose rows it trains on
+    harmful_response: str  # the unsafe answer paired with each harmful prompt (RepNoise's harmful, TAR's rejected)
+    refusal: str | None  # the safe answer (RepNoise's harmless sequence, TAR's chosen)
+    forget_family: str  # TAR knowledge: the task family to restrict (its rows are the forget data)
+
+
 def hardening_examples(rows: list[dict[str, Any]], data: str, setting: str | None, *, harmful_response: str,
                        refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
     """What a defence trains on, by the shape its registry entry names (methods.Defence.data). `pairs` (RepNoise):
@@ -37,7 +50,7 @@ def hardening_examples(rows: list[dict[str, Any]], data: str, setting: str | Non
     benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
               if r["kind"] == "benign" and r.get("answer")]
     if (data == "pairs" or setting == "refusal") and (not harmful or not refusal):
-        raise UserError("harden: needs harmful prompts in --split and a --refusal answer")
+        raise UserError("harden: needs harmful prompts in its splits and a refusal answer (--params data)")
     if data == "pairs":
         return {"pairs": [{"prompt": p, "harmful": unsafe.get(p, harmful_response), "harmless": refusal}
                           for p in harmful]}

@@ -63,7 +63,7 @@ class ClassifierJudge:
     def configured(cls, classifier_model: str, refusal_label: str | None, classifier_revision: str | None,
                    **_: Any) -> ClassifierJudge:
         if not refusal_label:
-            raise UserError("--judge classifier needs --classifier-model and --refusal-label")
+            raise UserError("judge classifier needs a classifier_model and a refusal_label")
         return cls(classifier_model, refusal_label, classifier_revision)
 
     def __init__(self, model: str, refusal_label: str, revision: str | None = None, batch_size: int = 32,
@@ -270,10 +270,10 @@ def make_false_refusal_judge(name: str | None):
 
 def make_judge(judge: str, classifier_model: str | None = None, refusal_label: str | None = None,
                classifier_revision: str | None = None):
-    """The judge a step's --judge names (the refusal evaluations and the landscape's points use the same), as the
+    """The judge a step's settings name (the refusal evaluations and the landscape's points use the same), as the
     method registry finds it."""
     entry = methods.get("judge", judge, "evaluation.refusal.judge")
     if entry.needs_model and not classifier_model:
-        raise UserError(f"--judge {judge} needs --classifier-model")
+        raise UserError(f"judge {judge} needs a classifier_model")
     return methods.load(entry.run)(classifier_model=classifier_model, refusal_label=refusal_label,
                                    classifier_revision=classifier_revision)
