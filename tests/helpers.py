@@ -281,3 +281,23 @@ def job_stats(output: str) -> dict[str, int]:
             break
         stats[rule] = int(count)
     return stats
+
+
+def tables_params(**settings) -> str:
+    """The tables step's --params (reporting.settings.TablesParams) as JSON: no attacks named, no papers' numbers, the
+    default utility bound, organism metrics; `settings` replace any of them."""
+    import json
+
+    values = {"capability_metric": "org_mc/acc", "utility": {}, "hazard_metric": "hazard_mc/acc",
+              "retain_metric": "retain_mc/acc", "harmfulness_attacks": [], "hazard_attacks": [], "published": [],
+              "defence_seeds": {}}
+    return json.dumps({**values, **settings})
+
+
+def visage_params(**settings) -> str:
+    """The VISAGE step's --params (reporting.settings.VisageParams) as JSON; `settings` replace any of them."""
+    import json
+
+    values = {"basin_tolerance": 10.0, "post_attack": [], "refusal_system_prompt": "none",
+              "capability_metric": None, "utility": {}, "scan_judge": None, "scan_new_tokens": None}
+    return json.dumps({**values, **settings})

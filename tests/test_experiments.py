@@ -381,7 +381,7 @@ def test_lermen_commands_carry_the_grid_and_the_pinned_models(dry_runs):
     evaluation = _params(_one(own, "evaluate_run", model="llama2-7b-chat", run="lr5e-5_r8"))
     assert evaluation["refusal"]["judge"] == "keyword" and evaluation["capability"]["tasks"] == ["mmlu", "hellaswag"]
     tables = _one(own, "tables")
-    assert tables["--capability-metric"] == ["mmlu/acc"]
+    assert _params(tables)["capability_metric"] == "mmlu/acc"
 
 
 def test_repnoise_commands_carry_the_papers_recipe(dry_runs):
@@ -433,7 +433,7 @@ def test_tar_commands_carry_both_settings_and_the_tamper_resistance_metrics(dry_
     evaluation = _params(_one(own, "evaluate_run", defence="tar_bio", attack="full", run="lr2e-5"))
     assert evaluation["capability"]["tasks"] == ["wmdp_bio", "mmlu"]
     tables = _one(own, "tables")
-    assert tables["--hazard-metric"] == ["wmdp_bio/acc"] and tables["--retain-metric"] == ["mmlu/acc"]
+    assert _params(tables)["hazard_metric"] == "wmdp_bio/acc" and _params(tables)["retain_metric"] == "mmlu/acc"
 
 
 def test_visage_commands_cover_the_four_models_and_the_shot_budgets(dry_runs):

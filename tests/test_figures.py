@@ -226,8 +226,11 @@ def test_worst_by_attack_keeps_each_attack_and_drops_unbounded_ones():
 
 
 def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monkeypatch):
-    """Through the command: hazard attacks by --hazard-attack, the titles' judge and new tokens from refusal.json."""
+    """Through the command: hazard attacks by --params hazard_attacks, the titles' judge and new tokens from
+    refusal.json."""
     import json
+
+    from helpers import tables_params
 
     from tamperlab.cli import build_parser
     from tamperlab.reporting.tables import evaluation_settings
@@ -255,8 +258,8 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
     out = tmp_path / "out"
     args = build_parser().parse_args([
         "tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
-        "--capability-metric", CAPABILITY, "--hazard-metric", HAZARD, "--retain-metric", RETAIN,
-        "--hazard-attack", "hazard", "--harmfulness-attack", "lora", "--out-refusal", str(out / "refusal.csv"),
+        "--params", tables_params(capability_metric=CAPABILITY, hazard_metric=HAZARD, retain_metric=RETAIN,
+                                  hazard_attacks=["hazard"], harmfulness_attacks=["lora"]), "--out-refusal", str(out / "refusal.csv"),
         "--out-summary", str(out / "summary.csv"), "--out-figures", str(out / "figures"),
         "--out-harmfulness", str(out / "harmfulness.csv"), "--out-tamper-resistance", str(out / "tr.csv"),
         "--out-published", str(out / "published.csv"), "--out-cost", str(out / "cost.csv")])
@@ -267,7 +270,7 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
 
 def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, kept):
     """Through the command: capability evaluations beside the refusal ones give the utility bound of the figure."""
-    from helpers import write_evaluation
+    from helpers import visage_params, write_evaluation
 
     from tamperlab.cli import build_parser
     from tamperlab.landscape.scan import write_scan_csv
@@ -290,8 +293,8 @@ def test_the_visage_command_plots_the_bounded_worst_case(tmp_path, monkeypatch, 
     out = tmp_path / "out"
     args = build_parser().parse_args([
         "visage", "--scan", *scans, "--refusal", *evaluations, "--capability", *evaluations,
-        "--capability-metric", CAPABILITY, "--post-attack", "lora", "--scan-judge", "keyword",
-        "--scan-new-tokens", "16", "--refusal-system-prompt", "none", "--basin-tolerance", "10",
+        "--params", visage_params(capability_metric=CAPABILITY, post_attack=["lora"], scan_judge="keyword",
+                                  scan_new_tokens=16),
         "--out-table", str(out / "visage.csv"), "--out-figures", str(out / "figures")])
     args.func(args)
     figure = kept[-1]

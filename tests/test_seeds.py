@@ -8,7 +8,7 @@ import json
 import shlex
 
 import pytest
-from helpers import snakemake, write_evaluation
+from helpers import snakemake, tables_params, write_evaluation
 
 from tamperlab.attacks.grid import cell_name, cells, parse_cell, run_name, runs
 
@@ -178,7 +178,7 @@ def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_
     assert sorted(c.split("--out ")[1].split()[0] for c in attacks) == [
         f"results/attacks/tiny/{d}/lora" for d in ("none", "repnoise_s0", "repnoise_s1")]
     (tables,) = [c for c in commands if c.startswith("tamperlab --numerics portable tables ")]
-    assert """--defence-seeds '{"repnoise": ["repnoise_s0", "repnoise_s1"]}'""" in tables
+    assert '"defence_seeds": {"repnoise": ["repnoise_s0", "repnoise_s1"]}' in tables
     assert "--out-defence-seeds results/tables/defence_seeds.csv" in tables
     assert "--out-seeds" not in tables  # one attack seed
 
@@ -229,15 +229,13 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
                              {"org_mc": {"acc": 0.8}})
     out = tmp_path / "out"
     flags = ["tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
-             "--capability-metric", "org_mc/acc", "--hazard-metric", "hazard_mc/acc", "--retain-metric",
-             "retain_mc/acc", "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
+             "--params", tables_params(defence_seeds={"repnoise": ["repnoise_s0", "repnoise_s1"]}), "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
              "--out-figures", str(out / "figures"), "--out-harmfulness", str(out / "harmfulness.csv"),
              "--out-tamper-resistance", str(out / "tr.csv"), "--out-published", str(out / "published.csv"),
-             "--out-cost", str(out / "cost.csv"),
-             "--defence-seeds", '{"repnoise": ["repnoise_s0", "repnoise_s1"]}']
+             "--out-cost", str(out / "cost.csv")]
     with pytest.raises(SystemExit) as refused:  # the table without its output: refused before anything is written
         main(flags)
-    assert refused.value.code == 2 and "--defence-seeds and --out-defence-seeds go together" in capsys.readouterr().err
+    assert refused.value.code == 2 and "--params defence_seeds and --out-defence-seeds go together" in capsys.readouterr().err
     assert not out.exists()
     args = build_parser().parse_args([*flags, "--out-defence-seeds", str(out / "defence_seeds.csv")])
     args.func(args)

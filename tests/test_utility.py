@@ -103,7 +103,7 @@ def test_the_cost_table_charges_each_defence_against_the_aligned_model():
 
 
 def test_the_tables_command_writes_the_cost_and_refuses_an_unknown_bound_key(tmp_path, monkeypatch, capsys):
-    from helpers import write_evaluation
+    from helpers import tables_params, write_evaluation
 
     from tamperlab.cli import main
     from tamperlab.runtime import provenance
@@ -115,16 +115,16 @@ def test_the_tables_command_writes_the_cost_and_refuses_an_unknown_bound_key(tmp
                          {"org_mc": {"acc": capability}})
     out = tmp_path / "out"
     flags = ["tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
-             "--capability-metric", CAPABILITY, "--hazard-metric", "hazard_mc/acc", "--retain-metric", CAPABILITY,
              "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
              "--out-figures", str(out / "figures"), "--out-harmfulness", str(out / "harmfulness.csv"),
              "--out-tamper-resistance", str(out / "tr.csv"), "--out-published", str(out / "published.csv"),
              "--out-cost", str(out / "cost.csv")]
     with pytest.raises(SystemExit) as refused:
-        main([*flags, "--utility", '{"max_capability_fall": 0.2}'])
-    assert refused.value.code != 0 and "--utility: unknown key 'max_capability_fall'" in capsys.readouterr().err
+        main([*flags, "--params", tables_params(capability_metric=CAPABILITY, utility={"max_capability_fall": 0.2})])
+    assert refused.value.code != 0 and "--params utility: unknown key 'max_capability_fall'" in capsys.readouterr().err
     assert not out.exists()
-    main([*flags, "--utility", '{"max_capability_drop": 0.6}'])  # 0.4 of 0.8 is a 50% drop: within 60%
+    # 0.4 of 0.8 is a 50% drop: within 60%
+    main([*flags, "--params", tables_params(capability_metric=CAPABILITY, utility={"max_capability_drop": 0.6})])
     cost = pd.read_csv(out / "cost.csv").set_index("defence")
     assert cost.loc["breaker", "usable"] and cost.loc["breaker", "capability_change"] == pytest.approx(-0.5)
     refusal = pd.read_csv(out / "refusal.csv")

@@ -52,10 +52,11 @@ def split_sources_args():
 
 
 def responses_args(wildcards):
+    """responses: as one --params (data.responses.ResponsesParams), a per-split limit resolved for this split."""
     spec = dict(config["responses"])
     if isinstance(spec["limit"], dict):
         spec["limit"] = spec["limit"].get(wildcards.split)
-    return cli_flags(spec)
+    return cli_flags({"params": spec})
 
 
 LM_EVAL_TASKS = "results/data/lm_eval_tasks.json"  # fetch-tasks' record: lm-eval's built-in tasks, cached

@@ -166,17 +166,8 @@ rule visage:
         "../../envs/tamperlab.yaml"
     params:
         numerics=NUMERICS,
-        tolerance=LANDSCAPE["basin_tolerance"],
-        system_prompt=config["evaluation"]["refusal"]["system_prompt"] or "none",
-        attacks=visage_post_attack_args(),
-        metric=config["evaluation"]["capability"]["metric"],
-        judge=config["evaluation"]["refusal"]["judge"],
-        new_tokens=LANDSCAPE["prompts"]["max_new_tokens"],
+        visage=visage_params(),
     shell:
         "tamperlab {params.numerics} visage --scan {input.scans} --projections {input.projections}"
-        " --refusal {input.refusal} {params.attacks}"
-        " --capability {input.capability} --capability-metric {params.metric}"
-        " --scan-judge {params.judge} --scan-new-tokens {params.new_tokens}"
-        " --refusal-system-prompt {params.system_prompt}"
-        " --basin-tolerance {params.tolerance} --out-table {output.table}"
+        " --refusal {input.refusal} --capability {input.capability} {params.visage} --out-table {output.table}"
         " --out-figures {output.figures} > {log} 2>&1"

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 
 from tamperlab import methods
 from tamperlab.landscape.spec import GRID_KEYS, NO_SYSTEM_PROMPT, TWO_DIRECTIONS, scan_shards, scan_subjects
+from tamperlab.reporting.utility import ALIGNED
 
 LANDSCAPE = config["landscape"]
 
@@ -208,8 +209,9 @@ def _post_attack_attacks():
 
 
 def visage_evaluations():
-    """The refusal evaluations that the VISAGE table reads: each scanned subject's own, and the grids of the
-    harmful-prompt attacks on its model and defence (its worst post-attack refusal); not the whole table's.
+    """The refusal evaluations that the VISAGE table reads: each scanned subject's own, its model's aligned one
+    without a defence, and the grids of the harmful-prompt attacks on its model and defence (its worst post-attack
+    refusal); not the whole table's.
     """
     subjects = {s for scan in LANDSCAPE["scans"] for s in scan_subjects(config, scan)}
     wanted = set()
@@ -217,6 +219,8 @@ def visage_evaluations():
         model, defence, *cell = subject.split("/")
         prefix = f"results/eval/{model}/{defence}"
         wanted.add(f"{prefix}/refusal.json")
+        # the yardstick of the utility bound: the aligned model without a defence (tamperlab.reporting.utility)
+        wanted.add(f"results/eval/{model}/{ALIGNED}/refusal.json")
         for attack in [*_post_attack_attacks(), *cell[:1]]:
             wanted.add(f"{prefix}/{attack}")
     return [
@@ -235,9 +239,24 @@ def visage_capabilities():
     ]
 
 
-def visage_post_attack_args():
-    """The attacks whose cells count as post-attack refusal: those on harmful prompts (not a benign family)."""
-    return cli_flags({"post_attack": _post_attack_attacks()})
+def visage_params():
+    """The step's settings as one --params (reporting.settings.VisageParams): the basin's tolerance, the attacks whose
+    cells count as post-attack refusal (those on harmful prompts, not a benign family), the refusal table's system
+    prompt, the utility bound as the tables' (the figure's worst case), and the scans' judge and new tokens."""
+    evaluation = config["evaluation"]
+    return cli_flags(
+        {
+            "params": {
+                "basin_tolerance": LANDSCAPE["basin_tolerance"],
+                "post_attack": _post_attack_attacks(),
+                "refusal_system_prompt": evaluation["refusal"]["system_prompt"] or "none",
+                "capability_metric": evaluation["capability"]["metric"],
+                "utility": evaluation["utility"],
+                "scan_judge": evaluation["refusal"]["judge"],
+                "scan_new_tokens": LANDSCAPE["prompts"]["max_new_tokens"],
+            }
+        }
+    )
 
 
 # The landscape rules' wildcards: a subject (model/defence, and attack/cell for an attacked one), a scan, a shard.

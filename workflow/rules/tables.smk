@@ -74,8 +74,7 @@ rule tables:
         "../../envs/tamperlab.yaml"
     params:
         numerics=NUMERICS,
-        metric=config["evaluation"]["capability"]["metric"],
-        tables=tables_args(),
+        tables=tables_params(),
         visage=lambda wildcards, input: (
             f" --visage {input.visage}" if input.visage else ""
         ),
@@ -89,7 +88,7 @@ rule tables:
         ),
     shell:
         "tamperlab {params.numerics} tables --refusal {input.refusal} --capability {input.capability}"
-        " --capability-metric {params.metric} {params.tables} --out-refusal {output.refusal}"
+        " {params.tables} --out-refusal {output.refusal}"
         " --out-summary {output.summary} --out-figures {output.figures}"
         " --out-harmfulness {output.harmfulness}"
         " --out-tamper-resistance {output.tamper_resistance}"

@@ -1,8 +1,6 @@
 """Input and parameter functions of the tables step (workflow/rules/tables.smk): every evaluation, the seeds'
 tables, the harmfulness and tamper-resistance settings."""
 
-import json
-
 from tamperlab.attacks.grid import attacked_defences, defence_seeds
 from tamperlab.models.alignment import UNALIGNED
 
@@ -45,24 +43,24 @@ def defence_seeds_table():
     return {"defence_seeds": "results/tables/defence_seeds.csv"} if defence_seeds(config) else {}
 
 
-def tables_args():
-    """Which attacks make the harmfulness table (harmful-prompt ones), and the tamper-resistance metrics."""
+def tables_params():
+    """The step's settings as one --params (reporting.settings.TablesParams): the utility bound, which attacks make
+    the harmfulness table (harmful-prompt ones) and the hazard figures, the tamper-resistance metrics, a paper's
+    numbers, the defences trained under several seeds."""
     capability = config["evaluation"]["capability"]
+    attacks = config["attacks"]
     return cli_flags(
         {
-            "harmfulness_attack": [
-                name for name, spec in config["attacks"].items() if not spec["family"]
-            ],
-            "hazard_attack": [
-                name for name, spec in config["attacks"].items() if spec["family"]
-            ],
-            "hazard_metric": capability["hazard_metric"],
-            "retain_metric": capability["retain_metric"],
-            "published": (
-                json.dumps(config["published"]) if config["published"] else None
-            ),
-            "defence_seeds": defence_seeds(config) or None,
-            "utility": config["evaluation"]["utility"],
+            "params": {
+                "capability_metric": capability["metric"],
+                "utility": config["evaluation"]["utility"],
+                "hazard_metric": capability["hazard_metric"],
+                "retain_metric": capability["retain_metric"],
+                "harmfulness_attacks": [n for n, s in attacks.items() if not s["family"]],
+                "hazard_attacks": [n for n, s in attacks.items() if s["family"]],
+                "published": config["published"],
+                "defence_seeds": defence_seeds(config),
+            }
         }
     )
 

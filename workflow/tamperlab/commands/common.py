@@ -34,13 +34,6 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def json_list(text: str) -> list[Any]:
-    value = json_object(f'{{"list": {text}}}')["list"] if text.strip() else None
-    if not isinstance(value, list):
-        raise argparse.ArgumentTypeError("expected a JSON list")
-    return value
-
-
 def max_memory_argument(p: argparse.ArgumentParser) -> None:
     """--max-memory: load the model across devices (tamperlab.models.placement); absent: on one device."""
     p.add_argument("--max-memory", type=json_object, metavar="JSON",

@@ -69,20 +69,22 @@ def prepare_mmlu(args: argparse.Namespace) -> None:
 
 def generate_responses(args: argparse.Namespace) -> None:
     from tamperlab.data.jsonl import read_jsonl, write_jsonl
-    from tamperlab.data.responses import select
+    from tamperlab.data.responses import ResponsesParams, select
+    from tamperlab.runtime.params import from_params
     from tamperlab.runtime.provenance import Step
 
+    settings = from_params(ResponsesParams, args.params)
     with Step("generate-responses", params(args, "out"), inputs={"model": args.model, "data": args.data},
               outputs={"responses": args.out}) as step:
         rows = select(read_jsonl(args.data / f"{args.split}.jsonl", required=("id", "prompt", "kind", "source")),
-                      args.kind, args.limit)
+                      args.kind, settings.limit)
         if not rows:
             raise UserError(f"generate-responses: split {args.split!r} has no {args.kind} prompts")
         with step.phase("generate"):  # imported here: loading torch counts in this phase
             from tamperlab.evaluation.generation import generate_answers
 
-            answers = generate_answers(args.model, rows, max_new_tokens=args.max_new_tokens,
-                                       batch_size=args.batch_size, max_memory=args.max_memory)
+            answers = generate_answers(args.model, rows, max_new_tokens=settings.max_new_tokens,
+                                       batch_size=settings.batch_size, max_memory=args.max_memory)
         step.results = {"rows": write_jsonl(step.path("responses"), answers),
                         "truncated": sum(a["truncated"] for a in answers),
                         "generated_tokens": sum(a["generated_tokens"] for a in answers)}
@@ -168,9 +170,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="the split-data directory")
     p.add_argument("--split", required=True)
     p.add_argument("--kind", required=True, choices=["harmful", "benign"])
-    p.add_argument("--limit", type=int, help="the split's first LIMIT prompts of that kind")
-    p.add_argument("--max-new-tokens", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help="the generation's settings (responses:, its limit for this split): max_new_tokens, "
+                        "batch_size, limit (the split's first LIMIT prompts of that kind; null: all)")
     max_memory_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=generate_responses)

@@ -140,9 +140,11 @@ def visage(args: argparse.Namespace) -> None:
     from tamperlab.landscape.projection import projections_by_scan
     from tamperlab.landscape.scan import read_scans
     from tamperlab.landscape.visage import visage_table
+    from tamperlab.reporting.settings import VisageParams
     from tamperlab.reporting.tables import evaluation_files, evaluation_settings, refusal_table, summary_table
     from tamperlab.runtime.provenance import Step
 
+    settings = from_params(VisageParams, args.params)
     inputs = {f"scan{k}": p for k, p in enumerate(args.scan)}
     inputs |= {f"projections{k}": p for k, p in enumerate(args.projections)}
     inputs |= {f"refusal{k}": p for k, p in enumerate(args.refusal)}
@@ -154,19 +156,19 @@ def visage(args: argparse.Namespace) -> None:
         capabilities = evaluation_files(args.capability, "capability.json")
         refusal = refusal_table(summaries, capabilities) if args.refusal else None
         scans = read_scans(args.scan)
-        frame = visage_table(scans, refusal, args.post_attack, args.basin_tolerance)
+        frame = visage_table(scans, refusal, settings.post_attack, settings.basin_tolerance)
         frame.to_csv(step.path("table"), index=False, lineterminator="\n")
         # the figure's y: refusal_summary's utility-bounded worst case over the post-attack attacks
         summary = None
-        if refusal is not None and args.capability_metric:
-            summary = summary_table(refusal[refusal["attack"].isin(["none", *args.post_attack])],
-                                    args.capability_metric)
-        settings = evaluation_settings(summaries) if summaries else None
-        if settings is not None:
-            settings["n"] = "/".join(str(n) for n in sorted(set(refusal["n"].dropna().astype(int))))
+        if refusal is not None and settings.capability_metric:
+            summary = summary_table(refusal[refusal["attack"].isin(["none", *settings.post_attack])],
+                                    settings.capability_metric, settings.utility)
+        evaluated = evaluation_settings(summaries) if summaries else None
+        if evaluated is not None:
+            evaluated["n"] = "/".join(str(n) for n in sorted(set(refusal["n"].dropna().astype(int))))
         written = figures.landscape_figures(scans, frame, projections_by_scan(args.projections),
-                                            step.path("figures"), args.refusal_system_prompt, summary, settings,
-                                            {"judge": args.scan_judge, "new_tokens": args.scan_new_tokens})
+                                            step.path("figures"), settings.refusal_system_prompt, summary, evaluated,
+                                            {"judge": settings.scan_judge, "new_tokens": settings.scan_new_tokens})
         step.results = {"rows": len(frame), "scans": len(scans), "figures": [f.name for f in written]}
 
 
@@ -224,17 +226,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--refusal", type=Path, nargs="*", action="extend", default=[],
                    help="the subjects' refusal.json files, or evaluation directories holding them (post-attack "
                         "refusal per subject)")
-    p.add_argument("--post-attack", action="append", default=[], metavar="ATTACK",
-                   help="an attack whose grid counts for the worst post-attack refusal (harmful-prompt attacks)")
     p.add_argument("--capability", type=Path, nargs="*", action="extend", default=[],
                    help="the same evaluations' capability.json files or directories (the figure's utility bound)")
-    p.add_argument("--capability-metric", help="task/metric of the utility bound (as the tables' summary)")
-    p.add_argument("--scan-judge", help="the scans' judge, for the figures' titles")
-    p.add_argument("--scan-new-tokens", type=int, help="the scans' new tokens per answer, for the titles")
-    p.add_argument("--refusal-system-prompt", required=True,
-                   help="the system prompt (name, or none) the refusal table was evaluated under")
-    p.add_argument("--basin-tolerance", type=float, required=True,
-                   help="basin width: the α range where ASR stays within this many points of ASR(0)")
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help="the step's settings (reporting.settings.VisageParams): basin_tolerance (the α range where "
+                        "ASR stays within this many points of ASR(0)), post_attack (the attacks whose grids count for "
+                        "the worst post-attack refusal), refusal_system_prompt (the system prompt, name or none, the "
+                        "refusal table was evaluated under), capability_metric and utility (the figure's utility "
+                        "bound, as the tables'), scan_judge and scan_new_tokens (the figures' titles)")
     p.add_argument("--out-table", type=Path, required=True)
     p.add_argument("--out-figures", type=Path, required=True)
     p.set_defaults(func=visage)

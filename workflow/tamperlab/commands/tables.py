@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tamperlab.commands.common import json_list, json_object, params
+from tamperlab.commands.common import json_object, params
 from tamperlab.errors import UserError
 
 
@@ -14,7 +14,8 @@ def tables(args: argparse.Namespace) -> None:
 
     from tamperlab.reporting.attack_figures import refusal_figures
     from tamperlab.reporting.published_table import published_table
-    from tamperlab.reporting.utility import UtilityBound, cost_table, with_usability
+    from tamperlab.reporting.settings import TablesParams
+    from tamperlab.reporting.utility import cost_table, with_usability
     from tamperlab.runtime.params import from_params
     from tamperlab.reporting.tables import (
         defence_seed_table,
@@ -36,32 +37,34 @@ def tables(args: argparse.Namespace) -> None:
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
                "published_csv": args.out_published, "cost_csv": args.out_cost, **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
                **({"defence_seeds_csv": args.out_defence_seeds} if args.out_defence_seeds else {})}
-    if bool(args.defence_seeds) != bool(args.out_defence_seeds):
-        raise UserError("--defence-seeds and --out-defence-seeds go together")
-    bound = from_params(UtilityBound, args.utility, "--utility")
+    settings = from_params(TablesParams, args.params)
+    if bool(settings.defence_seeds) != bool(args.out_defence_seeds):
+        raise UserError("--params defence_seeds and --out-defence-seeds go together")
+    metric, bound = settings.capability_metric, settings.utility
     with Step("tables", params(args), inputs=inputs, outputs=outputs, outputs_are_dirs=("figures",)) as step:
         summaries = evaluation_files(args.refusal, "refusal.json")
         table = refusal_table(summaries, evaluation_files(args.capability, "capability.json"))
         # one row per cell (means over seeds) for the per-cell tables and figures; one seed: the table itself
-        cells = with_usability(mean_over_seeds(table), args.capability_metric, bound)
-        table = with_usability(table, args.capability_metric, bound)
-        resistance = tamper_resistance_table(cells, args.hazard_metric, args.retain_metric)
+        cells = with_usability(mean_over_seeds(table), metric, bound)
+        table = with_usability(table, metric, bound)
+        resistance = tamper_resistance_table(cells, settings.hazard_metric, settings.retain_metric)
         visage = pd.read_csv(args.visage) if args.visage else None
-        summary = summary_table(table, args.capability_metric, bound)
+        summary = summary_table(table, metric, bound)
+        seeds = settings.defence_seeds
         written = {
             "refusal_csv": table,
             "summary_csv": summary,
-            "harmfulness_csv": harmfulness_table(cells, args.harmfulness_attack, args.capability_metric),
+            "harmfulness_csv": harmfulness_table(cells, settings.harmfulness_attacks, metric),
             "tamper_resistance_csv": resistance,
-            "published_csv": published_table(args.published, cells, resistance, visage),
-            "cost_csv": cost_table(table, args.capability_metric, bound),
+            "published_csv": published_table(settings.published, cells, resistance, visage),
+            "cost_csv": cost_table(table, metric, bound),
             **({"seeds_csv": seed_table(table)} if args.out_seeds else {}),
-            **({"defence_seeds_csv": defence_seed_table(summary, args.defence_seeds)} if args.defence_seeds else {}),
+            **({"defence_seeds_csv": defence_seed_table(summary, seeds)} if seeds else {}),
         }
         for name, frame in written.items():
             frame.to_csv(step.path(name), index=False, lineterminator="\n")
-        figures = refusal_figures(cells, step.path("figures"), args.capability_metric, args.hazard_metric,
-                                  args.retain_metric, args.hazard_attack, evaluation_settings(summaries))
+        figures = refusal_figures(cells, step.path("figures"), metric, settings.hazard_metric,
+                                  settings.retain_metric, settings.hazard_attacks, evaluation_settings(summaries))
         step.results = {"rows": len(table), "figures": [f.name for f in figures]}
 
 
@@ -71,30 +74,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refusal.json files, or evaluate-run directories holding them")
     p.add_argument("--capability", type=Path, nargs="*", default=[],
                    help="capability.json files, or evaluate-run directories holding them")
-    p.add_argument("--capability-metric", required=True, help="task/metric for the summary's utility bound")
-    p.add_argument("--out-refusal", type=Path, required=True)
-    p.add_argument("--out-summary", type=Path, required=True)
-    p.add_argument("--harmfulness-attack", action="append", default=[],
-                   help="an attack whose cells make the harmfulness table's columns (harmful-prompt attacks)")
-    p.add_argument("--hazard-attack", action="append", default=[],
-                   help="an attack that re-teaches a restricted domain (a family): its figure shows hazard accuracy")
-    p.add_argument("--hazard-metric", required=True, help="task/metric of hazard-domain accuracy")
-    p.add_argument("--retain-metric", required=True, help="task/metric of retain accuracy")
-    p.add_argument("--out-figures", type=Path, required=True, help="directory for the figures")
-    p.add_argument("--out-harmfulness", type=Path, required=True)
-    p.add_argument("--published", type=json_list, default=[], help="the paper's numbers (JSON list)")
+    p.add_argument("--params", type=json_object, required=True, metavar="JSON",
+                   help="the step's settings (reporting.settings.TablesParams): capability_metric and utility (the "
+                        "utility bound), hazard_metric, retain_metric, harmfulness_attacks, hazard_attacks, "
+                        "published (a paper's numbers), defence_seeds ({defence: its seeds' defences})")
     p.add_argument("--visage", type=Path, default=None,
                    help="visage.csv, where published VISAGE numbers are looked up")
+    p.add_argument("--out-refusal", type=Path, required=True)
+    p.add_argument("--out-summary", type=Path, required=True)
+    p.add_argument("--out-figures", type=Path, required=True, help="directory for the figures")
+    p.add_argument("--out-harmfulness", type=Path, required=True)
     p.add_argument("--out-tamper-resistance", type=Path, required=True)
     p.add_argument("--out-published", type=Path, required=True, help="the paper's numbers beside ours")
-    p.add_argument("--utility", type=json_object, default={},
-                   help="the utility bound (JSON: max_capability_drop, max_false_refusal_rise, false_refusal; "
-                        "default each as reporting.utility.UtilityBound)")
     p.add_argument("--out-cost", type=Path, required=True,
                    help="defence_cost.csv: each defended model's capability and false refusal against the aligned "
                         "model's")
     p.add_argument("--out-seeds", type=Path, help="each cell's mean and sd over its seeds (grids of several seeds)")
-    p.add_argument("--defence-seeds", type=json_object, default={},
-                   help="JSON {defence: [the names of its seeds' defences]} for defences trained under several seeds")
     p.add_argument("--out-defence-seeds", type=Path, help="each worst case's mean and sd over a defence's seeds")
     p.set_defaults(func=tables)

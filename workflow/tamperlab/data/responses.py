@@ -10,12 +10,22 @@ evaluation.generation.generate_answers; this module selects the prompts and read
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tamperlab.errors import UserError
 
 RESPONSE_KEYS = ("id", "prompt", "response")
+
+
+@dataclass(kw_only=True)
+class ResponsesParams:
+    """responses: how a model's own answers are generated (greedy), its limit resolved for the split."""
+
+    max_new_tokens: int
+    batch_size: int
+    limit: int | None  # the split's first LIMIT prompts of the kind; null: all
 
 
 def select(rows: list[dict[str, Any]], kind: str, limit: int | None) -> list[dict[str, Any]]:
