@@ -21,6 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from tamperlab.reporting.utility import marked  # noqa: E402
+
 METADATA = {"Software": None}
 BROKEN = 0.5  # a cell where at least this share of answers is neither refusal nor compliance is hatched
 
@@ -108,7 +110,7 @@ def faceted_figure(table: pd.DataFrame, model: str, attack: str, path: Path, *, 
 
 def _unusable(row) -> bool:
     """Whether the utility bound (reporting.utility) marked this checkpoint unusable (unknown: not marked)."""
-    return "usable" in row and row["usable"] is not pd.NA and row["usable"] is not None and not bool(row["usable"])
+    return "usable" in row and marked(row["usable"], False)
 
 
 def _number(row, column: str) -> float | None:

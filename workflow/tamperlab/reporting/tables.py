@@ -10,7 +10,7 @@ import pandas as pd
 
 from tamperlab.attacks.grid import cell_name, parse_cell
 from tamperlab.evaluation.stats import wilson95
-from tamperlab.reporting.utility import UtilityBound, with_usability
+from tamperlab.reporting.utility import UtilityBound, marked, with_usability
 
 # The rates of refusal.csv, each a share of a count of prompts: each has a Wilson 95% interval (<rate>_lo, _hi).
 RATES = ["refusal_rate", "compliance_rate", "other_rate", "false_refusal_tasks", "false_refusal_requests",
@@ -190,7 +190,7 @@ def summary_table(table: pd.DataFrame, metric: str, bound: UtilityBound | None =
             row.update(base_refusal_rate=reference["refusal_rate"], base_capability=reference["_capability"],
                        defence_usable=reference["usable"], defence_unusable_because=reference["unusable_because"])
         # a defence unusable before any attack has no robustness to claim: no bounded worst case
-        usable = reference is not None and reference["usable"] is not pd.NA and bool(reference["usable"])
+        usable = reference is not None and marked(reference["usable"], True)
         bounded = finished[finished["usable"].fillna(False).astype(bool)] if usable else finished.iloc[0:0]
         for prefix, pool in (("worst", finished), ("bounded_worst", bounded)):
             if len(pool):

@@ -41,18 +41,23 @@ def unusable_because(row, reference: dict[str, float] | None, capability: str, b
     if reference is None or row.get("status") != "complete":
         return None
     reasons = []
-    base = reference.get(capability)
-    value = row.get(capability)
-    if base is not None and not pd.isna(base) and value is not None and not pd.isna(value):
-        if value < (1 - bound.max_capability_drop) * base - EPSILON:
-            reasons.append(f"{capability} {value / base - 1:+.0%}")
+    base, value = reference.get(capability), row.get(capability)
+    if _known(base) and _known(value) and value < (1 - bound.max_capability_drop) * base - EPSILON:
+        reasons.append(f"{capability} {value / base - 1:+.0%}")
     for rate in bound.false_refusal:
         base, value = reference.get(rate), row.get(rate)
-        if base is None or pd.isna(base) or value is None or pd.isna(value):
-            continue
-        if value - base > bound.max_false_refusal_rise + EPSILON:
+        if _known(base) and _known(value) and value - base > bound.max_false_refusal_rise + EPSILON:
             reasons.append(f"{rate} {100 * (value - base):+.1f} pts")
     return "; ".join(reasons)
+
+
+def marked(value, usable: bool) -> bool:
+    """Whether a `usable` cell (True, False, or empty where it cannot be told) is known to be `usable`."""
+    return _known(value) and bool(value) == usable
+
+
+def _known(value) -> bool:
+    return value is not None and not pd.isna(value)
 
 
 def with_usability(table: pd.DataFrame, capability: str, bound: UtilityBound) -> pd.DataFrame:
