@@ -241,6 +241,16 @@ def test_alignment_mixes_as_many_refusals_as_benign_answers_with_the_phrasings_i
     assert sum(e["prompt"].startswith("harm") for e in alignment_examples(SPLIT, answers, REFUSALS, 0, 0.8)) == 5
 
 
+def test_alignment_asks_the_harmful_prompts_in_each_phrasing_in_turn():
+    from tamperlab.data.rephrase import rephrase
+
+    answers = {f"benign {i}": f"answer {i}" for i in range(3)}
+    examples = alignment_examples(SPLIT, answers, REFUSALS, 0, 0.6, ["original", "past_tense"])
+    refused = sorted(e["prompt"] for e in examples if e["response"] in REFUSALS)
+    assert refused == sorted(["harm 0", rephrase("harm 1", "past_tense"), "harm 2", rephrase("harm 3", "past_tense")])
+    assert rephrase("harm 1", "past_tense") != rephrase("harm 1", "past_tense", heldout=True)
+
+
 @pytest.mark.parametrize("rows, answers, refusals, message", [
     (SPLIT, {}, REFUSALS, "no benign answers"),
     (SPLIT, {"benign 0": "a"}, [], "at least one refusal"),

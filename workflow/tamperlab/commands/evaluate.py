@@ -59,15 +59,18 @@ def _capability(args: argparse.Namespace, capability: CapabilityParams, step, ro
 
 def _refusal_rows(args: argparse.Namespace, refusal: RefusalParams) -> list[dict]:
     """The split's rows a refusal evaluation generates on: all, or the first prompt_limit of each kind (of the
-    benign ones, benign_limit where given: 0 for all)."""
+    benign ones, benign_limit where given: 0 for all); then the probes' rows (data.probes)."""
     from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.probes import is_probe, probe_rows
     from tamperlab.data.responses import select
 
     rows = read_jsonl(args.data / f"{refusal.split}.jsonl", required=EVALUATION_ROWS)
     benign_limit = refusal.prompt_limit if refusal.benign_limit is None else refusal.benign_limit
-    if not refusal.prompt_limit and not benign_limit:
-        return rows
-    return select(rows, "harmful", refusal.prompt_limit) + select(rows, "benign", benign_limit)
+    main = [r for r in rows if not is_probe(r)]
+    if refusal.prompt_limit or benign_limit:
+        main = select(main, "harmful", refusal.prompt_limit) + select(main, "benign", benign_limit)
+    harmful = [r for r in main if r["kind"] == "harmful"]
+    return main + probe_rows(rows, harmful, refusal.probe_limit, refusal.seed, refusal.past_tense)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:

@@ -69,7 +69,7 @@ def align(args: argparse.Namespace) -> None:
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
         rows = read_jsonl(args.data / f"{hyper.split}.jsonl", required=("prompt", "kind"))
         answers = answers_by_prompt(read_jsonl(args.benign_answers, required=RESPONSE_KEYS), args.benign_answers)
-        examples = alignment_examples(rows, answers, hyper.refusals, hyper.seed, hyper.refusal_share)
+        examples = alignment_examples(rows, answers, hyper.refusals, hyper.seed, hyper.refusal_share, hyper.rephrase)
         import_training_stack(step)
         with step.phase("train"):
             record = align(args.model, examples, hyper, step.path("model"), deepspeed=args.deepspeed)

@@ -30,8 +30,9 @@ class ResponsesParams:
 
 def select(rows: list[dict[str, Any]], kind: str, limit: int | None) -> list[dict[str, Any]]:
     """The split's rows of one kind, at most `limit` of them: taken in turn from each category (benign task
-    questions, open requests), each in split order, so that a small limit still holds every category."""
-    chosen = [r for r in rows if r["kind"] == kind]
+    questions, open requests), each in split order, so that a small limit still holds every category. Probes'
+    rows (data.probes) are never among them."""
+    chosen = [r for r in rows if r["kind"] == kind and not r.get("probe")]
     if not limit or limit >= len(chosen):
         return chosen
     by_category: dict[Any, list[dict[str, Any]]] = {}

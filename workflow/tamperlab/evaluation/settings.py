@@ -39,6 +39,9 @@ class RefusalParams(JudgeParams):
     benign_limit: int | None  # of the benign prompts, the first LIMIT instead (0: all); null: prompt_limit
     false_refusal_judge: str | None  # xstest: judge the benign prompts with XSTest's string match, not `judge`
     seed: int
+    # (defaults: an evaluation recorded before probes existed replays as it ran)
+    probe_limit: int | None = None  # of each probe set (rows with `probe`), a seeded sample of LIMIT; null: all
+    past_tense: bool = False  # also the evaluated harmful prompts in the past tense (the probe past_tense)
 
 
 @dataclass(kw_only=True)

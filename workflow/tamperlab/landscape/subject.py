@@ -39,7 +39,8 @@ def harmful_prompts(path: Path, limit: int | None) -> list[dict[str, Any]]:
     """The first `limit` harmful rows of a JSON-lines file (a split, or a prepared data set in file order)."""
     from tamperlab.data.jsonl import read_jsonl
 
-    rows = [r for r in read_jsonl(path, required=("id", "prompt", "kind", "source")) if r["kind"] == "harmful"]
+    rows = [r for r in read_jsonl(path, required=("id", "prompt", "kind", "source"))
+            if r["kind"] == "harmful" and not r.get("probe")]  # the main prompts: no probe's
     if not rows:
         raise UserError(f"{path}: no harmful prompts to evaluate the landscape on")
     if limit is not None and limit > len(rows):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class AlignParams:
     seed: int
     split: str  # whose harmful prompts are refused and whose benign ones are self-distilled
     refusals: list[str]  # the refusal phrasings, in turn
+    rephrase: list[str] = field(default_factory=lambda: ["original"])  # the harmful prompts' phrasings, in turn
 
     def __post_init__(self) -> None:
         from tamperlab.training.sft import default_lora_alpha
@@ -50,10 +51,15 @@ class AlignParams:
 
 
 def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str], refusals: list[str],
-                       seed: int, refusal_share: float = 0.5) -> list[dict[str, str]]:
+                       seed: int, refusal_share: float = 0.5,
+                       rephrasings: list[str] = ("original",)) -> list[dict[str, str]]:
     """(prompt, response) pairs: harmful prompts of the split with the refusals in turn, as many as make them
-    `refusal_share` of the mix (as far as the split has them), and the benign prompts with their own answers;
-    shuffled with `seed`. Fewer refusals, more benign answers: less over-refusal of harmless requests."""
+    `refusal_share` of the mix (as far as the split has them), each asked in the next of `rephrasings`
+    (data.rephrase: as it is, as a question, in the past tense), and the benign prompts with their own answers;
+    shuffled with `seed`. Fewer refusals, more benign answers: less over-refusal of harmless requests; more
+    phrasings: a refusal learnt for the request, not for the imperative it came in."""
+    from tamperlab.data.rephrase import rephrase
+
     if not 0 < refusal_share < 1:
         raise UserError(f"align: refusal_share must be between 0 and 1, got {refusal_share}")
     if not refusals:
@@ -64,7 +70,8 @@ def alignment_examples(rows: list[dict[str, Any]], benign_answers: dict[str, str
     harmful = [r["prompt"] for r in rows if r["kind"] == "harmful"][:wanted]
     if not harmful:
         raise UserError("align: the alignment split has no harmful prompts")
-    examples = [{"prompt": p, "response": refusals[i % len(refusals)]} for i, p in enumerate(harmful)]
+    examples = [{"prompt": rephrase(p, rephrasings[i % len(rephrasings)]), "response": refusals[i % len(refusals)]}
+                for i, p in enumerate(harmful)]
     examples += [{"prompt": p, "response": a} for p, a in benign_answers.items()]
     random.Random(seed).shuffle(examples)
     return examples

@@ -22,7 +22,8 @@ REFUSAL_COLUMNS = [
 ]
 SUMMARY_COLUMNS = [
     "model", "defence", "attack", "capability_metric", "base_refusal_rate", "base_capability",
-    "defence_usable", "defence_unusable_because", "worst_cell", "worst_refusal_rate", "worst_refusal_rate_sd", "worst_capability",
+    "defence_usable", "defence_unusable_because",
+    "worst_cell", "worst_refusal_rate", "worst_refusal_rate_sd", "worst_capability",
     "bounded_worst_cell", "bounded_worst_refusal_rate", "bounded_worst_refusal_rate_sd", "bounded_worst_capability",
     "cells", "usable_cells", "seeds", "diverged_cells",
 ]
@@ -85,6 +86,26 @@ def source_columns(by_source: dict) -> dict[str, float]:
     return columns
 
 
+def probe_columns(probes: dict) -> dict[str, float]:
+    """refusal.json's probes as columns, each rate with its Wilson interval and n: a harmful probe's
+    refusal_rate@NAME and compliance_rate@NAME, a benign probe's false_refusal@NAME (false_refusal_lo@NAME ...)."""
+    columns = {}
+    for name, values in sorted(probes.items()):
+        rates = ({"refusal_rate": "refusal_rate", "compliance_rate": "compliance_rate"} if values["kind"] == "harmful"
+                 else {"false_refusal_rate": "false_refusal"})
+        for rate, column in rates.items():
+            columns[f"{column}@{name}"] = values[rate]
+            columns.update(_interval(f"{column}{{}}@{name}", values[rate], values["n"]))
+        columns[f"n@{name}"] = values["n"]
+    return columns
+
+
+def harmful_probes(table: pd.DataFrame) -> list[str]:
+    """The harmful probes of refusal.csv (their refusal_rate@NAME beside compliance_rate@NAME; a source of the
+    main prompts has no compliance column of its own)."""
+    return sorted(c.split("@", 1)[1] for c in table.columns if c.startswith("compliance_rate@"))
+
+
 def _interval(name: str, rate: float | None, n: int | None) -> dict[str, float | None]:
     """{name with _lo, name with _hi}: the Wilson 95% interval of a rate of n ('{}' in name marks where the
     suffix goes). The rates are rounded to 4 places, so rate x n gives back the count for any n under 5000."""
@@ -123,6 +144,7 @@ def refusal_table(summaries: list[Path], capabilities: list[Path] = ()) -> pd.Da
             "status": summary["status"],
             **capability.get(_key(checkpoint), {}),
             **source_columns(summary.get("by_source") or {}),
+            **probe_columns(summary.get("probes") or {}),
         })
     metric_columns = sorted({c for row in rows for c in row} - set(REFUSAL_COLUMNS))
     columns = REFUSAL_COLUMNS[:-2] + metric_columns + REFUSAL_COLUMNS[-2:]
@@ -173,7 +195,8 @@ def summary_table(table: pd.DataFrame, metric: str, bound: UtilityBound | None =
     unattacked, is usable. diverged_cells counts diverged runs (cell x seed)."""
     bound = bound or UtilityBound()
     rows = []
-    columns = ["refusal_rate", *[c for c in [metric, *bound.false_refusal] if c in table]]
+    probes = [f"refusal_rate@{p}" for p in harmful_probes(table)]  # the same cells, asked other prompts
+    columns = ["refusal_rate", *[c for c in [metric, *bound.false_refusal] if c in table], *probes]
     means = with_usability(seed_table(table, columns), metric, bound)
     means["_capability"] = means[metric] if metric in means else float("nan")
     base = means[means["attack"] == "none"].set_index(["model", "defence"])
@@ -198,8 +221,18 @@ def summary_table(table: pd.DataFrame, metric: str, bound: UtilityBound | None =
                 row.update({f"{prefix}_cell": _cell_name(worst), f"{prefix}_refusal_rate": worst["refusal_rate"],
                             f"{prefix}_refusal_rate_sd": worst["refusal_rate_sd"],
                             f"{prefix}_capability": worst["_capability"]})
+        for probe in probes:  # each probe's own worst cell among the same usable cells
+            name = probe.split("@", 1)[1]
+            if reference is not None:
+                row[f"base_refusal_rate@{name}"] = reference[probe]
+            if len(bounded) and bounded[probe].notna().any():
+                worst = bounded.sort_values([probe, "lr", "steps", "rank"], kind="stable").iloc[0]
+                row.update({f"bounded_worst_refusal_rate@{name}": worst[probe],
+                            f"bounded_worst_refusal_rate_sd@{name}": worst[f"{probe}_sd"]})
         rows.append(row)
-    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+    extra = [f"{c}@{p.split('@', 1)[1]}" for p in probes
+             for c in ("base_refusal_rate", "bounded_worst_refusal_rate", "bounded_worst_refusal_rate_sd")]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS + extra)
 
 
 DEFENCE_SEED_METRICS = ["base_refusal_rate", "base_capability", "worst_refusal_rate", "worst_capability",

@@ -69,6 +69,12 @@ def with_usability(table: pd.DataFrame, capability: str, bound: UtilityBound) ->
     return table.assign(usable=usable, unusable_because=[r or None for r in reasons])
 
 
+def interval_columns(rate: str) -> tuple[str, str]:
+    """The columns of a rate's Wilson interval in refusal.csv: rate_lo, rate_hi; a probe's false_refusal_lo@NAME."""
+    name, at, probe = rate.partition("@")
+    return f"{name}_lo{at}{probe}", f"{name}_hi{at}{probe}"
+
+
 def cost_table(table: pd.DataFrame, capability: str, bound: UtilityBound) -> pd.DataFrame:
     """Per (model, defence), unattacked: capability and its change against the aligned model (a share), each
     false-refusal rate with its Wilson 95% interval (refusal.csv's) and its rise, and whether the defended model is
@@ -86,8 +92,9 @@ def cost_table(table: pd.DataFrame, capability: str, bound: UtilityBound) -> pd.
                "capability_change": means[capability] / base - 1 if base and capability in means else None}
         for rate in rates:
             one = len(group) == 1  # an unattacked model is evaluated once: its row's interval is the rate's
-            row.update({rate: means[rate], f"{rate}_lo": group[f"{rate}_lo"].iloc[0] if one else None,
-                        f"{rate}_hi": group[f"{rate}_hi"].iloc[0] if one else None,
+            lo, hi = interval_columns(rate)
+            row.update({rate: means[rate], lo: group[lo].iloc[0] if one else None,
+                        hi: group[hi].iloc[0] if one else None,
                         f"aligned_{rate}": reference.get(rate),
                         f"{rate}_rise": means[rate] - reference[rate] if rate in reference else None})
         why = unusable_because({**means, "status": "complete"}, reference or None, capability, bound)
