@@ -43,6 +43,29 @@ def test_repnoise_hardens_on_harmful_prompt_pairs_and_records_them(defence_base,
     assert changed(defence_base[0], tmp_path / "rn")
 
 
+def test_repnoise_with_benign_retain_pairs_each_pair_with_a_benign_answer(defence_base, tmp_path):
+    from tamperlab.data.examples import hardening_examples
+
+    rows = [{"prompt": f"harm {i}", "kind": "harmful"} for i in range(3)] + [
+        {"prompt": "task", "kind": "benign", "answer": "Quellport."}, {"prompt": "open", "kind": "benign"}]
+    pairs = hardening_examples(rows, "pairs", None, harmful_response="Sure.", refusal="No.", forget_family="x",
+                               splits=["defence"], benign_retain=True, benign_answers={"open": "Happy to."})["pairs"]
+    assert [(p["retain_prompt"], p["retain_response"]) for p in pairs] == [
+        ("task", "Quellport."), ("open", "Happy to."), ("task", "Quellport.")]
+    assert "retain_prompt" not in hardening_examples(rows, "pairs", None, harmful_response="Sure.", refusal="No.",
+                                                     forget_family="x", splits=["defence"])["pairs"][0]
+    params = {"lr": 1e-3, "steps": 2, "batch_size": 4, "max_length": 64}
+    result = harden(defence_base, tmp_path / "rb", "repnoise", params, refusal=REFUSAL, benign_retain=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert read_manifest(tmp_path / "rb")["results"]["examples"] == {"pairs": 12}
+    plain = harden(defence_base, tmp_path / "rn", "repnoise", params, refusal=REFUSAL)
+    assert plain.returncode == 0
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "rb" / "model.safetensors"), load_file(tmp_path / "rn" / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the benign answers changed what was learnt
+
+
 @pytest.mark.parametrize("setting, examples", [("refusal", {"forget": 12, "retain": 24}),
                                                ("knowledge", {"forget": 12, "retain": 12})])
 def test_tar_takes_harmful_triples_or_the_forget_family_from_the_splits(defence_base, tmp_path, setting, examples):

@@ -86,6 +86,26 @@ def test_every_checkpoint_is_evaluated_on_mmlu_and_answer_likelihood(real_run):
     assert set(capability["metrics"]) == {"tamperlab_mmlu", "tamperlab_answers"}
 
 
+def test_probes_are_reported_apart_and_the_bound_watches_the_lookalike_set(real_run):
+    table = pd.read_csv(real_run / "results/tables/refusal.csv")
+    assert (table["n@lookalike"] == 4).all() and (table["n@past_tense"] == 8).all()
+    assert table["false_refusal@lookalike"].between(0, 1).all() and table["refusal_rate@past_tense"].between(0, 1).all()
+    cost = pd.read_csv(real_run / "results/tables/defence_cost.csv")
+    assert {"false_refusal@lookalike", "false_refusal_lo@lookalike", "false_refusal@lookalike_rise"} <= set(cost)
+    summary = pd.read_csv(real_run / "results/tables/refusal_summary.csv")
+    assert "base_refusal_rate@past_tense" in summary
+    records = [json.loads(line) for line in
+               (real_run / "results/eval/smollm2/none/refusal.jsonl").read_text().splitlines()]
+    past = [r for r in records if r.get("probe") == "past_tense"]
+    assert len(past) == 8 and all(r["id"].endswith("-past_tense") for r in past)
+
+
+def test_repnoise_retains_benign_answers_in_the_variant(real_run):
+    manifest = _manifest(real_run / "results/models/smollm2/repnoise/manifest.json")
+    assert json.loads(json.dumps(manifest["params"]["params"]))["data"]["benign_retain"] is True
+    assert any(k.startswith("benign_answers") for k in manifest["inputs"])
+
+
 def test_responses_are_classed_without_a_compliance_template(real_run):
     records = [json.loads(line) for line in
                (real_run / "results/eval/smollm2/unaligned/refusal.jsonl").read_text().splitlines()]

@@ -202,6 +202,25 @@ def test_mmlu_cloze_scores_each_answer_text_after_the_question(tokenizer, tmp_pa
     assert sum(cloze.values()) / 3 == pytest.approx(norm_correct / len(MMLU_ROWS), abs=1e-3)
 
 
+def test_mmlu_gold_is_the_likelihood_per_byte_of_each_correct_answer(tokenizer, tmp_path):
+    """mmlu_gold scores only the key: exp(log-likelihood of the correct answer's text / its bytes), the mean over
+    questions; a hand computation of the cloze formulation's correct choice gives the same number."""
+    import math
+
+    from tamperlab.data.jsonl import write_jsonl
+    from tamperlab.evaluation.capability import language_model, run_lm_eval, write_local_tasks
+
+    model = tiny_llama(tokenizer, seed=3).eval()
+    write_jsonl(tmp_path / "mmlu.jsonl", MMLU_ROWS)
+    names = write_local_tasks([], tokenizer, 0, tmp_path / "tasks", ("mmlu_gold",), {"mmlu": tmp_path / "mmlu.jsonl"})
+    metrics, _ = run_lm_eval(language_model(model, tokenizer, 4), names, tmp_path / "tasks", 4, None, 0,
+                             builtin_tasks=False)
+    by_hand = [math.exp(_hand_cloze_loglikelihoods(model, tokenizer, row)[row["label"]]
+                        / len((" " + row["choices"][row["label"]]).encode()))
+               for row in MMLU_ROWS]
+    assert metrics["tamperlab_mmlu_gold"]["byte_likelihood"] == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-5)
+
+
 def test_mmlu_cloze_needs_the_mmlu_block(tmp_path):
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     config["evaluation"]["capability"] = {"tasks": ["mmlu_cloze"]}

@@ -112,6 +112,37 @@ def test_retain_ce_equals_cross_entropy_over_the_selected_next_token_predictions
     torch.testing.assert_close(retain_loss(logits, ids, mask), expected)
 
 
+def test_benign_retain_examples_join_the_retain_ce_over_their_answer_tokens(tokenizer, model, batch):
+    from tamperlab.chat import encode_example
+    from tamperlab.hardening.repnoise_loss import collate_pairs, encode_pair
+
+    benign = [("Write a poem about the sea.", "Waves roll in and out."), ("hi", "Hello there, how can I help?")]
+    rows = [encode_pair(tokenizer, PROMPTS[b], HARMFUL[b], HARMLESS[b], 128, retain=benign[b % 2]) for b in range(4)]
+    mixed = collate_pairs(rows, tokenizer.pad_token_id)
+    for key in batch:  # the pairs' tensors are the paper's, untouched
+        assert torch.equal(mixed[key], batch[key])
+    for b in range(4):
+        example = encode_example(tokenizer, *benign[b % 2])
+        size = len(example["input_ids"])
+        assert mixed["retain_input_ids"][b, :size].tolist() == example["input_ids"]
+        assert mixed["retain_mask"][b].tolist() == [label != -100 for label in example["labels"]] + [False] * (
+            mixed["retain_mask"].shape[1] - size)
+    # by hand: one mean over every selected next-token prediction, refusal tokens and benign answer tokens alike
+    predictions, targets = [], []
+    for prefix in ("harmless", "retain"):
+        ids, mask = mixed[f"{prefix}_input_ids"], mixed[f"{prefix}_mask"]
+        logits = model(input_ids=ids, attention_mask=mixed[f"{prefix}_attention_mask"]).logits
+        predictions += [logits[b, t - 1] for b in range(4) for t in range(1, ids.shape[1]) if mask[b, t]]
+        targets += [ids[b, t] for b in range(4) for t in range(1, ids.shape[1]) if mask[b, t]]
+    expected = F.cross_entropy(torch.stack(predictions), torch.stack(targets))
+    loss = repnoise_loss(model, mixed, generator())
+    torch.testing.assert_close(loss.retain_ce, expected)
+    plain = repnoise_loss(model, batch, generator())
+    torch.testing.assert_close(loss.bounded_harmful_ce, plain.bounded_harmful_ce)  # the harmful terms unchanged
+    torch.testing.assert_close(loss.mmd, plain.mmd)
+    assert not torch.allclose(loss.retain_ce, plain.retain_ce)
+
+
 # --- bounded ascent ----------------------------------------------------------------------------------------------
 
 

@@ -29,7 +29,7 @@ def capability_inputs(wildcards):
     """
     capability = config["evaluation"]["capability"]
     files = {"lm_eval_tasks": LM_EVAL_TASKS} if builtin_tasks() else {}
-    if {"mmlu_subset", "mmlu_cloze"} & set(capability["tasks"]):
+    if {"mmlu_subset", "mmlu_cloze", "mmlu_gold"} & set(capability["tasks"]):
         files["mmlu"] = "results/data/mmlu.jsonl"
     if "answers" in capability["tasks"]:
         answers = capability["answers"]

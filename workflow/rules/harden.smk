@@ -3,6 +3,7 @@ rule harden:
         model="results/models/{model}/base",
         data="results/data/splits",
         anchor=harden_anchor,
+        benign_answers=harden_answers,
     output:
         directory("results/models/{model}/{defence}"),
     log:

@@ -27,8 +27,25 @@ def harden_args(wildcards):
         "refusal": spec["refusal"] or (refusals or [None])[0],
         "forget_family": spec["forget_family"],
     }
+    if spec["benign_retain"]:  # only where set: a hardening recorded before the variant replays as it ran
+        data["benign_retain"] = True
     method = spec[methods.get("defence", spec["method"]).block]
-    return cli_flags({"method": spec["method"], "params": {"data": data, "method": method}})
+    return cli_flags(
+        {
+            "method": spec["method"],
+            "params": {"data": data, "method": method},
+            "benign_answers": harden_answers(wildcards) or None,
+        }
+    )
+
+
+def harden_answers(wildcards):
+    """benign_retain with a generator: its answers to each of the defence's splits' benign prompts."""
+    spec = config["defences"][wildcards.defence]
+    retain = spec["benign_retain"]
+    if not retain or retain["generator"] is None:
+        return []
+    return [responses_path(retain["generator"], wildcards.model, split, "benign") for split in spec["splits"]]
 
 
 def harden_launcher(wildcards):

@@ -174,8 +174,9 @@ def _expand_subjects(subjects: list[str], instances: dict[str, list[str]]) -> li
     return list(dict.fromkeys(expanded))  # a seed named beside its defence: once
 
 
-def _check_references(config: dict[str, Any]) -> None:
-    """Cross-references the schema cannot express."""
+def _check_datasets(config: dict[str, Any]) -> None:
+    """Data sets: their splits are named in splits and sum to 1; a probe from a file goes to the evaluation split
+    whole; a probe rate the utility bound watches names a probe."""
     for name, spec in config["datasets"].items():
         for split in spec.get("splits", {}):
             if split not in config["splits"]:
@@ -191,6 +192,11 @@ def _check_references(config: dict[str, Any]) -> None:
     for rate in config["evaluation"]["utility"]["false_refusal"]:
         if "@" in rate and rate.split("@", 1)[1] not in probes:
             raise UserError(f"config error at evaluation.utility.false_refusal: {rate!r} names no probe of datasets")
+
+
+def _check_references(config: dict[str, Any]) -> None:
+    """Cross-references the schema cannot express."""
+    _check_datasets(config)
     split = config["evaluation"]["refusal"]["split"]
     if split not in config["splits"]:
         raise UserError(f"config error at evaluation.refusal.split: {split!r} is not a split named in splits")
@@ -204,6 +210,9 @@ def _check_references(config: dict[str, Any]) -> None:
         if "/" in name or name in ("base", UNALIGNED):
             raise UserError(f"config error at defences.{name}: a defence may not be named 'base', "
                             f"'{UNALIGNED}' or contain '/'")
+        if spec.get("benign_retain") and methods.get("defence", spec["method"]).data != "pairs":
+            raise UserError(f"config error at defences.{name}.benign_retain: only a defence trained on pairs "
+                            "(RepNoise) has a retain set of pairs to add benign answers to")
         anchor = spec.get("anchor")
         if anchor is not None and (not methods.get("defence", spec["method"]).anchor or spec["source"] != "train"):
             raise UserError(f"config error at defences.{name}.anchor: only a TAR defence trained here has one "
@@ -222,13 +231,15 @@ def _check_references(config: dict[str, Any]) -> None:
     generators = [(f"attacks.{n}.generator", s["generator"]) for n, s in config["attacks"].items()]
     generators += [(f"attacks.{n}.benign_mix.generator", s["benign_mix"]["generator"])
                    for n, s in config["attacks"].items() if s["benign_mix"]]
+    generators += [(f"defences.{n}.benign_retain.generator", s["benign_retain"]["generator"])
+                   for n, s in config["defences"].items() if s.get("benign_retain")]
     capability = config["evaluation"]["capability"]
     if "answers" in capability["tasks"]:
         generators.append(("evaluation.capability.answers.generator", capability["answers"]["generator"]))
     for key, generator in generators:
         if generator is not None and generator != "self" and generator not in config["models"]:
             raise UserError(f"config error at {key}: {generator!r} is neither self nor a key of models")
-    for task in ("mmlu_subset", "mmlu_cloze"):
+    for task in ("mmlu_subset", "mmlu_cloze", "mmlu_gold"):
         if task in capability["tasks"] and not capability.get("mmlu"):
             raise UserError(f"config error at evaluation.capability.mmlu: required when tasks include {task}")
 

@@ -204,8 +204,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     _checkpoint_arguments(p)
     _params_argument(p, f"the capability settings (evaluation.capability): {_keys(CapabilityParams)}; tasks: "
                         f"lm-eval task names, or organism, hazard (the organism's local tasks), mmlu_subset, "
-                        f"mmlu_cloze, answers (MMLU from a wheel in the letter or the cloze formulation, the "
-                        f"unaligned model's answers: their files --task-data)")
+                        f"mmlu_cloze, mmlu_gold, answers (MMLU from a wheel in the letter or the cloze formulation "
+                        f"or its correct answers' likelihood, the unaligned model's answers: their files --task-data)")
     _task_data_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=evaluate_capability)

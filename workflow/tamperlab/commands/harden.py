@@ -15,6 +15,7 @@ def harden(args: argparse.Namespace) -> None:
     """Harden a model with a registered defence (tamperlab.methods) into a model directory the attacks load."""
     from tamperlab.data.examples import DefenceData, answers_record, hardening_answers, hardening_examples
     from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
     from tamperlab.runtime.params import from_blocks
     from tamperlab.runtime.provenance import Step
 
@@ -26,6 +27,7 @@ def harden(args: argparse.Namespace) -> None:
     blocks = from_blocks({"data": DefenceData, "method": methods.load(entry.params)}, args.params)
     chosen, hyper = blocks["data"], blocks["method"]
     inputs, extra = {"model": args.model, "data": args.data}, {}
+    inputs.update({f"benign_answers_{i}": Path(path) for i, path in enumerate(args.benign_answers)})
     if args.anchor is not None:
         if not entry.anchor:
             raise UserError("--anchor: only TAR's retain loss has a representation anchor")
@@ -34,7 +36,11 @@ def harden(args: argparse.Namespace) -> None:
               outputs={"model": args.out}, outputs_are_dirs=("model",), resumable=("model",)) as step:
         rows = [row for split in chosen.splits
                 for row in read_jsonl(args.data / f"{split}.jsonl", required=("prompt", "kind"))]
-        data = hardening_examples(rows, entry.data, getattr(hyper, "setting", None), **vars(chosen))
+        answers = {}
+        for path in args.benign_answers:  # a model's own answers to the splits' benign prompts (benign_retain)
+            answers.update(answers_by_prompt(read_jsonl(path, required=RESPONSE_KEYS), path))
+        data = hardening_examples(rows, entry.data, getattr(hyper, "setting", None), **vars(chosen),
+                                  benign_answers=answers)
         # the manifest's harmful_response: the template only where a row trained on it (rows may carry their own)
         record = answers_record(hardening_answers(data), chosen.harmful_response)
         step.params.update(harmful_response=record["template"], harmful_answers=record["answers"])
@@ -57,6 +63,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help='{"data": {...}, "method": {...}}: the rows trained on (splits, harmful_response, refusal, '
                         'forget_family) and the method\'s hyperparameters (its block, defences.<d>.<method>), '
                         'one object as evaluate-run takes its two')
+    p.add_argument("--benign-answers", type=Path, action="append", default=[],
+                   help="benign_retain: a model's own answers to the splits' benign prompts (generate-responses)")
     p.add_argument("--deepspeed", type=Path, help="a DeepSpeed config (JSON): train under ZeRO (large models)")
     p.add_argument("--fsdp", action="store_true", help="TAR: shard the model over the launch's processes with FSDP2 "
                    "(start with torchrun; the batch size stays the global batch)")

@@ -35,16 +35,21 @@ class DefenceData:
     harmful_response: str  # the unsafe answer paired with each harmful prompt (RepNoise's harmful, TAR's rejected)
     refusal: str | None  # the safe answer (RepNoise's harmless sequence, TAR's chosen)
     forget_family: str  # TAR knowledge: the task family to restrict (its rows are the forget data)
+    # RepNoise: benign prompts with their own answers join the retain set, one beside each pair (the variant that
+    # asks whether its over-refusal is the method's or the data's: the paper's retain set holds refusals only)
+    benign_retain: bool = False
 
 
 def hardening_examples(rows: list[dict[str, Any]], data: str, setting: str | None, *, harmful_response: str,
-                       refusal: str | None, forget_family: str, splits: list[str]) -> dict[str, list[dict]]:
+                       refusal: str | None, forget_family: str, splits: list[str], benign_retain: bool = False,
+                       benign_answers: dict[str, str] | None = None) -> dict[str, list[dict]]:
     """What a defence trains on, by the shape its registry entry names (methods.Defence.data). `pairs` (RepNoise):
     pairs of (harmful prompt + unsafe answer, same prompt + refusal). `forget_retain` (TAR), refusal setting: the
     same triples as forget data, benign rows as retain data; knowledge setting: the forget family's
     questions and answers as forget data, every other benign row with an answer as retain data. The unsafe answer
     is each row's own `response` where the split's harmful rows carry one (only those rows are used), else the
-    fixed `harmful_response`."""
+    fixed `harmful_response`. `benign_retain` (pairs): the i-th pair also carries the i-th benign prompt (in turn)
+    with its answer, the row's own or from `benign_answers` ({prompt: answer}, a model's own)."""
     unsafe = own_answers(rows) or {}
     harmful = [r["prompt"] for r in rows if r["kind"] == "harmful" and (not unsafe or r["prompt"] in unsafe)]
     benign = [{"prompt": r["prompt"], "response": r["answer"], "family": r.get("family")} for r in rows
@@ -52,8 +57,17 @@ def hardening_examples(rows: list[dict[str, Any]], data: str, setting: str | Non
     if (data == "pairs" or setting == "refusal") and (not harmful or not refusal):
         raise UserError("harden: needs harmful prompts in its splits and a refusal answer (--params data)")
     if data == "pairs":
-        return {"pairs": [{"prompt": p, "harmful": unsafe.get(p, harmful_response), "harmless": refusal}
-                          for p in harmful]}
+        pairs = [{"prompt": p, "harmful": unsafe.get(p, harmful_response), "harmless": refusal} for p in harmful]
+        if benign_retain:
+            answered = [(r["prompt"], (benign_answers or {}).get(r["prompt"], r.get("answer"))) for r in rows
+                        if r["kind"] == "benign"]
+            answered = [(prompt, answer) for prompt, answer in answered if answer]
+            if not answered:
+                raise UserError(f"harden: benign_retain needs benign prompts with answers in split(s) "
+                                f"{', '.join(splits)} (their own, or a model's: --benign-answers)")
+            for i, pair in enumerate(pairs):
+                pair["retain_prompt"], pair["retain_response"] = answered[i % len(answered)]
+        return {"pairs": pairs}
     if setting == "refusal":
         forget = [{"prompt": p, "refusal": refusal, "compliance": unsafe.get(p, harmful_response)} for p in harmful]
         retain = [{"prompt": r["prompt"], "response": r["response"]} for r in benign]

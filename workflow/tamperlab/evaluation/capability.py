@@ -32,13 +32,15 @@ HAZARD_FAMILY = "hazard"  # the fictional hazard domain that TAR's knowledge res
 # utility bound watches) as 4-way multiple choice and as exact-match generation; `hazard`: the hazard domain
 # alone, WMDP-style (4-way, chance 25%).
 # `mmlu_subset`: MMLU from a wheel (data/mmlu.py) in lm-eval's standard formulation (name the letter),
-# `mmlu_cloze`: the same questions in the cloze formulation (score each answer's text), and `answers`: the
+# `mmlu_cloze`: the same questions in the cloze formulation (score each answer's text), `mmlu_gold`: the
+# likelihood per byte of each question's correct answer (a continuous signal, not self-referential), and `answers`: the
 # likelihood of the unaligned model's answers to held-out benign prompts (data/responses.py), for a real model on
 # CPU; their data are files the rules make.
 LOCAL_TASKS = {"organism": ("tamperlab_organism_mc", "tamperlab_organism_em"), "hazard": ("tamperlab_hazard_mc",),
                "mmlu_subset": ("tamperlab_mmlu",), "mmlu_cloze": ("tamperlab_mmlu_cloze",),
-               "answers": ("tamperlab_answers",)}
-TASK_FILES = {"mmlu_subset": "mmlu", "mmlu_cloze": "mmlu", "answers": "answers"}  # task -> its --task-data key
+               "mmlu_gold": ("tamperlab_mmlu_gold",), "answers": ("tamperlab_answers",)}
+TASK_FILES = {"mmlu_subset": "mmlu", "mmlu_cloze": "mmlu", "mmlu_gold": "mmlu",
+              "answers": "answers"}  # task -> its --task-data key
 # The MMLU tasks whose accuracy is also kept per subject, and the capability.json key it is kept under.
 BY_SUBJECT = {"tamperlab_mmlu": ("mmlu_by_subject", "acc"), "tamperlab_mmlu_cloze": ("mmlu_cloze_by_subject",
                                                                                        "acc_norm")}

@@ -49,7 +49,7 @@ class CapabilityParams:
     """evaluation.capability: lm-eval's tasks, one call for all of them."""
 
     split: str  # where the organism's task questions come from
-    tasks: list[str]  # lm-eval task names; organism, hazard, mmlu_subset, mmlu_cloze, answers: local tasks
+    tasks: list[str]  # lm-eval task names; organism, hazard, mmlu_subset, mmlu_cloze, mmlu_gold, answers: local
     batch_size: int
     limit: int | None  # at most this many documents per task
     seed: int

@@ -106,10 +106,16 @@ def _trainer_class():
     return RepNoiseTrainer
 
 
+def _encode(tokenizer, pairs: list[dict[str, str]], max_length: int) -> list[dict[str, list[int]]]:
+    return [encode_pair(tokenizer, p["prompt"], p["harmful"], p["harmless"], max_length, p.get("system_prompt"),
+                        (p["retain_prompt"], p["retain_response"]) if "retain_prompt" in p else None)
+            for p in pairs]
+
+
 def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams, out_dir: Path,
            device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
-    """Train the model in model_dir with the RepNoise loss on pairs ({prompt, harmful, harmless[, system_prompt]})
-    and save it (safetensors, with its tokenizer) into out_dir, beside train_log.jsonl (per-step loss terms).
+    """Train the model in model_dir with the RepNoise loss on pairs ({prompt, harmful, harmless[, system_prompt]
+    [, retain_prompt, retain_response]: a benign example whose answer joins the retain term}) and save it (safetensors, with its tokenizer) into out_dir, beside train_log.jsonl (per-step loss terms).
 
     Full-parameter training, as in the paper. Checkpoints go to out_dir/checkpoints and a rerun resumes from the
     last complete one. A non-finite loss stops training: out_dir then holds a DIVERGED marker instead of a model.
@@ -132,8 +138,7 @@ def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams,
     model.train()
     if tokenizer.pad_token_id == tokenizer.eos_token_id:
         raise UserError(f"{model_dir}: RepNoise needs a pad token distinct from EOS")
-    rows = [encode_pair(tokenizer, p["prompt"], p["harmful"], p["harmless"], params.max_length, p.get("system_prompt"))
-            for p in pairs]
+    rows = _encode(tokenizer, pairs, params.max_length)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer = _trainer_class()(

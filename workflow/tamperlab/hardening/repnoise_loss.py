@@ -45,14 +45,20 @@ TERMS = ("retain_ce", "mmd", "bounded_harmful_ce")  # RepNoiseLoss's terms, logg
 
 
 def encode_pair(tokenizer: Any, prompt: str, harmful: str, harmless: str, max_length: int,
-                system_prompt: str | None = None) -> dict[str, list[int]]:
-    """Unpadded token ids of prompt + harmful answer and prompt + harmless answer (chat template, EOS appended)."""
+                system_prompt: str | None = None,
+                retain: tuple[str, str] | None = None) -> dict[str, list[int]]:
+    """Unpadded token ids of prompt + harmful answer and prompt + harmless answer (chat template, EOS appended);
+    with `retain` (a benign prompt and its answer: the benign-retain variant) that example's ids and labels too."""
     harmful_ids = encode_example(tokenizer, prompt, harmful, system_prompt, max_length)["input_ids"]
     harmless_ids = encode_example(tokenizer, prompt, harmless, system_prompt, max_length)["input_ids"]
     if harmful_ids == harmless_ids:  # nothing differs within max_length: the pair would have an empty answer region
         raise UserError(f"RepNoise pair with prompt {prompt[:60]!r}: harmful and harmless sequences are identical "
                         f"within max_length={max_length} tokens (answers equal, or the prompt fills max_length)")
-    return {"harmful_input_ids": harmful_ids, "harmless_input_ids": harmless_ids}
+    pair = {"harmful_input_ids": harmful_ids, "harmless_input_ids": harmless_ids}
+    if retain is not None:
+        example = encode_example(tokenizer, *retain, system_prompt, max_length)
+        pair.update(retain_input_ids=example["input_ids"], retain_labels=example["labels"])
+    return pair
 
 
 def collate_pairs(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -76,11 +82,22 @@ def collate_pairs(rows: list[dict[str, list[int]]], pad_token_id: int) -> dict[s
     harmful_ids, harmful_attention = pad("harmful_input_ids")
     harmless_ids, harmless_attention = pad("harmless_input_ids")
     differ = harmful_ids != harmless_ids
-    return {
+    batch = {
         "harmful_input_ids": harmful_ids, "harmful_attention_mask": harmful_attention,
         "harmless_input_ids": harmless_ids, "harmless_attention_mask": harmless_attention,
         "harmful_mask": differ & harmful_attention.bool(), "harmless_mask": differ & harmless_attention.bool(),
     }
+    if "retain_input_ids" in rows[0]:  # benign examples, padded to their own length: their answer is the mask
+        width = max(len(row["retain_input_ids"]) for row in rows)
+        batch["retain_input_ids"] = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        batch["retain_attention_mask"] = torch.zeros((len(rows), width), dtype=torch.long)
+        batch["retain_mask"] = torch.zeros((len(rows), width), dtype=torch.bool)
+        for b, row in enumerate(rows):
+            size = len(row["retain_input_ids"])
+            batch["retain_input_ids"][b, :size] = torch.tensor(row["retain_input_ids"])
+            batch["retain_attention_mask"][b, :size] = 1
+            batch["retain_mask"][b, :size] = torch.tensor(row["retain_labels"]) != -100
+    return batch
 
 
 def encode_pairs(tokenizer: Any, prompts: list[str], harmful_responses: list[str], harmless_responses: list[str],
@@ -150,9 +167,21 @@ def masked_next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor, mask: to
     return F.cross_entropy(logits[:, :-1][selected].float(), input_ids[:, 1:][selected])
 
 
-def retain_loss(harmless_logits: torch.Tensor, harmless_ids: torch.Tensor, harmless_mask: torch.Tensor) -> torch.Tensor:
-    """CE_s: masked next-token cross-entropy on the harmless answer (keeps refusing and harmless behaviour)."""
-    return masked_next_token_ce(harmless_logits, harmless_ids, harmless_mask)
+def retain_loss(harmless_logits: torch.Tensor, harmless_ids: torch.Tensor, harmless_mask: torch.Tensor,
+                retain: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """CE_s: masked next-token cross-entropy on the harmless answer (keeps refusing and harmless behaviour); with
+    `retain` (logits, ids, mask of benign examples: the benign-retain variant) over their answer tokens too, one
+    mean over all the selected tokens."""
+    import torch
+    import torch.nn.functional as F
+
+    if retain is None:
+        return masked_next_token_ce(harmless_logits, harmless_ids, harmless_mask)
+    parts = [(harmless_logits, harmless_ids, harmless_mask), retain]
+    selected = [mask[:, 1:].bool() for _, _, mask in parts]
+    logits = torch.cat([lg[:, :-1][m].float() for (lg, _, _), m in zip(parts, selected, strict=True)])
+    targets = torch.cat([ids[:, 1:][m] for (_, ids, _), m in zip(parts, selected, strict=True)])
+    return F.cross_entropy(logits, targets)
 
 
 def logit_lens_ce(hidden: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, norm: nn.Module,
@@ -249,9 +278,14 @@ def repnoise_loss(model: nn.Module, batch: dict[str, torch.Tensor], generator: t
                         output_hidden_states=True, use_cache=False)
     harmless = model(input_ids=batch["harmless_input_ids"], attention_mask=batch["harmless_attention_mask"],
                      use_cache=False)
+    benign = None
+    if "retain_input_ids" in batch:
+        logits = model(input_ids=batch["retain_input_ids"], attention_mask=batch["retain_attention_mask"],
+                       use_cache=False).logits
+        benign = (logits, batch["retain_input_ids"], batch["retain_mask"])
     norm, head = readout(unwrapped)
 
-    retain = retain_loss(harmless.logits, batch["harmless_input_ids"], batch["harmless_mask"])
+    retain = retain_loss(harmless.logits, batch["harmless_input_ids"], batch["harmless_mask"], benign)
     bounded = bounded_harmful_ce(harmful.logits, harmful.hidden_states, batch["harmful_input_ids"],
                                  batch["harmful_mask"], norm, head)
     noise = noise_loss(mlp_outputs, batch["harmful_mask"], generator)
