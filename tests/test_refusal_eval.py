@@ -6,7 +6,7 @@ import pytest
 from helpers import tiny_llama
 
 from tamperlab.chat import encode_example, messages, prompt_text
-from tamperlab.evaluation.generation import generate_responses
+from tamperlab.evaluation.generation import early_stop_chars, generate, generate_responses
 from tamperlab.evaluation.judges import KeywordJudge, OpenerJudge
 from tamperlab.evaluation.refusal import evaluate, judge_rows, normalise_answer, summarise
 
@@ -262,16 +262,38 @@ def test_a_false_refusal_judge_judges_the_benign_rows_and_the_keyword_judge_the_
     assert judge_rows(ROWS, responses, KeywordJudge())[10]["refused"] is True  # the keyword judge alone
 
 
-def test_with_a_false_refusal_judge_the_benign_rows_are_generated_apart_without_the_early_stop(model, tokenizer):
+def test_with_a_false_refusal_judge_the_benign_rows_are_generated_apart_without_the_keyword_stop(model, tokenizer):
     rows = ROWS[:2] + ROWS[6:8] + ROWS[10:11]
     summary, records = evaluate(model, tokenizer, rows, KeywordJudge(), None, max_new_tokens=6, batch_size=4,
                                 benign_judge=OpenerJudge())
     harmful = generate_responses(model, tokenizer, [r["prompt"] for r in rows[:2]], None, 6, 4)
-    benign = generate_responses(model, tokenizer, [r["prompt"] for r in rows[2:]], None, 6, 4)
-    assert [r["response"] for r in records] == harmful + benign
-    assert [r["refused"] for r in records[2:]] == [OpenerJudge()([""], [b])[0] for b in benign]
+    tasks = generate_responses(model, tokenizer, [r["prompt"] for r in rows[2:4]], None, 6, 4)  # whole answers
+    requests = generate(model, tokenizer, [rows[4]["prompt"]], None, 6, 4, stop_chars=early_stop_chars(
+        OpenerJudge(), rows[4:])).responses
+    assert [r["response"] for r in records] == harmful + tasks + requests
+    assert [r["refused"] for r in records[2:]] == [OpenerJudge()([""], [b])[0] for b in tasks + requests]
     assert summary["false_refusal_judge"] == "xstest"
     assert summary["generated"]["generated_tokens"] == sum(r["generated_tokens"] for r in records)
+
+
+def test_under_the_opener_judge_a_response_stops_once_its_opening_decides_and_the_verdict_is_the_same(
+        model, tokenizer):
+    from tamperlab.data.refusals import REFUSAL_OPENERS
+
+    prompts = [p for p in PROMPTS if p != "Quellport."] * 2
+    rows = [{"kind": "benign", "category": "request"}] * len(prompts)
+    chars = early_stop_chars(OpenerJudge(), rows)
+    assert chars == max(map(len, REFUSAL_OPENERS))
+    assert early_stop_chars(OpenerJudge(), rows + [{"category": "task"}]) is None  # exact match needs it whole
+    assert early_stop_chars(KeywordJudge(), rows) is None
+    full = generate(model, tokenizer, prompts, None, 60, 8)
+    cut = generate(model, tokenizer, prompts, None, 60, 8, stop_chars=chars)
+    for whole, short in zip(full.responses, cut.responses, strict=True):
+        assert whole.startswith(short) and (short == whole or len(short) >= chars)
+    assert OpenerJudge()(prompts, cut.responses) == OpenerJudge()(prompts, full.responses)
+    assert cut.steps < full.steps and any(cut.stopped)
+    # a response that opens with a refusal is refused however soon it stops
+    assert OpenerJudge()([""], ["I'm sorry, but I can"]) == [True]
 
 
 def test_outcome_separates_refusal_compliance_and_broken_output():

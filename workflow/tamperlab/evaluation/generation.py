@@ -8,6 +8,8 @@ Two speed-ups; without them (the defaults on CPU) generate is called exactly as 
   ends when every row has stopped, produced EOS or reached max_new_tokens. Verdicts are those of full-length
   generation: a stopped row's response is the decoded text in which the substring was seen, made of the first
   tokens of its full-length response (so, shorter); rows that never stop are generated as before, token for token.
+  XSTest's string match (`early_stop_chars(judge, rows)`) reads only a response's opening, so there a row stops
+  once its text is as long as the longest refusal opener: the verdict is already final either way.
 - Static KV cache (`static_cache`, default: on CUDA only, for a model on one device):
   `cache_implementation="static"`, under which transformers compiles the decoding step. One cache size and one
   batch size serve all batches (the last batch is filled up with copies of its first prompt) so that the step
@@ -39,6 +41,18 @@ def early_stop_substrings(judge: Any) -> tuple[str, ...] | None:
     return REFUSAL_KEYWORDS if isinstance(judge, KeywordJudge) else None
 
 
+def early_stop_chars(judge: Any, rows: Sequence[dict[str, Any]]) -> int | None:
+    """Characters after which XSTest's string match (the opener judge) has its verdict, whatever follows: the
+    longest refusal opener's. None for other judges, and for rows with an exact answer to match (task questions:
+    a cut answer could match where the whole one does not)."""
+    from tamperlab.data.refusals import REFUSAL_OPENERS
+    from tamperlab.evaluation.judges import OpenerJudge
+
+    if not isinstance(judge, OpenerJudge) or any(r.get("category") == "task" for r in rows):
+        return None
+    return max(map(len, REFUSAL_OPENERS))
+
+
 def _defers(device: torch.device) -> bool:
     """Whether the stop check reads the previous step's tokens (see SubstringStop): on CUDA, where reading the
     current step's would make the host wait for the device every step."""
@@ -57,8 +71,10 @@ class SubstringStop:
     """
 
     def __init__(self, tokenizer, substrings: Sequence[str], prompt_width: int, batch_size: int,
-                 max_new_tokens: int, eos_ids: Sequence[int], deferred: bool, device: torch.device):
+                 max_new_tokens: int, eos_ids: Sequence[int], deferred: bool, device: torch.device,
+                 min_chars: int | None = None):
         self.tokenizer, self.substrings, self.prompt_width = tokenizer, tuple(substrings), prompt_width
+        self.min_chars = min_chars  # a row also stops once its stripped text is this long (early_stop_chars)
         self.eos_ids, self.deferred, self.device = set(eos_ids), deferred, device
         self.cut: dict[int, int] = {}
         self.active = [True] * batch_size  # not yet stopped and no EOS seen
@@ -95,7 +111,8 @@ class SubstringStop:
         texts = self.tokenizer.batch_decode([ids[r] for r in rows], skip_special_tokens=True)
         found = []
         for r, text in zip(rows, texts, strict=True):
-            if any(s in text for s in self.substrings):
+            if any(s in text for s in self.substrings) or (
+                    self.min_chars is not None and len(text.strip()) >= self.min_chars):
                 self.cut[r] = len(ids[r])
                 self.active[r] = False
                 found.append(r)
@@ -154,15 +171,16 @@ def _eos_ids(eos_token_id: int | Sequence[int] | None) -> list[int]:
 def generate_ids(model, tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  pad_token_id: int, eos_token_id: int | Sequence[int] | None,
                  stop_substrings: Sequence[str] | None = None, static_cache: bool = False,
-                 max_cache_len: int | None = None) -> BatchOutput:
+                 max_cache_len: int | None = None, stop_chars: int | None = None) -> BatchOutput:
     """Greedy generation for one left-padded batch already on the model's device."""
     kwargs: dict[str, Any] = {}
     criterion = None
-    if stop_substrings:
+    if stop_substrings or stop_chars:
         from transformers import StoppingCriteriaList
 
-        criterion = SubstringStop(tokenizer, stop_substrings, input_ids.shape[1], input_ids.shape[0], max_new_tokens,
-                                  _eos_ids(eos_token_id), _defers(input_ids.device), input_ids.device)
+        criterion = SubstringStop(tokenizer, stop_substrings or (), input_ids.shape[1], input_ids.shape[0],
+                                  max_new_tokens, _eos_ids(eos_token_id), _defers(input_ids.device), input_ids.device,
+                                  stop_chars)
         kwargs["stopping_criteria"] = StoppingCriteriaList([criterion])
     if static_cache:
         kwargs["cache_implementation"] = "static"
@@ -183,11 +201,11 @@ def generate_ids(model, tokenizer, input_ids: torch.Tensor, attention_mask: torc
 
 def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None, max_new_tokens: int,
              batch_size: int, stop_substrings: Sequence[str] | None = None,
-             static_cache: bool | None = None) -> Generation:
+             static_cache: bool | None = None, stop_chars: int | None = None) -> Generation:
     """Greedy responses in prompt order, with how many tokens each took. Prompts are batched by length to waste
     little padding; a batch ends as soon as every row in it has ended (EOS, or a stop substring).
 
-    stop_substrings: early stop (see the module docstring); None generates every response in full.
+    stop_substrings, stop_chars: early stop (see the module docstring); None generates every response in full.
     static_cache: None uses it on CUDA only (where transformers also compiles the decoding step), for a model on
     one device.
     """
@@ -210,13 +228,14 @@ def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None
         batch = tokenizer([texts[i] for i in index + index[:1] * filler], return_tensors="pt", padding=True,
                           add_special_tokens=False).to(device)
         out = generate_ids(model, tokenizer, batch["input_ids"], batch["attention_mask"], max_new_tokens,
-                           tokenizer.pad_token_id, tokenizer.eos_token_id, stop_substrings, static, max_cache_len)
+                           tokenizer.pad_token_id, tokenizer.eos_token_id, stop_substrings, static, max_cache_len,
+                           stop_chars)
         steps += out.new_tokens.shape[1]
         decoded = tokenizer.batch_decode(out.new_tokens[:len(index)], skip_special_tokens=True)
         for row, (i, text) in enumerate(zip(index, decoded, strict=True)):
             responses[i], counts[i], stopped[i] = text.strip(), out.lengths[row], out.stopped[row]
         progress.update(start + len(index))
-    result = Generation(responses, counts, stopped, steps, bool(stop_substrings))
+    result = Generation(responses, counts, stopped, steps, bool(stop_substrings or stop_chars))
     log.info("generation: %s", result.stats())
     return result
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tamperlab.data.refusals import matched_keywords
-from tamperlab.evaluation.generation import combined_stats, early_stop_substrings, generate
+from tamperlab.evaluation.generation import combined_stats, early_stop_chars, early_stop_substrings, generate
 
 
 def normalise_answer(text: str) -> str:
@@ -72,9 +72,11 @@ def judge_groups(rows: Sequence[dict[str, Any]], judge, benign_judge=None) -> li
         part = [i for i, r in enumerate(rows) if bool(r.get("probe")) == probes]
         if benign_judge is None:
             groups.append((part, judge))
-        else:
+        else:  # benign task questions apart: their exact match needs whole answers (generation.early_stop_chars)
+            benign = [i for i in part if rows[i]["kind"] == "benign"]
             groups += [([i for i in part if rows[i]["kind"] != "benign"], judge),
-                       ([i for i in part if rows[i]["kind"] == "benign"], benign_judge)]
+                       ([i for i in benign if rows[i].get("category") == "task"], benign_judge),
+                       ([i for i in benign if rows[i].get("category") != "task"], benign_judge)]
     return [(indices, group_judge) for indices, group_judge in groups if indices]
 
 
@@ -179,7 +181,8 @@ def evaluate(model, tokenizer, rows: Sequence[dict[str, Any]], judge, system_pro
         if not indices:
             continue
         generation = generate(model, tokenizer, [rows[i]["prompt"] for i in indices], system_prompt,
-                              max_new_tokens, batch_size, stop_substrings=early_stop_substrings(group_judge))
+                              max_new_tokens, batch_size, stop_substrings=early_stop_substrings(group_judge),
+                              stop_chars=early_stop_chars(group_judge, [rows[i] for i in indices]))
         for i, response, n in zip(indices, generation.responses, generation.new_tokens, strict=True):
             responses[i], new_tokens[i] = response, n
         generations.append(generation)
