@@ -183,6 +183,34 @@ def test_dry_run_hardens_each_defence_seed_under_its_seed_and_tables_take_their_
     assert "--out-seeds" not in tables  # one attack seed
 
 
+def test_seeded_defences_are_attacked_by_every_seed_and_the_others_by_the_first_only(tmp_path):
+    commands = _one_cell_dry_run(tmp_path, "{tar: null, tar_knowledge: null, repnoise: {seeds: [0, 1]}}",
+                                 "{one_job: false, seeds: [0, 1, 2], seeded_defences: [none, repnoise_s0],"
+                                 " grid: {lr: [1.0e-3], steps: [25], rank: [16]}}")
+    attacks = [c for c in commands if c.startswith("tamperlab --numerics portable attack")]
+    assert sorted(c.split("--out ")[1].split()[0] for c in attacks) == sorted(
+        [f"results/attacks/tiny/{d}/lora/lr1e-3_r16_s{s}" for d in ("none", "repnoise_s0") for s in (0, 1, 2)]
+        + ["results/attacks/tiny/repnoise_s1/lora/lr1e-3_r16_s0"])
+    evaluations = [c for c in commands if c.startswith("tamperlab --numerics portable evaluate-run")]
+    assert len(evaluations) == 7
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("{seeds: [0, 1], seeded_defences: [tar]}", "attacks.lora.seeded_defences: 'tar' is not a defence the attack"),
+    ("{seeds: [0, 1], seeded_defences: [none], one_job: true}", "seeded_defences: needs one_job false"),
+])
+def test_seeded_defences_that_cannot_work_are_one_error_naming_the_key(lora, message):
+    import yaml
+
+    from tamperlab.config import validate_config
+    from tamperlab.errors import UserError
+
+    config = _default_with()
+    config["attacks"]["lora"].update(yaml.safe_load(lora), defences=["none", "repnoise"])
+    with pytest.raises(UserError, match=message):
+        validate_config(config)
+
+
 def test_the_defence_seed_table_gives_each_worst_case_as_mean_and_sd_over_the_defences_seeds():
     import pandas as pd
 

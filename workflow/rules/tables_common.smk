@@ -1,7 +1,7 @@
 """Input and parameter functions of the tables step (workflow/rules/tables.smk): every evaluation, the seeds'
 tables, the harmfulness and tamper-resistance settings."""
 
-from tamperlab.attacks.grid import attacked_defences, defence_seeds
+from tamperlab.attacks.grid import attacked_defences, defence_seeds, seeds_against
 from tamperlab.models.alignment import UNALIGNED
 
 
@@ -24,7 +24,12 @@ def evaluations(name):
                 if spec["one_job"]:
                     attacked.append(prefix)
                 else:
-                    attacked += [f"{prefix}/{run}" for run in attack_runs(attack)]
+                    seeds = seeds_against(config, attack, defence)
+                    attacked += [
+                        f"{prefix}/{run}"
+                        for run, spec in attack_runs(attack).items()
+                        if spec["seed"] in seeds
+                    ]
     return unattacked + attacked
 
 

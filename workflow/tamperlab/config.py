@@ -156,8 +156,9 @@ def _expand_defence_seeds(config: dict[str, Any]) -> None:
         return
     config["defences"] = expanded
     for spec in config["attacks"].values():
-        if spec["defences"] is not None:
-            spec["defences"] = list(dict.fromkeys(i for d in spec["defences"] for i in instances.get(d, [d])))
+        for key in ("defences", "seeded_defences"):
+            if spec.get(key) is not None:
+                spec[key] = list(dict.fromkeys(i for d in spec[key] for i in instances.get(d, [d])))
     landscape = config["landscape"]
     landscape["subjects"] = _expand_subjects(landscape["subjects"], instances)
     for spec in landscape["scans"].values():
@@ -228,6 +229,12 @@ def _check_references(config: dict[str, Any]) -> None:
         for defence in spec["defences"] or []:
             if defence not in config["defences"]:
                 raise UserError(f"config error at attacks.{name}.defences: {defence!r} is not a key of defences")
+        for defence in spec["seeded_defences"] or []:
+            if defence not in attacked_defences(config, name):
+                raise UserError(f"config error at attacks.{name}.seeded_defences: {defence!r} is not a defence "
+                                "the attack is run against")
+        if spec["seeded_defences"] and spec["one_job"]:
+            raise UserError(f"config error at attacks.{name}.seeded_defences: needs one_job false (a job per run)")
     generators = [(f"attacks.{n}.generator", s["generator"]) for n, s in config["attacks"].items()]
     generators += [(f"attacks.{n}.benign_mix.generator", s["benign_mix"]["generator"])
                    for n, s in config["attacks"].items() if s["benign_mix"]]

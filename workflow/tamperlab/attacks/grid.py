@@ -102,6 +102,15 @@ def attacked_defences(config: dict[str, Any], attack: str) -> list[str]:
     return config["attacks"][attack]["defences"] or list(config["defences"])
 
 
+def seeds_against(config: dict[str, Any], attack: str, defence: str) -> list[int]:
+    """The seeds an attack trains against a defence: every seed of its grid, or, where attacks.<a>.seeded_defences
+    names other defences, its first seed only."""
+    spec = config["attacks"][attack]
+    seeds = attack_grid(spec)[4]
+    chosen = spec.get("seeded_defences")
+    return seeds if chosen is None or defence in chosen else seeds[:1]
+
+
 def attack_cells(config: dict[str, Any], attack: str) -> dict[str, dict[str, Any]]:
     """{cell: {run, lr, rank, steps}} of an attack's grid."""
     return cells(*attack_grid(config["attacks"][attack]))
