@@ -382,8 +382,9 @@ def test_the_smollm2_experiment_plans_its_chain(tmp_path):
     refusal = [line for line in evaluations if "evaluate-capability" not in line]
     assert len(refusal) == 3 + 4  # every refusal evaluation: all benign prompts, judged by XSTest's string match
     assert all('"false_refusal_judge": "xstest"' in line and '"benign_limit": 0' in line for line in refusal)
+    assert all('"past_tense": true' in line and '"probe_limit": 100' in line for line in refusal)  # the probes
     assert job_stats(result.stdout) == {
-        "prepare_data": 3, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
+        "prepare_data": 6, "split_data": 1, "import_unaligned_model": 1, "generate_responses": 3, "align": 1,
         "prepare_mmlu": 1, "harden": 1, "attack": 4, "evaluate_run": 4, "evaluate_refusal": 3,
         "evaluate_capability": 3, "tables": 1, "landscape_scan": 1, "landscape_gather": 1, "visage": 1, "all": 1}
     # align runs alone (every later job needs the aligned model): it takes both cores, every other job one

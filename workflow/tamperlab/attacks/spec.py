@@ -12,7 +12,7 @@ from typing import Any
 from tamperlab import methods
 from tamperlab.attacks import grid
 
-WORKFLOW_KEYS = ("defences", "generator", "one_job")  # read by the rules, not by the job
+WORKFLOW_KEYS = ("defences", "seeded_defences", "generator", "one_job")  # read by the rules, not by the job
 
 
 def job_params(spec: dict[str, Any], run: dict[str, Any] | None = None) -> dict[str, Any]:
