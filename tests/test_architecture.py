@@ -233,3 +233,14 @@ def _parses(text: str) -> bool:
     except SyntaxError:
         return False
     return True
+
+
+def test_the_code_passes_ruff():
+    """pyproject.toml's lint rules (line length, imports, bugbear) hold for the package, the tests and the
+    benchmarks."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "--output-format", "concise", "workflow", "tests",
+                          "benchmarks"], cwd=PACKAGE.parents[1], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-1000:]

@@ -259,7 +259,8 @@ def test_the_tables_command_writes_a_figure_per_model_and_attack(tmp_path, monke
     args = build_parser().parse_args([
         "tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
         "--params", tables_params(capability_metric=CAPABILITY, hazard_metric=HAZARD, retain_metric=RETAIN,
-                                  hazard_attacks=["hazard"], harmfulness_attacks=["lora"]), "--out-refusal", str(out / "refusal.csv"),
+                                  hazard_attacks=["hazard"], harmfulness_attacks=["lora"]),
+             "--out-refusal", str(out / "refusal.csv"),
         "--out-summary", str(out / "summary.csv"), "--out-figures", str(out / "figures"),
         "--out-harmfulness", str(out / "harmfulness.csv"), "--out-tamper-resistance", str(out / "tr.csv"),
         "--out-published", str(out / "published.csv"), "--out-cost", str(out / "cost.csv")])

@@ -257,13 +257,15 @@ def test_the_tables_command_writes_defence_seeds_csv_from_the_evaluations(tmp_pa
                              {"org_mc": {"acc": 0.8}})
     out = tmp_path / "out"
     flags = ["tables", "--refusal", str(tmp_path / "eval"), "--capability", str(tmp_path / "eval"),
-             "--params", tables_params(defence_seeds={"repnoise": ["repnoise_s0", "repnoise_s1"]}), "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
+             "--params", tables_params(defence_seeds={"repnoise": ["repnoise_s0", "repnoise_s1"]}),
+             "--out-refusal", str(out / "refusal.csv"), "--out-summary", str(out / "summary.csv"),
              "--out-figures", str(out / "figures"), "--out-harmfulness", str(out / "harmfulness.csv"),
              "--out-tamper-resistance", str(out / "tr.csv"), "--out-published", str(out / "published.csv"),
              "--out-cost", str(out / "cost.csv")]
     with pytest.raises(SystemExit) as refused:  # the table without its output: refused before anything is written
         main(flags)
-    assert refused.value.code == 2 and "--params defence_seeds and --out-defence-seeds go together" in capsys.readouterr().err
+    assert refused.value.code == 2
+    assert "--params defence_seeds and --out-defence-seeds go together" in capsys.readouterr().err
     assert not out.exists()
     args = build_parser().parse_args([*flags, "--out-defence-seeds", str(out / "defence_seeds.csv")])
     args.func(args)

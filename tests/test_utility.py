@@ -83,8 +83,8 @@ def test_false_refusal_may_rise_by_the_margin_and_no_more():
 def test_every_row_of_the_refusal_table_says_whether_it_is_usable_and_why_not():
     marked = with_usability(TABLE, CAPABILITY, UtilityBound())
     reasons = [None if pd.isna(r) else r for r in marked["unusable_because"]]
-    by_row = dict(zip(zip(marked["defence"], marked["attack"], marked["lr"].fillna(0)),
-                      zip(marked["usable"], reasons), strict=True))
+    by_row = dict(zip(zip(marked["defence"], marked["attack"], marked["lr"].fillna(0), strict=True),
+                      zip(marked["usable"], reasons, strict=True), strict=True))
     assert by_row[("none", "none", 0)] == (True, None)
     assert by_row[("none", "lora", 1e-3)] == (True, None)  # jailbroken and usable: the attack's success
     assert by_row[("fair", "lora", 3e-4)] == (False, "false_refusal_requests +11.0 pts")

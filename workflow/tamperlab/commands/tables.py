@@ -15,8 +15,6 @@ def tables(args: argparse.Namespace) -> None:
     from tamperlab.reporting.attack_figures import refusal_figures
     from tamperlab.reporting.published_table import published_table
     from tamperlab.reporting.settings import TablesParams
-    from tamperlab.reporting.utility import cost_table, with_usability
-    from tamperlab.runtime.params import from_params
     from tamperlab.reporting.tables import (
         defence_seed_table,
         evaluation_files,
@@ -28,6 +26,8 @@ def tables(args: argparse.Namespace) -> None:
         summary_table,
         tamper_resistance_table,
     )
+    from tamperlab.reporting.utility import cost_table, with_usability
+    from tamperlab.runtime.params import from_params
     from tamperlab.runtime.provenance import Step
 
     inputs = {f"refusal{i}": Path(p) for i, p in enumerate(args.refusal)}
@@ -35,7 +35,8 @@ def tables(args: argparse.Namespace) -> None:
     inputs |= {"visage": args.visage} if args.visage else {}
     outputs = {"refusal_csv": args.out_refusal, "summary_csv": args.out_summary, "figures": args.out_figures,
                "harmfulness_csv": args.out_harmfulness, "tamper_resistance_csv": args.out_tamper_resistance,
-               "published_csv": args.out_published, "cost_csv": args.out_cost, **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
+               "published_csv": args.out_published, "cost_csv": args.out_cost,
+               **({"seeds_csv": args.out_seeds} if args.out_seeds else {}),
                **({"defence_seeds_csv": args.out_defence_seeds} if args.out_defence_seeds else {})}
     settings = from_params(TablesParams, args.params)
     if bool(settings.defence_seeds) != bool(args.out_defence_seeds):

@@ -36,6 +36,6 @@ def probe_rows(rows: list[dict[str, Any]], harmful: list[dict[str, Any]], limit:
             members = [r for r in members if r["id"] in keep]
         chosen += members
     if past_tense:
-        chosen += [{**row, "id": f"{row['id']}-{PAST_TENSE}", "prompt": rephrase(row["prompt"], PAST_TENSE, heldout=True),
-                    "probe": PAST_TENSE} for row in harmful]
+        chosen += [{**row, "id": f"{row['id']}-{PAST_TENSE}", "probe": PAST_TENSE,
+                    "prompt": rephrase(row["prompt"], PAST_TENSE, heldout=True)} for row in harmful]
     return chosen

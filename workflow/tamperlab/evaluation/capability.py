@@ -121,9 +121,9 @@ def run_lm_eval(model, tasks: list[str], include_path: Path | None, batch_size: 
                 seed: int, limit: int | None = None,
                 builtin_tasks: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """({task: {metric: value}}, {BY_SUBJECT key: MMLU's accuracy by subject}) from one lm-eval call over all
-    tasks; the accuracy by subject comes from lm-eval's per-document records. `model` is an lm-eval LM (`language_model`),
-    or a model_args string that lm-eval's HF backend loads itself on `device`. Indexing lm-eval's built-in tasks
-    costs about 4.5 s a call here, so it is skipped when every task is a local one."""
+    tasks; the accuracy by subject comes from lm-eval's per-document records. `model` is an lm-eval LM
+    (`language_model`), or a model_args string that lm-eval's HF backend loads itself on `device`. Indexing
+    lm-eval's built-in tasks costs about 4.5 s a call here, so it is skipped when every task is a local one."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 

@@ -115,7 +115,8 @@ def _encode(tokenizer, pairs: list[dict[str, str]], max_length: int) -> list[dic
 def harden(model_dir: Path, pairs: list[dict[str, str]], params: RepNoiseParams, out_dir: Path,
            device: str | None = None, deepspeed: Path | None = None) -> dict[str, Any]:
     """Train the model in model_dir with the RepNoise loss on pairs ({prompt, harmful, harmless[, system_prompt]
-    [, retain_prompt, retain_response]: a benign example whose answer joins the retain term}) and save it (safetensors, with its tokenizer) into out_dir, beside train_log.jsonl (per-step loss terms).
+    [, retain_prompt, retain_response]: a benign example whose answer joins the retain term}) and save it
+    (safetensors, with its tokenizer) into out_dir, beside train_log.jsonl (per-step loss terms).
 
     Full-parameter training, as in the paper. Checkpoints go to out_dir/checkpoints and a rerun resumes from the
     last complete one. A non-finite loss stops training: out_dir then holds a DIVERGED marker instead of a model.
