@@ -1,5 +1,6 @@
 rule evaluate_refusal:
     input:
+        unpack(prefill_inputs),
         model=checkpoint_dir,
         data="results/data/splits",
         judge=judge_input,
@@ -21,7 +22,7 @@ rule evaluate_refusal:
         **MODEL_RESOURCES,
     params:
         numerics=NUMERICS,
-        evaluation=cli_flags({"params": refusal_params()}),
+        evaluation=evaluation_flags(refusal_params()),
         placement=max_memory_flags,
     shell:
         "tamperlab {params.numerics} evaluate-refusal --model {input.model} --model-name {wildcards.model}"
@@ -63,6 +64,7 @@ rule evaluate_capability:
 rule evaluate_run:
     input:
         unpack(capability_inputs),
+        unpack(prefill_inputs),
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}/{run}",
         data="results/data/splits",
@@ -88,7 +90,7 @@ rule evaluate_run:
         run=run_evaluation_args,
         # both blocks in one --params, by name: one flag per step, each block as evaluate-refusal and
         # evaluate-capability take it alone (the same dataclass checks it)
-        evaluation=cli_flags({"params": {"refusal": refusal_params(), "capability": capability_params()}}),
+        evaluation=evaluation_flags({"refusal": refusal_params(), "capability": capability_params()}),
         task_data=task_data_flags,
         placement=max_memory_flags,
     shell:
@@ -102,6 +104,7 @@ rule evaluate_run:
 use rule evaluate_run as evaluate_grid with:
     input:
         unpack(capability_inputs),
+        unpack(prefill_inputs),
         model=checkpoint_dir,
         run="results/attacks/{model}/{defence}/{attack}",
         data="results/data/splits",

@@ -11,10 +11,35 @@ def refusal_params():
             "false_refusal_judge", "probe_limit", "past_tense")
     return {
         **{k: refusal[k] for k in keys},
+        # only where set: without it an evaluation's --params, so its job, stays as it was before prefilling existed
+        **({"prefill_tokens": refusal["prefill_tokens"]} if refusal["prefill_tokens"] else {}),
         **judge_settings(),
         "system_prompt": config["system_prompts"][prompt] if prompt else None,
         "seed": config["seed"],
     }
+
+
+def prefill_inputs(wildcards):
+    """The compliant answers the prefilling attack cuts its forced starts from (evaluation.refusal.prefill_tokens):
+    prefill_generator's answers to the evaluated split's harmful prompts; none without prefilling or with generator
+    null (the compliance marker's text)."""
+    refusal = config["evaluation"]["refusal"]
+    if not refusal["prefill_tokens"] or refusal["prefill_generator"] is None:
+        return {}
+    generator = refusal["prefill_generator"]
+    return {"prefill_answers": responses_path(generator, wildcards.model, refusal["split"], "harmful")}
+
+
+def evaluation_flags(settings):
+    """A params function of the wildcards: --params SETTINGS, and --prefill-answers FILE where the job reads one
+    (prefill_inputs, its input too). Not a flag of its own in the shell command, and not read from `input`: a job
+    without prefilling keeps its command, and Snakemake keeps watching --params for changes (it ignores params
+    derived from the inputs)."""
+
+    def flags(wildcards):
+        return cli_flags({"params": settings, **prefill_inputs(wildcards)})
+
+    return flags
 
 
 def capability_params():

@@ -27,3 +27,10 @@ def encode_example(tokenizer: Any, prompt: str, answer: str, system_prompt: str 
     input_ids = (prompt_ids + answer_ids)[:max_length]
     labels = ([-100] * len(prompt_ids) + answer_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def first_tokens(tokenizer: Any, text: str, k: int) -> str:
+    """The text of `text`'s first k tokens (all of them when it has fewer): an answer cut to the start that a
+    prefilled assistant turn is forced to begin with."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:k], skip_special_tokens=True)

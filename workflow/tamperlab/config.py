@@ -240,9 +240,14 @@ def _check_references(config: dict[str, Any]) -> None:
                    for n, s in config["attacks"].items() if s["benign_mix"]]
     generators += [(f"defences.{n}.benign_retain.generator", s["benign_retain"]["generator"])
                    for n, s in config["defences"].items() if s.get("benign_retain")]
-    capability = config["evaluation"]["capability"]
+    capability, refusal = config["evaluation"]["capability"], config["evaluation"]["refusal"]
     if "answers" in capability["tasks"]:
         generators.append(("evaluation.capability.answers.generator", capability["answers"]["generator"]))
+    if refusal["prefill_tokens"]:
+        generators.append(("evaluation.refusal.prefill_generator", refusal["prefill_generator"]))
+        if refusal["prefill_generator"] is None and not refusal["compliance_marker"]:
+            raise UserError("config error at evaluation.refusal.prefill_generator: null prefills compliance_marker's "
+                            "text, which is null: name a generator (self, or a key of models)")
     for key, generator in generators:
         if generator is not None and generator != "self" and generator not in config["models"]:
             raise UserError(f"config error at {key}: {generator!r} is neither self nor a key of models")

@@ -70,13 +70,38 @@ def _refusal_rows(args: argparse.Namespace, refusal: RefusalParams) -> list[dict
     if refusal.prompt_limit or benign_limit:
         main = select(main, "harmful", refusal.prompt_limit) + select(main, "benign", benign_limit)
     harmful = [r for r in main if r["kind"] == "harmful"]
-    return main + probe_rows(rows, harmful, refusal.probe_limit, refusal.seed, refusal.past_tense)
+    return (main + probe_rows(rows, harmful, refusal.probe_limit, refusal.seed, refusal.past_tense)
+            + _prefill_rows(args, refusal, harmful))
+
+
+def _prefill_rows(args: argparse.Namespace, refusal: RefusalParams, harmful: list[dict]) -> list[dict]:
+    """The prefilling attack's rows (data.probes.prefill_rows): each evaluated harmful prompt's compliant answer
+    from --prefill-answers (a model's answers: generate-responses), else the compliance marker's text for every
+    prompt (the organism's attack template begins with it)."""
+    if not refusal.prefill_tokens:
+        if args.prefill_answers:
+            raise UserError("--prefill-answers: given, but --params prefill_tokens is empty")
+        return []
+    from tamperlab.data.jsonl import read_jsonl
+    from tamperlab.data.probes import prefill_rows
+    from tamperlab.data.responses import RESPONSE_KEYS, answers_by_prompt
+
+    if args.prefill_answers:
+        where = str(args.prefill_answers)
+        answers = answers_by_prompt(read_jsonl(args.prefill_answers, required=RESPONSE_KEYS), args.prefill_answers)
+    elif refusal.compliance_marker:
+        where, answers = "compliance_marker", {r["prompt"]: refusal.compliance_marker for r in harmful}
+    else:
+        raise UserError("prefill_tokens: no compliant answers to force: give --prefill-answers or a "
+                        "compliance_marker")
+    return prefill_rows(harmful, answers, refusal.prefill_tokens, where)
 
 
 def _inputs(args: argparse.Namespace) -> dict[str, Path]:
     adapter = getattr(args, "adapter", None)  # evaluate-run has none: its snapshots come with --run
     return {"model": args.model, "data": args.data, **({"adapter": adapter} if adapter else {}),
-            **{f"task_data_{key}": Path(path) for key, path in getattr(args, "task_data", [])}}
+            **{f"task_data_{key}": Path(path) for key, path in getattr(args, "task_data", [])},
+            **({"prefill_answers": args.prefill_answers} if getattr(args, "prefill_answers", None) else {})}
 
 
 def evaluate_refusal(args: argparse.Namespace) -> None:
@@ -192,10 +217,18 @@ def _task_data_argument(p: argparse.ArgumentParser) -> None:
                    help="a local task's data file: mmlu=FILE (prepare-mmlu), answers=FILE (generate-responses)")
 
 
+def _prefill_answers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefill-answers", type=Path, metavar="FILE",
+                   help="prefill_tokens: the compliant answers (generate-responses) to the evaluated harmful prompts "
+                        "whose first tokens each prefilled answer is forced to start with; absent: the "
+                        "compliance marker's text")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate-refusal", help="generate on the evaluation prompts and judge refusals")
     _checkpoint_arguments(p)
     _params_argument(p, f"the refusal settings (evaluation.refusal, resolved): {_keys(RefusalParams)}")
+    _prefill_answers_argument(p)
     p.add_argument("--out-summary", type=Path, required=True)
     p.add_argument("--out-responses", type=Path, required=True)
     p.set_defaults(func=evaluate_refusal)
@@ -228,5 +261,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     _params_argument(p, f'{{"refusal": {{...}}, "capability": {{...}}}}: evaluate-refusal\'s settings '
                         f'({_keys(RefusalParams)}) and evaluate-capability\'s ({_keys(CapabilityParams)})')
     _task_data_argument(p)
+    _prefill_answers_argument(p)
     p.add_argument("--out", type=Path, required=True)
     p.set_defaults(func=evaluate_run)

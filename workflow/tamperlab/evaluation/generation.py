@@ -201,15 +201,20 @@ def generate_ids(model, tokenizer, input_ids: torch.Tensor, attention_mask: torc
 
 def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None, max_new_tokens: int,
              batch_size: int, stop_substrings: Sequence[str] | None = None,
-             static_cache: bool | None = None, stop_chars: int | None = None) -> Generation:
+             static_cache: bool | None = None, stop_chars: int | None = None,
+             prefixes: Sequence[str | None] | None = None) -> Generation:
     """Greedy responses in prompt order, with how many tokens each took. Prompts are batched by length to waste
     little padding; a batch ends as soon as every row in it has ended (EOS, or a stop substring).
 
     stop_substrings, stop_chars: early stop (see the module docstring); None generates every response in full.
     static_cache: None uses it on CUDA only (where transformers also compiles the decoding step), for a model on
     one device.
+    prefixes: per prompt, text the answer is forced to start with (prefilling; None or "": none), appended to the
+    chat-formatted prompt. Its response is the prefix followed by what the model generated (its whitespace kept:
+    it may join a word of the prefix); the early stop and the token counts see the generated part only.
     """
-    texts = [prompt_text(tokenizer, p, system_prompt) for p in prompts]
+    forced = list(prefixes) if prefixes is not None else [None] * len(prompts)
+    texts = [prompt_text(tokenizer, p, system_prompt) + (f or "") for p, f in zip(prompts, forced, strict=True)]
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: (lengths[i], i))
     tokenizer.padding_side = "left"
@@ -233,7 +238,8 @@ def generate(model, tokenizer, prompts: Sequence[str], system_prompt: str | None
         steps += out.new_tokens.shape[1]
         decoded = tokenizer.batch_decode(out.new_tokens[:len(index)], skip_special_tokens=True)
         for row, (i, text) in enumerate(zip(index, decoded, strict=True)):
-            responses[i], counts[i], stopped[i] = text.strip(), out.lengths[row], out.stopped[row]
+            response = forced[i] + text.rstrip() if forced[i] else text.strip()
+            responses[i], counts[i], stopped[i] = response, out.lengths[row], out.stopped[row]
         progress.update(start + len(index))
     result = Generation(responses, counts, stopped, steps, bool(stop_substrings or stop_chars))
     log.info("generation: %s", result.stats())

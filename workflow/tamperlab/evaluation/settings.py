@@ -8,9 +8,10 @@ Pure Python, no torch: the landscape's spec (imported by the Snakefile) builds o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tamperlab import methods
+from tamperlab.errors import UserError
 
 
 @dataclass(kw_only=True)
@@ -42,6 +43,15 @@ class RefusalParams(JudgeParams):
     # (defaults: an evaluation recorded before probes existed replays as it ran)
     probe_limit: int | None = None  # of each probe set (rows with `probe`), a seeded sample of LIMIT; null: all
     past_tense: bool = False  # also the evaluated harmful prompts in the past tense (the probe past_tense)
+    # also the evaluated harmful prompts with the answer forced to start with a compliant answer's first k tokens,
+    # for each k (the probes prefill<k>: data.probes.prefill_rows)
+    prefill_tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        tokens = self.prefill_tokens
+        if not isinstance(tokens, list) or not all(type(k) is int and k >= 1 for k in tokens):
+            raise UserError(f"--params prefill_tokens: expected integers ≥ 1, got {tokens!r}")
 
 
 @dataclass(kw_only=True)
