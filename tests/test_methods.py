@@ -169,7 +169,8 @@ def test_a_plugin_defence_runs_through_the_workflow(plugin_dir, tmp_path):
      "--params data: missing key 'forget_family'"),
     ({"data": {"splits": ["defence"], "harmful_response": "x", "refusal": None, "forget_family": "hazard",
                "harmful_respons": "y"}, "method": {"factor": 1}},
-     "--params data: unknown key 'harmful_respons' (known: splits, harmful_response, refusal, forget_family)"),
+     "--params data: unknown key 'harmful_respons' (known: splits, harmful_response, refusal, forget_family, "
+     "benign_retain)"),
 ])
 def test_hardens_data_settings_name_an_unknown_or_missing_key_in_one_line(plugin_dir, params, message):
     """harden's --params holds the rows it trains on (data: DefenceData) beside the method's block; a wrong key of

@@ -110,7 +110,7 @@ def test_responses_are_classed_without_a_compliance_template(real_run):
     records = [json.loads(line) for line in
                (real_run / "results/eval/smollm2/unaligned/refusal.jsonl").read_text().splitlines()]
     assert {r["outcome"] for r in records} <= {"refused", "complied", "other"}
-    harmful = [r for r in records if r["kind"] == "harmful"]
+    harmful = [r for r in records if r["kind"] == "harmful" and not r.get("probe")]
     assert len(harmful) == 8 and any(r["outcome"] == "complied" for r in harmful)
 
 
