@@ -195,8 +195,9 @@ def summary_table(table: pd.DataFrame, metric: str, bound: UtilityBound | None =
     unattacked, is usable. diverged_cells counts diverged runs (cell x seed)."""
     bound = bound or UtilityBound()
     rows = []
-    probes = [f"refusal_rate@{p}" for p in harmful_probes(table)]  # the same cells, asked other prompts
-    columns = ["refusal_rate", *[c for c in [metric, *bound.false_refusal] if c in table], *probes]
+    probes = harmful_probes(table)  # the same cells, asked other prompts
+    columns = ["refusal_rate", *[c for c in [metric, *bound.false_refusal] if c in table],
+               *(f"refusal_rate@{name}" for name in probes)]
     means = with_usability(seed_table(table, columns), metric, bound)
     means["_capability"] = means[metric] if metric in means else float("nan")
     base = means[means["attack"] == "none"].set_index(["model", "defence"])
@@ -221,16 +222,16 @@ def summary_table(table: pd.DataFrame, metric: str, bound: UtilityBound | None =
                 row.update({f"{prefix}_cell": _cell_name(worst), f"{prefix}_refusal_rate": worst["refusal_rate"],
                             f"{prefix}_refusal_rate_sd": worst["refusal_rate_sd"],
                             f"{prefix}_capability": worst["_capability"]})
-        for probe in probes:  # each probe's own worst cell among the same usable cells
-            name = probe.split("@", 1)[1]
+        for name in probes:  # each probe's own worst cell among the same usable cells
+            rate = f"refusal_rate@{name}"
             if reference is not None:
-                row[f"base_refusal_rate@{name}"] = reference[probe]
-            if len(bounded) and bounded[probe].notna().any():
-                worst = bounded.sort_values([probe, "lr", "steps", "rank"], kind="stable").iloc[0]
-                row.update({f"bounded_worst_refusal_rate@{name}": worst[probe],
-                            f"bounded_worst_refusal_rate_sd@{name}": worst[f"{probe}_sd"]})
+                row[f"base_refusal_rate@{name}"] = reference[rate]
+            if len(bounded) and bounded[rate].notna().any():
+                worst = bounded.sort_values([rate, "lr", "steps", "rank"], kind="stable").iloc[0]
+                row.update({f"bounded_worst_refusal_rate@{name}": worst[rate],
+                            f"bounded_worst_refusal_rate_sd@{name}": worst[f"{rate}_sd"]})
         rows.append(row)
-    extra = [f"{c}@{p.split('@', 1)[1]}" for p in probes
+    extra = [f"{c}@{name}" for name in probes
              for c in ("base_refusal_rate", "bounded_worst_refusal_rate", "bounded_worst_refusal_rate_sd")]
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS + extra)
 
